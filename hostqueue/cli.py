@@ -1,0 +1,831 @@
+"""The ``hostqueue`` command line: run a supervisor, control it, submit and inspect jobs.
+
+Exit codes: 0 success, 1 the job or operation failed, 2 usage error, 3 cannot reach
+the supervisor. Every command that prints data takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import IO, Any, NoReturn, TypeVar
+
+import click
+import orjson
+
+from hostqueue import settings
+from hostqueue.client import FINAL_EVENTS, Client, Job
+from hostqueue.errors import ProtocolError, SupervisorUnavailable
+from hostqueue.states import ALL_STATES, JobStatus
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+STAT_COLUMNS = ("pending", "scheduled", "running", "completed", "failed", "cancelled", "expired")
+RETRYABLE_STATES = ("failed", "cancelled", "expired")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("hostqueue")
+    except importlib.metadata.PackageNotFoundError:
+        # Run from a checkout (bin/hostqueue): the package may say it itself.
+        import hostqueue
+
+        return str(getattr(hostqueue, "__version__", "unknown"))
+
+
+# ---------------------------------------------------------------------------
+# output helpers (demo.py uses the public ones too)
+
+
+def print_json(data: Any) -> None:
+    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
+                 right: Iterable[int] = ()) -> str:
+    """Columns padded to their widest cell; ``right`` lists columns of numbers."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    right_set = set(right)
+    lines = []
+    for row in cells:
+        parts = [c.rjust(w) if i in right_set else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def format_bar(fraction: float | None, width: int = 20) -> str:
+    f = min(1.0, max(0.0, fraction or 0.0))
+    filled = int(round(f * width))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = max(0.0, seconds)
+    if s < 10:
+        return f"{s:.2f}s"
+    if s < 60:
+        return f"{s:.0f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    if s < 86400:
+        return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+    return f"{int(s // 86400)}d{int(s % 86400 // 3600):02d}h"
+
+
+def format_time(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    when = datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    delta = time.time() - ts
+    relative = f"{format_duration(delta)} ago" if delta >= 0 else f"in {format_duration(-delta)}"
+    return f"{when} ({relative})"
+
+
+def format_stats(stats: Mapping[str, Any]) -> str:
+    rows = [["(all)"] + [stats.get(c, 0) for c in STAT_COLUMNS]]
+    for name, counts in sorted((stats.get("queues") or {}).items()):
+        rows.append([name] + [counts.get(c, 0) for c in STAT_COLUMNS])
+    return format_table(["QUEUE"] + [c.upper() for c in STAT_COLUMNS], rows,
+                        right=range(1, len(STAT_COLUMNS) + 1))
+
+
+def shown_status(job: Mapping[str, Any]) -> str:
+    """``scheduled`` for a pending job whose run_at is still ahead, as stats counts it."""
+    status = str(job.get("status"))
+    run_at = job.get("run_at")
+    if status == JobStatus.PENDING.value and run_at is not None and run_at > time.time():
+        return "scheduled"
+    return status
+
+
+def error_summary(error: Any, width: int = 60) -> str:
+    if not error:
+        return ""
+    if isinstance(error, Mapping):
+        text = f"{error.get('type', 'Error')}: {error.get('message', '')}"
+    else:
+        text = str(error)
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _took(job: Mapping[str, Any]) -> float | None:
+    started, finished = job.get("started_at"), job.get("finished_at")
+    if started is None:
+        return None
+    return (finished if finished is not None else time.time()) - started
+
+
+def format_jobs(jobs: Sequence[Job]) -> str:
+    now = time.time()
+    rows = []
+    for j in jobs:
+        created = j.get("created_at")
+        rows.append([
+            j.get("id"), shown_status(j), j.get("task"), j.get("queue"),
+            f"{j.get('attempts', 0)}/{j.get('max_attempts', '?')}",
+            format_duration(now - created) if created is not None else "-",
+            format_duration(_took(j)), error_summary(j.get("error"), 50),
+        ])
+    headers = ["ID", "STATUS", "TASK", "QUEUE", "TRIES", "AGE", "TOOK", "ERROR"]
+    return format_table(headers, rows, right=[0, 4, 5, 6])
+
+
+# Fields of a job shown first by `job show`, in this order; times get a date.
+_JOB_FIELDS = ("id", "task", "status", "queue", "priority", "attempts", "progress", "args",
+               "result", "key", "run_id", "created_at", "run_at", "started_at", "finished_at",
+               "deadline", "timeout", "abort_requested", "worker_pid")
+_TIME_FIELDS = {"created_at", "run_at", "started_at", "finished_at"}
+
+
+def format_job(job: Mapping[str, Any]) -> str:
+    lines: list[tuple[str, str]] = []
+    for name in _JOB_FIELDS:
+        if name not in job:
+            continue
+        value = job[name]
+        if name == "status":
+            text = shown_status(job)
+            if job.get("abort_requested") and value == JobStatus.RUNNING.value:
+                text += " (abort requested)"
+        elif name == "attempts":
+            text = f"{value} of {job.get('max_attempts', '?')}"
+        elif name == "progress":
+            if value is None:
+                continue
+            text = f"{value * 100:.0f}% {job.get('progress_message') or ''}".rstrip()
+        elif name in _TIME_FIELDS:
+            text = format_time(value)
+        elif name == "deadline" and isinstance(value, (int, float)) and value > 1e9:
+            text = format_time(value)  # an absolute time rather than seconds
+        elif isinstance(value, (dict, list)):
+            text = orjson.dumps(value).decode()
+        else:
+            text = "-" if value is None else str(value)
+        lines.append((name, text))
+    if job.get("started_at") is not None:
+        lines.append(("took", format_duration(_took(job))))
+    skip = set(_JOB_FIELDS) | {"error", "max_attempts", "progress_message"}
+    for name, value in job.items():  # fields a newer server adds
+        if name not in skip:
+            lines.append((name, orjson.dumps(value).decode()))
+    width = max(len(n) for n, _ in lines) + 1
+    out = [f"{(n + ':').ljust(width)} {t}" for n, t in lines]
+    error = job.get("error")
+    if error:
+        out.append(f"{'error:'.ljust(width)} {error_summary(error, 200)}")
+        traceback = error.get("traceback") if isinstance(error, Mapping) else None
+        if traceback:
+            out.append("")
+            out.extend("    " + line for line in str(traceback).rstrip().splitlines())
+    return "\n".join(out)
+
+
+def format_event(event: Mapping[str, Any], tasks: dict[Any, str]) -> str:
+    """One line per watch event: time, event, job, task, then what changed."""
+    kind = str(event.get("event"))
+    job_id = event.get("job_id")
+    job = event.get("job") if isinstance(event.get("job"), Mapping) else None
+    if job is not None and job.get("task"):
+        tasks[job_id] = str(job["task"])
+        if len(tasks) > 10000:  # a long watch should not grow without end
+            tasks.pop(next(iter(tasks)))
+    stamp = datetime.now().strftime("%H:%M:%S.%f")[:-3]
+    detail = ""
+    if kind == "progress":
+        fraction = event.get("progress")
+        pct = f"{fraction * 100:3.0f}%" if isinstance(fraction, (int, float)) else "   ?"
+        detail = f"{pct} {event.get('message') or ''}".rstrip()
+    elif job is not None:
+        if kind == "submitted":
+            detail = f"queue {job.get('queue')}"
+        elif kind == "started":
+            detail = f"attempt {job.get('attempts')}/{job.get('max_attempts')}"
+        elif kind == "completed":
+            detail = f"took {format_duration(_took(job))}"
+        elif kind == "retrying":
+            detail = f"{error_summary(job.get('error'), 60)}; next attempt {format_time(job.get('run_at'))}"
+        else:
+            detail = error_summary(job.get("error"), 80)
+    return f"{stamp}  {kind:<9}  job {job_id}  {tasks.get(job_id, '')}  {detail}".rstrip()
+
+
+class ProgressLine:
+    """One redrawn line on a terminal stream (stderr): a job's bar, percent and message."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.shown = False
+
+    def show(self, text: str) -> None:
+        cols = shutil.get_terminal_size((80, 24)).columns
+        self.stream.write("\r\x1b[2K" + text[: cols - 1])
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+            self.shown = False
+
+
+# ---------------------------------------------------------------------------
+# plumbing
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"hostqueue: {message}", err=True)
+    raise click.exceptions.Exit(code)
+
+
+class _Root(click.Group):
+    """Turns the client's errors into the documented exit codes, with one line on stderr."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SupervisorUnavailable as exc:
+            _fail(str(exc), EXIT_UNAVAILABLE)
+        except ProtocolError as exc:
+            # forbidden: the supervisor is there but will not serve us; for the
+            # caller that is the same as not reaching it.
+            _fail(f"{exc.code}: {exc.message}",
+                  EXIT_UNAVAILABLE if exc.code == "forbidden" else EXIT_FAILED)
+        except TimeoutError as exc:
+            _fail(str(exc) or "timed out", EXIT_FAILED)
+
+
+def _client(socket: str | None) -> Client:
+    """A connected client, closed when the command ends."""
+    return click.get_current_context().with_resource(Client(socket))
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print JSON (the reply's data) instead of text.")(f)
+
+
+def socket_option(f: F) -> F:
+    return click.option("--socket", metavar="PATH",
+                        help="Control socket [env: HOSTQUEUE_SOCKET; default: next to the store].")(f)
+
+
+def _follow(client: Client, job_id: int, timeout: float | None, show_progress: bool) -> Job:
+    """Wait for the job to end, drawing its progress on stderr when asked (from the
+    watch stream: no polling)."""
+    if not show_progress:
+        return client.wait(job_id, timeout)
+    line = ProgressLine(sys.stderr)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    fraction: float | None = None
+    message = ""
+    state = "pending"
+    try:
+        with client.watch(job_id=job_id) as stream:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                event = stream.next_event(remaining) if remaining is None or remaining > 0 else None
+                if event is None:
+                    raise TimeoutError(f"job {job_id} did not end within {timeout} s")
+                kind = event.get("event")
+                job = event.get("job")
+                if kind == "progress":
+                    fraction, message = event.get("progress"), event.get("message") or ""
+                elif isinstance(job, Mapping):
+                    state = shown_status(job)
+                    if kind in FINAL_EVENTS:
+                        return dict(job)
+                pct = f"{fraction * 100:3.0f}%" if fraction is not None else "    "
+                line.show(f"job {job_id} {state} {format_bar(fraction, 30)} {pct} {message}")
+    finally:
+        line.clear()
+
+
+def _finish(job: Job, as_json: bool) -> NoReturn:
+    if as_json:
+        print_json(job)
+    else:
+        click.echo(format_job(job))
+    raise click.exceptions.Exit(0 if job.get("status") == JobStatus.COMPLETED.value else EXIT_FAILED)
+
+
+def _interrupted(job_id: int) -> NoReturn:
+    _fail(f"stopped waiting; job {job_id} goes on (`hostqueue job wait {job_id}`)", 130)
+
+
+# ---------------------------------------------------------------------------
+# commands
+
+
+@click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"],
+                                          "max_content_width": 100})
+@click.version_option(_version(), "--version", prog_name="hostqueue")
+def cli() -> None:
+    """hostqueue: a durable job queue for one host.
+
+    One supervisor process keeps the jobs in one SQLite file and runs them in worker
+    processes; clients talk to it over a Unix socket. Try `hostqueue demo`.
+    """
+
+
+def _setting_options(f: F) -> F:
+    """The options of `run`, from the settings table (which also names the env vars)."""
+    metavars = {"store": "PATH", "socket": "PATH", "workers": "N", "tasks": "MODULE",
+                "grace": "SECONDS", "prefetch": "N", "max_line": "BYTES"}
+    choices = {"durability": ("normal", "full"), "log_level": ("debug", "info", "warning", "error")}
+    for s in reversed(settings.SETTINGS):
+        default = "" if s.default in (None, ()) else f"; default: {s.default}"
+        kwargs: dict[str, Any] = {"help": f"{s.help[0].upper()}{s.help[1:]} [env: {s.env}{default}]."}
+        if s.name in choices:
+            kwargs["type"] = click.Choice(choices[s.name], case_sensitive=False)
+        else:
+            kwargs["type"] = {int: int, float: float}.get(s.type, str)
+            kwargs["metavar"] = metavars.get(s.name, "VALUE")
+        if s.type is list:
+            kwargs["multiple"] = True
+            kwargs["help"] = kwargs["help"][:-1] + "; repeat for several)."
+        f = click.option("--" + s.name.replace("_", "-"), s.name, **kwargs)(f)
+    return f
+
+
+@cli.command()
+@_setting_options
+@click.pass_context
+def run(ctx: click.Context, **flags: Any) -> None:
+    """Run the supervisor in the foreground (until SIGTERM, SIGINT or `ctl stop`).
+
+    \b
+    Example:
+        hostqueue run --store /var/lib/hostqueue/jobs.db --workers 4 --tasks myapp.tasks
+    """
+    try:
+        config = settings.from_environment(**flags)
+    except settings.SettingsError as exc:
+        click.echo(f"hostqueue run: {exc}", err=True)
+        ctx.exit(EXIT_USAGE)
+    # Imported here so that the client-side commands never load the server's modules.
+    from hostqueue.supervisor import run_supervisor
+
+    ctx.exit(run_supervisor(config))
+
+
+@cli.command()
+@click.argument("task")
+@click.argument("args_json", required=False, metavar="[ARGS_JSON]")
+@socket_option
+@click.option("--queue", metavar="Q", help="Queue (default: the task's).")
+@click.option("--priority", type=int, metavar="P", help="Higher runs first (default: the task's).")
+@click.option("--delay", type=click.FloatRange(min=0), metavar="S", help="Start no sooner than S seconds from now.")
+@click.option("--deadline", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Expire if not started within S seconds.")
+@click.option("--retries", type=click.IntRange(min=0), metavar="N", help="Retries after the first attempt.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Time limit of one attempt, in seconds.")
+@click.option("--key", metavar="K", help="Idempotency key: an unfinished job with it is returned instead.")
+@click.option("--run-id", metavar="R", help="Group the job into a run.")
+@click.option("--wait", is_flag=True, help="Wait for the job to end (progress bar on a terminal); exit 1 unless it completed.")
+@json_option
+def submit(task: str, args_json: str | None, socket: str | None, queue: str | None,
+           priority: int | None, delay: float | None, deadline: float | None,
+           retries: int | None, timeout: float | None, key: str | None, run_id: str | None,
+           wait: bool, as_json: bool) -> None:
+    """Submit a job: TASK with ARGS_JSON (a JSON object of its arguments; '-' reads stdin).
+
+    Prints the job's id, or with --wait the finished job.
+
+    \b
+    Examples:
+        hostqueue submit thumbnails.resize '{"path": "a.png", "width": 64}'
+        hostqueue submit reports.build --delay 3600 --key nightly
+        hostqueue submit hostqueue.demo_tasks.sleep '{"seconds": 2}' --wait
+    """
+    args = _parse_args(args_json)
+    client = _client(socket)
+    handle = client.submit(task, args, queue=queue, priority=priority, delay=delay,
+                           deadline=deadline, retries=retries, timeout=timeout, key=key,
+                           run_id=run_id)
+    if handle.duplicate:
+        click.echo(f"hostqueue: job {handle.id} with key {key!r} is not finished yet; "
+                   "it was returned and nothing was added", err=True)
+    if not wait:
+        if as_json:
+            print_json(handle.job)
+        else:
+            click.echo(handle.id)
+        return
+    try:
+        job = _follow(client, handle.id, None, show_progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        _interrupted(handle.id)
+    _finish(job, as_json)
+
+
+def _parse_args(args_json: str | None) -> dict[str, Any] | None:
+    if args_json is None:
+        return None
+    text = click.get_text_stream("stdin").read() if args_json == "-" else args_json
+    try:
+        args = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc})", param_hint="ARGS_JSON") from None
+    if not isinstance(args, dict):
+        raise click.BadParameter(
+            f"must be a JSON object of keyword arguments, like '{{\"path\": \"a.png\"}}', "
+            f"not {type(args).__name__ if args is not None else 'null'}",
+            param_hint="ARGS_JSON",
+        )
+    return args
+
+
+# -- ctl
+
+
+@cli.group()
+@socket_option
+@click.pass_context
+def ctl(ctx: click.Context, socket: str | None) -> None:
+    """Control a running supervisor: status, stats, scaling, pausing, reload, stop, watch.
+
+    \b
+    Example:
+        hostqueue ctl --socket /run/hostqueue/hostqueue.sock status
+    """
+    ctx.obj = socket
+
+
+@ctl.command()
+@json_option
+@click.pass_obj
+def status(socket: str | None, as_json: bool) -> None:
+    """Show the supervisor and its workers.
+
+    \b
+    Example:
+        hostqueue ctl status --json | jq '.workers[].pid'
+    """
+    st = _client(socket).status()
+    if as_json:
+        print_json(st)
+        return
+    paused = st.get("paused") or []
+    workers = st.get("workers") or []
+    target = st.get("target_workers")
+    header = [
+        ("pid", st.get("pid")),
+        ("uptime", format_duration(st.get("uptime"))),
+        ("state", st.get("state")),
+        ("store", st.get("store")),
+        ("socket", st.get("socket")),
+        ("paused", "all queues" if "*" in paused else ", ".join(paused) or "none"),
+        ("workers", f"{len(workers)}" + (f" (target {target})" if target is not None else "")),
+    ]
+    if st.get("version"):
+        header.append(("version", st["version"]))
+    for name, value in header:
+        click.echo(f"{name + ':':<9} {value}")
+    if workers:
+        rows = [[w.get("pid"), w.get("state"), w.get("job"),
+                 f"{w['rss'] / 1048576:.1f}" if w.get("rss") is not None else None,
+                 f"{w['cpu_percent']:.1f}" if w.get("cpu_percent") is not None else None]
+                for w in workers]
+        click.echo()
+        click.echo(format_table(["PID", "STATE", "JOB", "RSS MB", "CPU%"], rows, right=[0, 2, 3, 4]))
+
+
+@ctl.command()
+@click.option("--run-id", metavar="R", help="Count only the jobs of this run.")
+@json_option
+@click.pass_obj
+def stats(socket: str | None, run_id: str | None, as_json: bool) -> None:
+    """Count jobs by state, in all and per queue.
+
+    \b
+    Example:
+        hostqueue ctl stats --run-id batch-7
+    """
+    data = _client(socket).stats(run_id)
+    if as_json:
+        print_json(data)
+    else:
+        click.echo(format_stats(data))
+
+
+@ctl.command()
+@click.argument("n", type=click.IntRange(0, settings.MAX_WORKERS))
+@json_option
+@click.pass_obj
+def scale(socket: str | None, n: int, as_json: bool) -> None:
+    """Set the number of worker processes to N (retiring workers finish their job first).
+
+    \b
+    Example:
+        hostqueue ctl scale 8
+    """
+    data = _client(socket).scale(n)
+    if as_json:
+        print_json(data)
+    else:
+        click.echo(f"workers: {data.get('previous')} -> {data.get('target')}")
+
+
+def _show_paused(paused: list[str], as_json: bool) -> None:
+    if as_json:
+        print_json(paused)
+    elif "*" in paused:
+        click.echo("paused: all queues")
+    else:
+        click.echo("paused: " + (", ".join(paused) or "no queue"))
+
+
+@ctl.command()
+@click.argument("queue", required=False)
+@json_option
+@click.pass_obj
+def pause(socket: str | None, queue: str | None, as_json: bool) -> None:
+    """Start no new job from QUEUE (every queue if none is named); running jobs go on.
+
+    \b
+    Example:
+        hostqueue ctl pause thumbnails
+    """
+    _show_paused(_client(socket).pause(queue), as_json)
+
+
+@ctl.command()
+@click.argument("queue", required=False)
+@json_option
+@click.pass_obj
+def resume(socket: str | None, queue: str | None, as_json: bool) -> None:
+    """Start jobs from QUEUE again (every queue if none is named).
+
+    \b
+    Example:
+        hostqueue ctl resume thumbnails
+    """
+    _show_paused(_client(socket).resume(queue), as_json)
+
+
+@ctl.command()
+@json_option
+@click.pass_obj
+def reload(socket: str | None, as_json: bool) -> None:
+    """Re-import the task modules and replace every worker (running jobs finish first).
+
+    \b
+    Example:
+        hostqueue ctl reload
+    """
+    data = _client(socket).reload()
+    if as_json:
+        print_json(data)
+    else:
+        tasks = data.get("tasks") or []
+        click.echo(f"reloaded: {data.get('workers')} workers, {len(tasks)} tasks: {', '.join(tasks)}")
+
+
+@ctl.command()
+@click.option("--fast", is_flag=True, help="Stop workers now and put their jobs back to pending.")
+@json_option
+@click.pass_obj
+def stop(socket: str | None, fast: bool, as_json: bool) -> None:
+    """Stop the supervisor: drain (running jobs get the grace period) or --fast.
+
+    \b
+    Example:
+        hostqueue ctl stop
+    """
+    data = _client(socket).stop(fast)
+    if as_json:
+        print_json(data)
+    elif data.get("mode") == "fast":
+        click.echo("stopping now; running jobs go back to pending")
+    else:
+        click.echo("draining: no new job starts; the supervisor exits when running jobs end")
+
+
+@ctl.command()
+@click.option("--job", "job_id", type=int, metavar="ID", help="Only this job (ends with it).")
+@click.option("--queue", metavar="Q", help="Only jobs of this queue.")
+@click.option("--task", metavar="T", help="Only jobs of this task.")
+@click.option("--run-id", metavar="R", help="Only jobs of this run.")
+@json_option
+@click.pass_obj
+def watch(socket: str | None, job_id: int | None, queue: str | None, task: str | None,
+          run_id: str | None, as_json: bool) -> None:
+    """Print job events as they happen, one line each (JSON lines with --json), until Ctrl-C.
+
+    \b
+    Examples:
+        hostqueue ctl watch --queue thumbnails
+        hostqueue ctl watch --job 17 --json
+    """
+    client = _client(socket)
+    tasks: dict[Any, str] = {}
+    try:
+        for event in client.watch(job_id=job_id, queue=queue, task=task, run_id=run_id):
+            click.echo(orjson.dumps(event).decode() if as_json else format_event(event, tasks))
+    except KeyboardInterrupt:
+        pass  # the usual way to end a watch
+
+
+# -- job
+
+
+@cli.group()
+@socket_option
+@click.pass_context
+def job(ctx: click.Context, socket: str | None) -> None:
+    """Inspect and steer jobs: show, wait, abort, retry, list.
+
+    \b
+    Example:
+        hostqueue job list --status failed
+    """
+    ctx.obj = socket
+
+
+@job.command()
+@click.argument("job_id", metavar="ID", type=int)
+@json_option
+@click.pass_obj
+def show(socket: str | None, job_id: int, as_json: bool) -> None:
+    """Show one job, with its error's traceback if it has one.
+
+    \b
+    Example:
+        hostqueue job show 17
+    """
+    data = _client(socket).get(job_id)
+    if as_json:
+        print_json(data)
+    else:
+        click.echo(format_job(data))
+
+
+@job.command("wait")
+@click.argument("job_id", metavar="ID", type=int)
+@click.option("--timeout", type=click.FloatRange(min=0), metavar="S",
+              help="Give up (exit 1) after S seconds; the job goes on.")
+@json_option
+@click.pass_obj
+def wait_(socket: str | None, job_id: int, timeout: float | None, as_json: bool) -> None:
+    """Wait for a job to end and print it; exit 0 if it completed, 1 otherwise.
+
+    \b
+    Example:
+        hostqueue job wait 17 --timeout 60 && echo done
+    """
+    client = _client(socket)
+    try:
+        data = _follow(client, job_id, timeout, show_progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        _interrupted(job_id)
+    _finish(data, as_json)
+
+
+@job.command()
+@click.argument("job_id", metavar="[ID]", type=int, required=False)
+@click.option("--run-id", metavar="R", help="Abort every unfinished job of this run instead.")
+@json_option
+@click.pass_obj
+def abort(socket: str | None, job_id: int | None, run_id: str | None, as_json: bool) -> None:
+    """Abort a job (a running one sees ctx.aborted), or every unfinished job of a run.
+
+    \b
+    Examples:
+        hostqueue job abort 17
+        hostqueue job abort --run-id batch-7
+    """
+    if (job_id is None) == (run_id is None):
+        raise click.UsageError("give either a job ID or --run-id R")
+    client = _client(socket)
+    if job_id is not None:
+        data = client.abort(job_id)
+        if as_json:
+            print_json(data)
+        elif data.get("status") == JobStatus.RUNNING.value:
+            click.echo(f"job {job_id}: abort requested; it ends cancelled when the task stops")
+        else:
+            click.echo(f"job {job_id}: {data.get('status')}")
+        return
+    assert run_id is not None
+    jobs = client.abort_run(run_id)
+    if as_json:
+        print_json(jobs)
+    else:
+        click.echo(f"aborted {len(jobs)} jobs of run {run_id}")
+        if jobs:
+            click.echo(format_jobs(jobs))
+
+
+@job.command()
+@click.argument("job_id", metavar="[ID]", type=int, required=False)
+@click.option("--status", type=click.Choice(RETRYABLE_STATES), help="Retry every job in this state instead.")
+@click.option("--queue", metavar="Q", help="With --status: only jobs of this queue.")
+@click.option("--task", metavar="T", help="With --status: only jobs of this task.")
+@json_option
+@click.pass_obj
+def retry(socket: str | None, job_id: int | None, status: str | None, queue: str | None,
+          task: str | None, as_json: bool) -> None:
+    """Put a failed, cancelled or expired job back to pending, or every such job.
+
+    \b
+    Examples:
+        hostqueue job retry 17
+        hostqueue job retry --status failed --queue thumbnails
+    """
+    if (job_id is None) == (status is None):
+        raise click.UsageError("give either a job ID or --status S")
+    if job_id is not None and (queue or task):
+        raise click.UsageError("--queue and --task go with --status")
+    client = _client(socket)
+    if job_id is not None:
+        data = client.retry(job_id)
+        if as_json:
+            print_json(data)
+        else:
+            click.echo(f"job {job_id}: {data.get('status')}")
+        return
+    assert status is not None
+    jobs = client.retry_all(status, queue, task)
+    if as_json:
+        print_json(jobs)
+    else:
+        click.echo(f"put {len(jobs)} {status} jobs back to pending")
+        if jobs:
+            click.echo(format_jobs(jobs))
+
+
+@job.command("list")
+@click.option("--status", type=click.Choice(ALL_STATES), help="Only jobs in this state.")
+@click.option("--queue", metavar="Q", help="Only jobs of this queue.")
+@click.option("--task", metavar="T", help="Only jobs of this task.")
+@click.option("--run-id", metavar="R", help="Only jobs of this run.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=100, show_default=True,
+              help="At most this many jobs.")
+@click.option("--before", type=int, metavar="ID", help="Only jobs with an id below ID (next page).")
+@json_option
+@click.pass_obj
+def list_(socket: str | None, status: str | None, queue: str | None, task: str | None,
+          run_id: str | None, limit: int, before: int | None, as_json: bool) -> None:
+    """List jobs, newest first.
+
+    \b
+    Examples:
+        hostqueue job list --status failed --queue thumbnails
+        hostqueue job list --run-id batch-7 --limit 1000 --json
+    """
+    jobs = _client(socket).list_jobs(status=status, queue=queue, task=task, run_id=run_id,
+                                     limit=limit, before=before)
+    if as_json:
+        print_json(jobs)
+    elif jobs:
+        click.echo(format_jobs(jobs))
+    else:
+        click.echo("no jobs match", err=True)
+
+
+# -- demo
+
+
+@cli.command()
+@click.option("--jobs", type=click.IntRange(1, 100000), default=300, show_default=True,
+              help="How many jobs to run.")
+@click.option("--workers", type=click.IntRange(1, settings.MAX_WORKERS), default=2,
+              show_default=True, help="Workers to start with.")
+@click.option("--keep", is_flag=True, help="Keep the demo's store and log instead of deleting them.")
+@click.pass_context
+def demo(ctx: click.Context, jobs: int, workers: int, keep: bool) -> None:
+    """Watch hostqueue work: start a supervisor on a temporary store, run jobs with
+    live progress, resize the pool, then drain and stop.
+
+    \b
+    Example:
+        hostqueue demo --jobs 1000 --workers 4
+    """
+    from hostqueue.demo import run_demo
+
+    ctx.exit(run_demo(jobs, workers, keep))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="hostqueue")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1060 @@
+"""Clients of the supervisor's control socket: ``Client`` (blocking) and ``AsyncClient``.
+
+Both speak the newline-delimited JSON protocol of docs/protocol.md over one Unix
+stream connection. Every request gets a fresh integer id; replies are matched by
+id, so requests can be pipelined and a watch stream can run on the same
+connection as other calls: whatever arrives for an id nobody is reading yet is
+kept for it until it is read.
+
+    with Client() as c:
+        job = c.submit("thumbnails.resize", {"path": "a.png"})
+        for event in job.progress():
+            print(event["event"], event.get("progress"))
+        print(job.result(timeout=30))
+
+Neither client is thread-safe: use one per thread (or one AsyncClient per loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import select
+import socket as _socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, cast
+
+import orjson
+
+from hostqueue.errors import ERROR_CODES, JobFailed, ProtocolError, SupervisorUnavailable
+from hostqueue.settings import resolve_socket
+from hostqueue.states import FINAL_STATES, JobStatus
+
+__all__ = [
+    "AsyncClient",
+    "AsyncEventStream",
+    "AsyncJobHandle",
+    "Client",
+    "EventStream",
+    "JobHandle",
+]
+
+log = logging.getLogger("hostqueue.client")
+
+Job = dict[str, Any]
+
+# Events after which a job's stream ends (the final states have events of the same name).
+FINAL_EVENTS = frozenset(s.value for s in FINAL_STATES)
+
+READ_CHUNK = 256 * 1024
+# A reply carries at most a page of jobs; 16 MiB is far above any real line, and the
+# asyncio reader needs some bound.
+STREAM_LIMIT = 16 * 1024 * 1024
+# When a `wait` has its own timeout, the server answers `timeout` itself; the client
+# only gives up this much later, in case the server never answers at all.
+WAIT_MARGIN = 5.0
+
+
+# ---------------------------------------------------------------------------
+# helpers shared by both clients
+
+
+def _unavailable(path: str, reason: str) -> SupervisorUnavailable:
+    return SupervisorUnavailable(
+        f"cannot reach the hostqueue supervisor at {path} ({reason}); start one with "
+        f"`hostqueue run --socket {path}`, or point --socket / $HOSTQUEUE_SOCKET at its socket"
+    )
+
+
+def _connect_reason(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such socket"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: nothing listens there, the socket file may be stale"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, TimeoutError):
+        return "timed out connecting"
+    return exc.strerror or str(exc)
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(message) + b"\n"
+    except TypeError as exc:
+        raise TypeError(
+            f"cannot send op {message.get('op')!r}: a field is not JSON-serialisable ({exc})"
+        ) from None
+
+
+def _decode(line: bytes) -> dict[str, Any] | None:
+    # A line we cannot read is the server's bug; dropping it keeps every other
+    # request on the connection working, and the log says what happened.
+    try:
+        msg = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        log.warning("ignoring a line from the supervisor that is not JSON: %.200r", line)
+        return None
+    if not isinstance(msg, dict):
+        log.warning("ignoring a line from the supervisor that is not an object: %.200r", line)
+        return None
+    return msg
+
+
+def _error(reply: Mapping[str, Any]) -> ProtocolError:
+    err = reply.get("error")
+    if not isinstance(err, Mapping):
+        return ProtocolError("internal", f"malformed error reply: {reply!r}")
+    code = str(err.get("code", "internal"))
+    message = str(err.get("message", ""))
+    if code not in ERROR_CODES:
+        # A newer server may know codes this client does not; keep the code visible.
+        return ProtocolError("internal", f"{code}: {message}")
+    return ProtocolError(code, message)
+
+
+def _check(reply: dict[str, Any]) -> dict[str, Any]:
+    if reply.get("ok") is False:
+        raise _error(reply)
+    return reply
+
+
+def _when(value: float | datetime | timedelta | None, relative: str, absolute: str,
+          fields: dict[str, Any]) -> None:
+    """delay/deadline: seconds from now, or a datetime for an absolute time."""
+    if value is None:
+        return
+    if isinstance(value, datetime):
+        fields[absolute] = value.timestamp()  # a naive datetime is local time
+    elif isinstance(value, timedelta):
+        fields[relative] = value.total_seconds()
+    else:
+        fields[relative] = value
+
+
+def _submit_fields(
+    queue: str | None,
+    priority: int | None,
+    delay: float | datetime | timedelta | None,
+    deadline: float | datetime | timedelta | None,
+    retries: int | None,
+    timeout: float | None,
+    run_id: str | None,
+) -> dict[str, Any]:
+    fields = _present(queue=queue, priority=priority, retries=retries, timeout=timeout,
+                      run_id=run_id)
+    _when(delay, "delay", "run_at", fields)
+    _when(deadline, "deadline", "deadline_at", fields)
+    return fields
+
+
+def _present(**fields: Any) -> dict[str, Any]:
+    """Only the fields given: an absent field lets the server apply its default."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _args(args: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if args is None or isinstance(args, dict):
+        return args
+    return dict(args)  # orjson serialises dicts only
+
+
+def _wait_deadline(timeout: float | None, client_timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    return timeout + (client_timeout if client_timeout is not None else WAIT_MARGIN)
+
+
+def _timed_out(job_id: int, timeout: float | None) -> TimeoutError:
+    return TimeoutError(f"job {job_id} did not end within {timeout} s")
+
+
+def _is_final(event: Mapping[str, Any]) -> bool:
+    return event.get("event") in FINAL_EVENTS
+
+
+# ---------------------------------------------------------------------------
+# blocking client
+
+
+class Client:
+    """A blocking connection to the supervisor.
+
+    ``socket``: the socket path (else $HOSTQUEUE_SOCKET, else next to the store).
+    ``timeout``: seconds to wait for connecting and for the reply of a request;
+    ``wait``, ``result`` and watch streams wait as long as they are asked to.
+    ``None`` waits without limit.
+
+    The connection opens on first use (or on ``with``); if it is lost, the calls
+    that were waiting raise SupervisorUnavailable and the next call reconnects.
+    """
+
+    def __init__(self, socket: str | None = None, timeout: float | None = None) -> None:
+        self.socket_path = resolve_socket(socket)
+        self.timeout = timeout
+        self._sock: _socket.socket | None = None
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of _buffer already known to hold no newline
+        self._next_id = 0
+        # Requests whose first reply has not come, in the order they were sent.
+        self._awaiting: dict[int, str] = {}
+        self._streams: set[int] = set()  # watch requests whose events are kept
+        self._inbox: dict[int, deque[dict[str, Any]]] = {}
+        self._lost: set[int] = set()  # ids whose connection closed under them
+        self._orphan_error: str | None = None  # an error the server sent for no request
+
+    # -- connection
+
+    def connect(self) -> Client:
+        """Open the connection now (it otherwise opens on the first request)."""
+        if self._sock is not None:
+            return self
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            raise _unavailable(self.socket_path, _connect_reason(exc)) from None
+        # Non-blocking from here: reads and writes wait in poll(), so a long
+        # pipelined send can take in replies meanwhile instead of deadlocking.
+        sock.setblocking(False)
+        self._sock = sock
+        self._buffer.clear()
+        self._scanned = 0
+        return self
+
+    def close(self) -> None:
+        """Close the connection. Unread replies and events are dropped."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._awaiting.clear()
+        self._streams.clear()
+        self._inbox.clear()
+        self._lost.clear()
+        self._buffer.clear()
+        self._scanned = 0
+
+    def __enter__(self) -> Client:
+        return self.connect()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "connected" if self._sock is not None else "not connected"
+        return f"<Client {self.socket_path} {state}>"
+
+    def _connection_lost(self, reason: str) -> SupervisorUnavailable:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._lost.update(self._awaiting)
+        self._lost.update(self._streams)
+        self._awaiting.clear()
+        self._streams.clear()
+        self._buffer.clear()
+        self._scanned = 0
+        if self._orphan_error:
+            reason, self._orphan_error = f"{reason} after saying {self._orphan_error}", None
+        return SupervisorUnavailable(
+            f"lost the connection to the supervisor at {self.socket_path} ({reason}); "
+            "a request in flight may or may not have been carried out"
+        )
+
+    # -- framing
+
+    def _poll(self, events: int, deadline: float | None) -> int:
+        assert self._sock is not None
+        poller = select.poll()
+        poller.register(self._sock, events)
+        while True:
+            if deadline is None:
+                wait_ms = None
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("no reply from the supervisor in time")
+                wait_ms = max(1, int(remaining * 1000))
+            ready = poller.poll(wait_ms)
+            if ready:
+                return ready[0][1]
+
+    def _pump(self, deadline: float | None) -> None:
+        """Read what the socket has (waiting until the deadline) and file each line."""
+        if self._sock is None:
+            raise self._connection_lost("not connected")
+        self._poll(select.POLLIN, deadline)
+        try:
+            chunk = self._sock.recv(READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise self._connection_lost(exc.strerror or str(exc)) from None
+        if not chunk:
+            raise self._connection_lost("the supervisor closed it")
+        self._buffer += chunk
+        self._file_lines()
+
+    def _file_lines(self) -> None:
+        buf = self._buffer
+        while True:
+            nl = buf.find(b"\n", self._scanned)
+            if nl < 0:
+                self._scanned = len(buf)
+                return
+            line = bytes(buf[:nl])
+            del buf[: nl + 1]  # cheap: bytearray drops a prefix without copying the rest
+            self._scanned = 0
+            if line.strip():
+                msg = _decode(line)
+                if msg is not None:
+                    self._file(msg)
+
+    def _file(self, msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        if rid is None and msg.get("ok") is False and self._awaiting:
+            # The server could not read the request's id (line_too_long, bad_json,
+            # forbidden); requests are read in order, so it is the oldest unanswered.
+            rid = next(iter(self._awaiting))
+        if rid is None and msg.get("ok") is False:
+            self._orphan_error = _error(msg).args[0]  # e.g. forbidden, then the server hangs up
+        if not isinstance(rid, int):
+            return
+        op = self._awaiting.pop(rid, None)
+        if op is None and rid not in self._streams:
+            return  # a request given up on, or a stream closed by its reader
+        if op == "watch" and msg.get("ok") is True:
+            self._streams.add(rid)
+        self._inbox.setdefault(rid, deque()).append(msg)
+
+    def _next_message(self, request_id: int, deadline: float | None) -> dict[str, Any]:
+        while True:
+            queue = self._inbox.get(request_id)
+            if queue:
+                msg = queue.popleft()
+                if not queue:
+                    del self._inbox[request_id]
+                return msg
+            if request_id in self._lost:
+                self._lost.discard(request_id)
+                raise SupervisorUnavailable(
+                    f"lost the connection to the supervisor at {self.socket_path} "
+                    f"before request {request_id} was answered"
+                )
+            if request_id not in self._awaiting and request_id not in self._streams:
+                raise ValueError(f"request {request_id} is not outstanding on this connection")
+            self._pump(deadline)
+
+    def _forget(self, request_id: int) -> None:
+        """Stop keeping messages for a request (given up on, or a stream closed early)."""
+        self._awaiting.pop(request_id, None)
+        self._streams.discard(request_id)
+        self._inbox.pop(request_id, None)
+        self._lost.discard(request_id)
+
+    # -- low level
+
+    def send(self, op: str, **fields: Any) -> int:
+        """Send one request without waiting for its reply; returns its id for ``receive``."""
+        data = _encode({"id": self._next_id + 1, "op": op, **fields})
+        self.connect()
+        self._next_id += 1
+        rid = self._next_id
+        self._awaiting[rid] = op
+        try:
+            self._send_all(data)
+        except BaseException:
+            self._forget(rid)
+            raise
+        return rid
+
+    def _send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while view:
+            if self._sock is None:
+                raise self._connection_lost("not connected")
+            try:
+                sent = self._sock.send(view)
+                view = view[sent:]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise self._connection_lost(exc.strerror or str(exc)) from None
+            # The server stops reading a client that leaves its replies unread,
+            # so take them in while our send cannot proceed.
+            try:
+                if self._poll(select.POLLIN | select.POLLOUT, deadline) & select.POLLIN:
+                    self._pump(deadline)
+            except TimeoutError:
+                if len(view) < len(data):
+                    # Half a line is on the wire: the connection cannot carry another.
+                    self._connection_lost("timed out sending")
+                raise TimeoutError("timed out sending to the supervisor") from None
+
+    def receive(self, request_id: int, timeout: float | None = None) -> dict[str, Any]:
+        """The next message for a request sent with ``send`` (its reply, or a stream's
+        next event), waiting at most ``timeout`` seconds (None: without limit).
+        An ``ok: false`` reply raises ProtocolError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return _check(self._next_message(request_id, deadline))
+
+    def _call(self, op: str, fields: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        rid = self.send(op, **fields)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return _check(self._next_message(rid, deadline))
+        except TimeoutError:
+            self._forget(rid)  # its late reply is not wanted any more
+            raise
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its whole reply (``{"id", "ok", KEY: DATA}``)."""
+        return self._call(op, fields, self.timeout)
+
+    # -- jobs
+
+    def submit(
+        self,
+        task: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | datetime | timedelta | None = None,
+        deadline: float | datetime | timedelta | None = None,
+        retries: int | None = None,
+        timeout: float | None = None,
+        key: str | None = None,
+        run_id: str | None = None,
+    ) -> JobHandle:
+        """Add a job; returns once it is committed. ``delay``/``deadline`` are seconds
+        from now, or a datetime for an absolute time."""
+        fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
+        fields.update(_present(task=task, args=_args(args), key=key))
+        reply = self.request("submit", **fields)
+        return JobHandle(self, reply["job"], bool(reply.get("duplicate", False)))
+
+    def submit_many(
+        self,
+        task: str,
+        args_list: Iterable[Mapping[str, Any]],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | datetime | timedelta | None = None,
+        deadline: float | datetime | timedelta | None = None,
+        retries: int | None = None,
+        timeout: float | None = None,
+        run_id: str | None = None,
+    ) -> list[JobHandle]:
+        """Add one job per args object, all or none, in one request (which must fit
+        the server's line limit, 1 MiB by default)."""
+        fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
+        reply = self.request("submit_many", task=task, args=[_args(a) for a in args_list],
+                             **fields)
+        return [JobHandle(self, job) for job in reply["jobs"]]
+
+    def get(self, job_id: int) -> Job:
+        return cast("Job", self.request("get", job=job_id)["job"])
+
+    def list_jobs(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        run_id: str | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> list[Job]:
+        """Jobs matching every filter given, newest first."""
+        fields = _present(status=status, queue=queue, task=task, run_id=run_id, limit=limit,
+                          before=before)
+        return cast("list[Job]", self.request("list", **fields)["jobs"])
+
+    def wait(self, job_id: int, timeout: float | None = None) -> Job:
+        """The job once it has ended; TimeoutError if it does not end within ``timeout``."""
+        try:
+            reply = self._call("wait", _present(job=job_id, timeout=timeout),
+                               _wait_deadline(timeout, self.timeout))
+        except ProtocolError as exc:
+            if exc.code == "timeout":
+                raise _timed_out(job_id, timeout) from None
+            raise
+        return cast("Job", reply["job"])
+
+    def abort(self, job_id: int) -> Job:
+        return cast("Job", self.request("abort", job=job_id)["job"])
+
+    def abort_run(self, run_id: str) -> list[Job]:
+        return cast("list[Job]", self.request("abort_run", run_id=run_id)["jobs"])
+
+    def retry(self, job_id: int) -> Job:
+        return cast("Job", self.request("retry", job=job_id)["job"])
+
+    def retry_all(self, status: str = "failed", queue: str | None = None,
+                  task: str | None = None) -> list[Job]:
+        fields = _present(status=status, queue=queue, task=task)
+        return cast("list[Job]", self.request("retry_all", **fields)["jobs"])
+
+    def watch(self, job_id: int | None = None, queue: str | None = None,
+              task: str | None = None, run_id: str | None = None) -> EventStream:
+        """Subscribe to job events (returns once subscribed, so nothing after this call
+        is missed). With ``job_id`` the stream ends after that job's final event;
+        otherwise it lasts until closed."""
+        fields = _present(job=job_id, queue=queue, task=task, run_id=run_id)
+        rid = self.send("watch", **fields)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            reply = _check(self._next_message(rid, deadline))
+        except BaseException:
+            self._forget(rid)
+            raise
+        return EventStream(self, rid, job_id is not None, reply.get("watching"))
+
+    # -- control
+
+    def scale(self, n: int) -> dict[str, Any]:
+        return cast("dict[str, Any]", self.request("scale", n=n)["scale"])
+
+    def status(self) -> dict[str, Any]:
+        return cast("dict[str, Any]", self.request("status")["status"])
+
+    def stats(self, run_id: str | None = None) -> dict[str, Any]:
+        return cast("dict[str, Any]", self.request("stats", **_present(run_id=run_id))["stats"])
+
+    def pause(self, queue: str | None = None) -> list[str]:
+        return cast("list[str]", self.request("pause", **_present(queue=queue))["paused"])
+
+    def resume(self, queue: str | None = None) -> list[str]:
+        return cast("list[str]", self.request("resume", **_present(queue=queue))["paused"])
+
+    def reload(self) -> dict[str, Any]:
+        return cast("dict[str, Any]", self.request("reload")["reload"])
+
+    def stop(self, fast: bool = False) -> dict[str, Any]:
+        """Ask the supervisor to stop: drain (like SIGTERM) or, with fast, like SIGQUIT."""
+        return cast("dict[str, Any]", self.request("stop", mode="fast" if fast else "drain")["stop"])
+
+    def ping(self) -> dict[str, Any]:
+        return cast("dict[str, Any]", self.request("ping")["pong"])
+
+
+class EventStream(Iterator[dict[str, Any]]):
+    """The events of one ``watch`` request. Iterate it; ``close()`` stops keeping its
+    events (the server goes on sending an every-job stream until the connection
+    closes, so use a Client of its own for a long watch)."""
+
+    def __init__(self, client: Client, request_id: int, single_job: bool, watching: Any) -> None:
+        self.client = client
+        self.request_id = request_id
+        self.watching = watching
+        self._single_job = single_job
+        self._done = False
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        event = self.next_event()
+        if event is None:
+            raise StopIteration
+        return event
+
+    def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next event, waiting at most ``timeout`` seconds (None: without limit).
+        Returns None once the stream has ended, or when the timeout passes
+        (``ended`` tells which)."""
+        if self._done:
+            return None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            event = _check(self.client._next_message(self.request_id, deadline))
+        except TimeoutError:
+            return None
+        except BaseException:
+            self.close()
+            raise
+        if self._single_job and _is_final(event):
+            self.close()
+        return event
+
+    @property
+    def ended(self) -> bool:
+        return self._done
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self.client._forget(self.request_id)
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # An abandoned stream would otherwise keep every later event in memory.
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class JobHandle:
+    """A job submitted through a Client. ``job`` is the last job object seen."""
+
+    def __init__(self, client: Client, job: Job, duplicate: bool = False) -> None:
+        self.client = client
+        self.job = job
+        self.id: int = job["id"]
+        self.duplicate = duplicate
+
+    def status(self) -> str:
+        """The job's current status (asks the supervisor)."""
+        return str(self.refresh()["status"])
+
+    def refresh(self) -> Job:
+        self.job = self.client.get(self.id)
+        return self.job
+
+    def wait(self, timeout: float | None = None) -> Job:
+        """The job once it has ended; TimeoutError if not within ``timeout``."""
+        self.job = self.client.wait(self.id, timeout)
+        return self.job
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The job's result once it completes; JobFailed if it ends otherwise."""
+        job = self.wait(timeout)
+        if job.get("status") == JobStatus.COMPLETED.value:
+            return job.get("result")
+        raise JobFailed(job)
+
+    def abort(self) -> Job:
+        self.job = self.client.abort(self.id)
+        return self.job
+
+    def progress(self) -> EventStream:
+        """The job's events (progress and changes of state) until its final one."""
+        return self.client.watch(job_id=self.id)
+
+    def __repr__(self) -> str:
+        dup = " duplicate" if self.duplicate else ""
+        return f"<JobHandle {self.id} {self.job.get('task')} {self.job.get('status')}{dup}>"
+
+
+# ---------------------------------------------------------------------------
+# asyncio client
+
+
+class _Lost:
+    """Put in a stream's queue when the connection closes under it."""
+
+    def __init__(self, error: SupervisorUnavailable) -> None:
+        self.error = error
+
+
+class AsyncClient:
+    """An asyncio connection to the supervisor, with the methods of Client as coroutines.
+
+        async with AsyncClient() as c:
+            job = await c.submit("thumbnails.resize", {"path": "a.png"})
+            async for event in job.progress(): ...
+
+    or ``c = await AsyncClient.connect(socket)`` ... ``await c.close()``. One reader
+    task hands each reply to the request waiting for it and each stream event to its
+    stream, so any number of coroutines can share the connection.
+    """
+
+    def __init__(self, socket: str | None = None, timeout: float | None = None) -> None:
+        self.socket_path = resolve_socket(socket)
+        self.timeout = timeout
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._connect_lock: asyncio.Lock | None = None
+        self._next_id = 0
+        # Requests whose first reply has not come, in the order they were sent.
+        self._futures: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._streams: dict[int, asyncio.Queue[dict[str, Any] | _Lost]] = {}
+        self._orphan_error: str | None = None  # an error the server sent for no request
+
+    @classmethod
+    async def connect(cls, socket: str | None = None, timeout: float | None = None) -> AsyncClient:
+        client = cls(socket, timeout)
+        await client._ensure_connected()
+        return client
+
+    async def __aenter__(self) -> AsyncClient:
+        await self._ensure_connected()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "connected" if self._writer is not None else "not connected"
+        return f"<AsyncClient {self.socket_path} {state}>"
+
+    async def _ensure_connected(self) -> asyncio.StreamWriter:
+        if self._writer is not None:
+            return self._writer
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if self._writer is not None:
+                return self._writer
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(self.socket_path, limit=STREAM_LIMIT),
+                    self.timeout,
+                )
+            except OSError as exc:
+                raise _unavailable(self.socket_path, _connect_reason(exc)) from None
+            self._writer = writer
+            self._reader_task = asyncio.create_task(
+                self._read_loop(reader, writer), name=f"hostqueue-client-reader {self.socket_path}"
+            )
+            return writer
+
+    async def close(self) -> None:
+        """Close the connection; requests still waiting raise SupervisorUnavailable."""
+        task, self._reader_task = self._reader_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (OSError, RuntimeError):
+                pass
+        self._fail_all("the client closed it")
+
+    async def _read_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reason = "the supervisor closed it"
+        try:
+            while True:
+                line = await reader.readline()
+                if not line.endswith(b"\n"):
+                    break  # EOF, possibly after half a line
+                if line.strip():
+                    msg = _decode(line)
+                    if msg is not None:
+                        self._file(msg)
+        except ValueError:
+            reason = f"a reply line was longer than {STREAM_LIMIT} bytes"
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+        except asyncio.CancelledError:
+            reason = "the client closed it"
+            raise
+        finally:
+            if self._orphan_error:
+                reason, self._orphan_error = f"{reason} after saying {self._orphan_error}", None
+            if self._writer is writer:
+                self._writer = None
+                writer.close()
+                self._fail_all(reason)
+
+    def _file(self, msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        if rid is None and msg.get("ok") is False and self._futures:
+            # See Client._file: an unreadable request is the oldest unanswered one.
+            rid = next(iter(self._futures))
+        if rid is None and msg.get("ok") is False:
+            self._orphan_error = _error(msg).args[0]
+        if not isinstance(rid, int):
+            return
+        future = self._futures.pop(rid, None)
+        if future is not None:
+            if not future.done():
+                future.set_result(msg)
+            if msg.get("ok") is False:
+                self._streams.pop(rid, None)
+            return
+        queue = self._streams.get(rid)
+        if queue is not None:
+            queue.put_nowait(msg)
+
+    def _fail_all(self, reason: str) -> None:
+        futures, self._futures = self._futures, {}
+        streams, self._streams = self._streams, {}
+        for future in futures.values():
+            if not future.done():
+                future.set_exception(_unavailable(self.socket_path, f"connection lost: {reason}"))
+        for queue in streams.values():
+            queue.put_nowait(_Lost(_unavailable(self.socket_path, f"connection lost: {reason}")))
+
+    async def _send(self, op: str, fields: dict[str, Any], stream: bool = False
+                    ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+        data = _encode({"id": self._next_id + 1, "op": op, **fields})
+        writer = await self._ensure_connected()
+        self._next_id += 1
+        rid = self._next_id
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._futures[rid] = future
+        if stream:
+            # Registered before sending: events may follow the first reply at once.
+            self._streams[rid] = asyncio.Queue()
+        try:
+            writer.write(data)
+            await writer.drain()
+        except OSError as exc:
+            self._futures.pop(rid, None)
+            self._streams.pop(rid, None)
+            raise _unavailable(self.socket_path, exc.strerror or str(exc)) from None
+        return rid, future
+
+    async def _call(self, op: str, fields: dict[str, Any], timeout: float | None,
+                    stream: bool = False) -> tuple[int, dict[str, Any]]:
+        rid, future = await self._send(op, fields, stream)
+        try:
+            reply = await asyncio.wait_for(future, timeout)
+        except BaseException:
+            self._streams.pop(rid, None)
+            raise
+        finally:
+            self._futures.pop(rid, None)
+        if reply.get("ok") is False:
+            self._streams.pop(rid, None)
+            raise _error(reply)
+        return rid, reply
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its whole reply (``{"id", "ok", KEY: DATA}``)."""
+        return (await self._call(op, fields, self.timeout))[1]
+
+    # -- jobs
+
+    async def submit(
+        self,
+        task: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | datetime | timedelta | None = None,
+        deadline: float | datetime | timedelta | None = None,
+        retries: int | None = None,
+        timeout: float | None = None,
+        key: str | None = None,
+        run_id: str | None = None,
+    ) -> AsyncJobHandle:
+        fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
+        fields.update(_present(task=task, args=_args(args), key=key))
+        reply = await self.request("submit", **fields)
+        return AsyncJobHandle(self, reply["job"], bool(reply.get("duplicate", False)))
+
+    async def submit_many(
+        self,
+        task: str,
+        args_list: Iterable[Mapping[str, Any]],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | datetime | timedelta | None = None,
+        deadline: float | datetime | timedelta | None = None,
+        retries: int | None = None,
+        timeout: float | None = None,
+        run_id: str | None = None,
+    ) -> list[AsyncJobHandle]:
+        fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
+        reply = await self.request("submit_many", task=task, args=[_args(a) for a in args_list],
+                                   **fields)
+        return [AsyncJobHandle(self, job) for job in reply["jobs"]]
+
+    async def get(self, job_id: int) -> Job:
+        return cast("Job", (await self.request("get", job=job_id))["job"])
+
+    async def list_jobs(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        run_id: str | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> list[Job]:
+        fields = _present(status=status, queue=queue, task=task, run_id=run_id, limit=limit,
+                          before=before)
+        return cast("list[Job]", (await self.request("list", **fields))["jobs"])
+
+    async def wait(self, job_id: int, timeout: float | None = None) -> Job:
+        try:
+            _, reply = await self._call("wait", _present(job=job_id, timeout=timeout),
+                                        _wait_deadline(timeout, self.timeout))
+        except ProtocolError as exc:
+            if exc.code == "timeout":
+                raise _timed_out(job_id, timeout) from None
+            raise
+        return cast("Job", reply["job"])
+
+    async def abort(self, job_id: int) -> Job:
+        return cast("Job", (await self.request("abort", job=job_id))["job"])
+
+    async def abort_run(self, run_id: str) -> list[Job]:
+        return cast("list[Job]", (await self.request("abort_run", run_id=run_id))["jobs"])
+
+    async def retry(self, job_id: int) -> Job:
+        return cast("Job", (await self.request("retry", job=job_id))["job"])
+
+    async def retry_all(self, status: str = "failed", queue: str | None = None,
+                        task: str | None = None) -> list[Job]:
+        fields = _present(status=status, queue=queue, task=task)
+        return cast("list[Job]", (await self.request("retry_all", **fields))["jobs"])
+
+    def watch(self, job_id: int | None = None, queue: str | None = None,
+              task: str | None = None, run_id: str | None = None) -> AsyncEventStream:
+        """An async iterator of job events. It subscribes on first iteration, or at
+        ``await stream.start()`` to be sure to see everything after that point."""
+        fields = _present(job=job_id, queue=queue, task=task, run_id=run_id)
+        return AsyncEventStream(self, fields, job_id is not None)
+
+    # -- control
+
+    async def scale(self, n: int) -> dict[str, Any]:
+        return cast("dict[str, Any]", (await self.request("scale", n=n))["scale"])
+
+    async def status(self) -> dict[str, Any]:
+        return cast("dict[str, Any]", (await self.request("status"))["status"])
+
+    async def stats(self, run_id: str | None = None) -> dict[str, Any]:
+        return cast("dict[str, Any]", (await self.request("stats", **_present(run_id=run_id)))["stats"])
+
+    async def pause(self, queue: str | None = None) -> list[str]:
+        return cast("list[str]", (await self.request("pause", **_present(queue=queue)))["paused"])
+
+    async def resume(self, queue: str | None = None) -> list[str]:
+        return cast("list[str]", (await self.request("resume", **_present(queue=queue)))["paused"])
+
+    async def reload(self) -> dict[str, Any]:
+        return cast("dict[str, Any]", (await self.request("reload"))["reload"])
+
+    async def stop(self, fast: bool = False) -> dict[str, Any]:
+        return cast("dict[str, Any]", (await self.request("stop", mode="fast" if fast else "drain"))["stop"])
+
+    async def ping(self) -> dict[str, Any]:
+        return cast("dict[str, Any]", (await self.request("ping"))["pong"])
+
+
+class AsyncEventStream(AsyncIterator[dict[str, Any]]):
+    """The events of one ``watch`` request on an AsyncClient."""
+
+    def __init__(self, client: AsyncClient, fields: dict[str, Any], single_job: bool) -> None:
+        self.client = client
+        self.request_id: int | None = None
+        self.watching: Any = None
+        self._fields = fields
+        self._single_job = single_job
+        self._queue: asyncio.Queue[dict[str, Any] | _Lost] | None = None
+        self._done = False
+
+    async def start(self) -> AsyncEventStream:
+        """Subscribe now (iteration does it otherwise); returns once subscribed."""
+        if self.request_id is None and not self._done:
+            rid, reply = await self.client._call("watch", self._fields, self.client.timeout,
+                                                 stream=True)
+            self.request_id = rid
+            self.watching = reply.get("watching")
+            self._queue = self.client._streams.get(rid)
+            if self._queue is None:  # the connection closed right after the reply
+                self._done = True
+                raise _unavailable(self.client.socket_path, "connection lost")
+        return self
+
+    def __aiter__(self) -> AsyncEventStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._done:
+            raise StopAsyncIteration
+        await self.start()
+        assert self._queue is not None
+        item = await self._queue.get()
+        if isinstance(item, _Lost):
+            self._close()
+            raise item.error
+        if item.get("ok") is False:
+            self._close()
+            raise _error(item)
+        if self._single_job and _is_final(item):
+            self._close()
+        return item
+
+    @property
+    def ended(self) -> bool:
+        return self._done
+
+    def _close(self) -> None:
+        self._done = True
+        if self.request_id is not None:
+            self.client._streams.pop(self.request_id, None)
+
+    async def aclose(self) -> None:
+        """Stop keeping this stream's events."""
+        self._close()
+
+    async def __aenter__(self) -> AsyncEventStream:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._close()
+
+    def __del__(self) -> None:
+        try:
+            self._close()
+        except Exception:
+            pass
+
+
+class AsyncJobHandle:
+    """A job submitted through an AsyncClient. ``job`` is the last job object seen."""
+
+    def __init__(self, client: AsyncClient, job: Job, duplicate: bool = False) -> None:
+        self.client = client
+        self.job = job
+        self.id: int = job["id"]
+        self.duplicate = duplicate
+
+    async def status(self) -> str:
+        return str((await self.refresh())["status"])
+
+    async def refresh(self) -> Job:
+        self.job = await self.client.get(self.id)
+        return self.job
+
+    async def wait(self, timeout: float | None = None) -> Job:
+        self.job = await self.client.wait(self.id, timeout)
+        return self.job
+
+    async def result(self, timeout: float | None = None) -> Any:
+        job = await self.wait(timeout)
+        if job.get("status") == JobStatus.COMPLETED.value:
+            return job.get("result")
+        raise JobFailed(job)
+
+    async def abort(self) -> Job:
+        self.job = await self.client.abort(self.id)
+        return self.job
+
+    def progress(self) -> AsyncEventStream:
+        """``async for event in job.progress()``: the job's events until its final one."""
+        return self.client.watch(job_id=self.id)
+
+    def __repr__(self) -> str:
+        dup = " duplicate" if self.duplicate else ""
+        return f"<AsyncJobHandle {self.id} {self.job.get('task')} {self.job.get('status')}{dup}>"

@@ -1,0 +1,131 @@
+"""Group commit: every write of a loop turn (and of the turns a commit takes) in one transaction.
+
+The first write of a turn schedules a flush with ``call_soon``, so the flush
+runs after the rest of the turn's callbacks have added theirs. While a
+transaction is in flight, new writes gather in the next batch, which is
+flushed as soon as the first one commits. Nothing waits on a timer.
+
+A submit is acknowledged from ``after_commit``; if the transaction fails, its
+jobs were never stored and ``on_submit_failure`` tells its client so. Other
+writes (claims, outcomes, ...) describe state the supervisor already acts on;
+they are carried into the next attempt, retried with backoff until the store
+accepts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+from .store import Store, StoreError, WriteBatch
+
+log = logging.getLogger("hostqueue.store")
+
+SUBMIT_KINDS = frozenset({"add_job"})
+
+
+class GroupCommitter:
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.loop = loop
+        self.batch = WriteBatch()
+        self._flushing = False
+        self._scheduled = False
+        self._retry_delay = 0.0
+        self.commits = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def add(self, kind: str, params: tuple[Any, ...]) -> None:
+        self.batch.add(kind, params)
+        self._schedule()
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run callback once everything added so far is committed."""
+        self.batch.after_commit.append(callback)
+        self._schedule()
+
+    def add_submit(
+        self,
+        rows: list[tuple[Any, ...]],
+        on_commit: Callable[[], None],
+        on_failure: Callable[[BaseException], None],
+    ) -> None:
+        """Add new jobs; exactly one of the callbacks runs, after the transaction ends."""
+        for row in rows:
+            self.batch.add("add_job", row)
+        self.batch.submits.append((on_commit, on_failure))
+        self._schedule()
+
+    async def barrier(self) -> None:
+        """Wait until everything added so far is committed."""
+        if not self.batch.ops and not self._flushing:
+            return
+        done = self.loop.create_future()
+        self.after_commit(lambda: done.done() or done.set_result(None))
+        await done
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._flushing:
+            self._scheduled = True
+            self._idle.clear()
+            self.loop.call_soon(self._start)
+
+    def _start(self) -> None:
+        self._scheduled = False
+        if not self._flushing:
+            self._flushing = True
+            self.loop.create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        try:
+            while self.batch.ops or self.batch.after_commit or self.batch.submits:
+                batch, self.batch = self.batch, WriteBatch()
+                try:
+                    if batch.ops:
+                        await self.store.apply(batch)
+                except StoreError as exc:
+                    self.failures += 1
+                    self.last_error = str(exc)
+                    self._carry_over(batch, exc)
+                    self._retry_delay = min(max(self._retry_delay * 2, 0.1), 5.0)
+                    log.error("%s; retrying in %.1f s", exc, self._retry_delay)
+                    await asyncio.sleep(self._retry_delay)
+                    continue
+                self._retry_delay = 0.0
+                self.last_error = None
+                self.commits += 1
+                callbacks = [ok for ok, _ in batch.submits] + batch.after_commit
+                for callback in callbacks:
+                    try:
+                        callback()
+                    except Exception:  # noqa: BLE001 - one bad callback must not stop the rest
+                        log.exception("error in a post-commit callback")
+        finally:
+            self._flushing = False
+            self._idle.set()
+            if self.batch.ops or self.batch.after_commit or self.batch.submits:
+                self._schedule()
+
+    def _carry_over(self, batch: WriteBatch, exc: StoreError) -> None:
+        """Submits of a failed batch are refused; the rest goes first into the next attempt."""
+        for _, on_failure in batch.submits:
+            try:
+                on_failure(exc)
+            except Exception:  # noqa: BLE001
+                log.exception("error in a submit-failure callback")
+        kept = [op for op in batch.ops if op[0] not in SUBMIT_KINDS]
+        self.batch.ops[:0] = kept
+        self.batch.after_commit[:0] = batch.after_commit
+
+    @property
+    def busy(self) -> bool:
+        return self._flushing or bool(self.batch.ops)
+
+    async def wait_idle(self) -> None:
+        while self._flushing or self._scheduled or self.batch.ops:
+            await self._idle.wait()
+            await asyncio.sleep(0)

@@ -1,0 +1,261 @@
+"""The control socket: a Unix stream socket speaking newline-delimited JSON.
+
+Framing, replies and every op are documented in docs/protocol.md. An example::
+
+    -> {"id": 1, "op": "submit", "task": "tasks.resize", "args": {"path": "a.png"}}
+    <- {"id": 1, "ok": true, "job": {"id": 17, "status": "pending", ...}, "duplicate": false}
+    -> {"id": 2, "op": "bogus"}
+    <- {"id": 2, "ok": false, "error": {"code": "unknown_op", "message": "..."}}
+
+A connection is an asyncio Protocol: lines are split from the byte stream,
+parsed with orjson and handed to ``Operations``. A handler returns a dict (the
+reply, written at once), or an awaitable whose result is the reply. No client
+can stop the supervisor: every failure becomes an error reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+import struct
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .errors import ProtocolError
+from .operations import Operations
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+log = logging.getLogger("hostqueue.control")
+
+LISTEN_BACKLOG = 1024
+# Stop reading a client's requests while this much of its replies waits unsent.
+WRITE_HIGH_WATER = 4 * 1024 * 1024
+# A watcher that lets this much pile up is cut off rather than held in memory.
+WRITE_HARD_LIMIT = 64 * 1024 * 1024
+_PEERCRED = struct.Struct("3i")
+
+
+def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the peer, from SO_PEERCRED."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except (OSError, AttributeError):
+        return None
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, server: "ControlServer") -> None:
+        self.server = server
+        self.ops = server.ops
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.discarding = False
+        self.closed = False
+        self.tasks: set[asyncio.Future[Any]] = set()
+        self.subscriptions: list[Any] = []
+        self.peer: tuple[int, int, int] | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        assert self.transport is not None
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.peer = peer_credentials(transport.get_extra_info("socket"))
+        if self.peer is not None and not self.server.allowed(self.peer[1]):
+            self.write(
+                {"id": None, "ok": False, "error": ProtocolError(
+                    "forbidden",
+                    f"uid {self.peer[1]} may not use this socket; connect as uid {os.getuid()} or root",
+                ).to_dict()}
+            )
+            log.warning("refused a client with pid %d uid %d", self.peer[0], self.peer[1])
+            self.transport.close()
+            return
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        for task in self.tasks:
+            task.cancel()
+        for sub in self.subscriptions:
+            self.ops.supervisor.events.unsubscribe(sub)
+        self.subscriptions.clear()
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop taking its requests.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        limit = self.server.max_line
+        buf = self.buffer
+        start = len(buf)
+        buf += data
+        pos = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            if self.discarding:
+                self.discarding = False
+            else:
+                self.handle_line(bytes(buf[pos:nl]))
+            pos = start = nl + 1
+            if self.closed:
+                return
+        if pos:
+            del buf[:pos]
+        if len(buf) > limit:
+            if not self.discarding:
+                self.discarding = True
+                self.write_error(
+                    None, "line_too_long",
+                    f"request line exceeds {limit} bytes; the rest of this line is discarded",
+                )
+            buf.clear()
+
+    # -- requests -------------------------------------------------------------------
+
+    def handle_line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        if len(line) > self.server.max_line:
+            self.write_error(None, "line_too_long", f"request line exceeds {self.server.max_line} bytes")
+            return
+        try:
+            request = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            self.write_error(None, "bad_json", f"the line is not valid JSON: {exc}")
+            return
+        if not isinstance(request, dict):
+            self.write_error(None, "bad_json", "a request must be a JSON object, like {\"id\": 1, \"op\": \"ping\"}")
+            return
+        request_id = request.get("id")
+        if isinstance(request_id, (dict, list)):
+            self.write_error(None, "bad_request", "'id' must be a string, a number or null")
+            return
+        try:
+            result = self.ops.dispatch(self, request)
+        except ProtocolError as exc:
+            self.write_error(request_id, exc.code, exc.message)
+            return
+        except Exception:  # noqa: BLE001 - the supervisor never dies from a client
+            log.exception("error handling op %r", request.get("op"))
+            self.write_error(request_id, "internal", "unexpected error; see the supervisor's log")
+            return
+        if result is None:
+            return
+        if isinstance(result, dict):
+            self.reply(request_id, result)
+            return
+        future = asyncio.ensure_future(result)
+        self.tasks.add(future)
+        future.add_done_callback(lambda f: self._reply_later(request_id, f))
+
+    def _reply_later(self, request_id: Any, future: asyncio.Future[Any]) -> None:
+        self.tasks.discard(future)
+        if self.closed or future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            result = future.result()
+            if result is not None:
+                self.reply(request_id, result)
+        elif isinstance(exc, ProtocolError):
+            self.write_error(request_id, exc.code, exc.message)
+        else:
+            log.error("error handling a request", exc_info=exc)
+            self.write_error(request_id, "internal", f"unexpected error: {type(exc).__name__}: {exc}")
+
+    # -- replies ----------------------------------------------------------------
+
+    def write(self, message: dict[str, Any]) -> None:
+        if self.closed or self.transport is None:
+            return
+        if self.transport.get_write_buffer_size() > WRITE_HARD_LIMIT:
+            log.warning("closing a client that does not read (%d bytes unsent)", WRITE_HARD_LIMIT)
+            self.transport.abort()
+            self.closed = True
+            return
+        self.transport.write(orjson.dumps(message) + b"\n")
+
+    def reply(self, request_id: Any, data: dict[str, Any]) -> None:
+        message = {"id": request_id, "ok": True}
+        message.update(data)
+        self.write(message)
+
+    def write_error(self, request_id: Any, code: str, text: str) -> None:
+        self.write({"id": request_id, "ok": False, "error": {"code": code, "message": text}})
+
+
+class ControlServer:
+    def __init__(self, supervisor: "Supervisor", path: str, max_line: int) -> None:
+        self.supervisor = supervisor
+        self.path = path
+        self.max_line = max_line
+        self.ops = Operations(supervisor)
+        self.server: asyncio.AbstractServer | None = None
+        self.connections: set[Connection] = set()
+        self.uid = os.getuid()
+
+    def allowed(self, uid: int) -> bool:
+        return uid == self.uid or uid == 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._remove_stale_socket()
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
+        try:
+            self.server = await loop.create_unix_server(
+                lambda: Connection(self), path=self.path, backlog=LISTEN_BACKLOG
+            )
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+
+    def _remove_stale_socket(self) -> None:
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise OSError(f"{self.path} exists and is not a socket; remove it or pass another --socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.path)
+        except OSError:
+            os.unlink(self.path)  # left by a supervisor that died
+            return
+        finally:
+            probe.close()
+        raise OSError(f"another process is serving {self.path}; stop it or pass another --socket")
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for conn in list(self.connections):
+                if conn.transport is not None:
+                    conn.transport.close()
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 2.0)
+            except asyncio.TimeoutError:
+                pass
+            self.server = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,287 @@
+"""The worker pool: starting, watching and stopping worker processes.
+
+A worker is a clean ``python -m hostqueue.worker`` process (never a fork of the
+supervisor, which has threads), in its own process group, with one end of a
+socketpair as its pipe and the progress board's memfd as inherited
+descriptors. The supervisor learns of a worker's death from a pidfd (the
+process sentinel) watched by the loop, reaps it with waitpid, and names the
+cause from the exit status. No SIGCHLD handler: uvloop keeps SIGCHLD for itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import psutil
+
+from . import wire
+from .board import Board
+from .states import WorkerState
+
+log = logging.getLogger("hostqueue.pool")
+
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def describe_exit(status: int) -> str:
+    """'worker exited with code N' or 'worker killed by signal SIGKILL' from a wait status."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        text = f"worker killed by signal {name}"
+        if signum == signal.SIGKILL:
+            text += " (out of memory, a time limit, or killed by someone?)"
+        return text
+    if os.WIFEXITED(status):
+        return f"worker exited with code {os.WEXITSTATUS(status)}"
+    return f"worker ended with wait status {status}"
+
+
+@dataclass
+class RunningJob:
+    """A job the supervisor has handed to a worker (held or running)."""
+
+    id: int
+    task: str
+    queue: str
+    args: str
+    attempt: int
+    max_attempts: int
+    timeout: float | None
+    priority: int
+    run_id: str | None
+    key: str | None
+    created_at: float
+    run_at: float
+    deadline: float | None
+    claimed_at: float
+    worker_pid: int
+    abort_requested: bool = False
+    progress: float | None = None
+    progress_message: str | None = None
+    progress_dirty: bool = False
+    board_seq: int = -1
+
+    def to_dict(self) -> dict[str, Any]:
+        import orjson
+
+        return {
+            "id": self.id, "task": self.task, "queue": self.queue, "status": "running",
+            "args": orjson.loads(self.args), "result": None, "error": None,
+            "attempts": self.attempt, "max_attempts": self.max_attempts,
+            "priority": self.priority, "progress": self.progress,
+            "progress_message": self.progress_message, "key": self.key,
+            "run_id": self.run_id, "created_at": self.created_at,
+            "started_at": self.claimed_at, "finished_at": None, "run_at": self.run_at,
+            "deadline": self.deadline, "timeout": self.timeout,
+            "abort_requested": self.abort_requested, "worker_pid": self.worker_pid,
+        }
+
+
+class _PipeProtocol(asyncio.Protocol):
+    def __init__(self, worker: "WorkerHandle") -> None:
+        self.worker = worker
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.worker.decoder.feed(data)
+        except ValueError as exc:
+            log.error("worker %d sent a bad frame (%s); stopping it", self.worker.pid, exc)
+            self.worker.kill(signal.SIGKILL)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.pipe_open = False
+        if self.worker.on_pipe_closed is not None:
+            self.worker.on_pipe_closed()
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    number: int
+    pid: int
+    slot: int
+    popen: subprocess.Popen[bytes] = field(repr=False)
+    decoder: wire.FrameDecoder = field(repr=False)
+    state: WorkerState = WorkerState.STARTING
+    started_at: float = field(default_factory=time.monotonic)
+    transport: asyncio.Transport | None = field(default=None, repr=False)
+    pidfd: int = -1
+    pipe_open: bool = True
+    jobs: dict[int, RunningJob] = field(default_factory=dict)
+    jobs_done: int = 0
+    exit_status: int | None = None
+    process: psutil.Process | None = field(default=None, repr=False)
+    kill_deadline: asyncio.TimerHandle | None = field(default=None, repr=False)
+    on_pipe_closed: Callable[[], None] | None = field(default=None, repr=False)
+    # Why the supervisor killed it ("drain", "abort", "timeout"), to name the cause.
+    killed_for: str | None = None
+    kill_error: dict[str, Any] | None = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(wire.encode(message))
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the worker's whole process group (its job's children too)."""
+        if self.exit_status is not None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def resources(self) -> tuple[int | None, float | None]:
+        """(RSS in bytes, CPU percent since the last call) from psutil."""
+        try:
+            if self.process is None:
+                self.process = psutil.Process(self.pid)
+                self.process.cpu_percent(None)
+            with self.process.oneshot():
+                return self.process.memory_info().rss, self.process.cpu_percent(None)
+        except (psutil.Error, OSError):
+            return None, None
+
+
+class Spawner:
+    """Starts worker processes and wires them to the loop."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        board: Board,
+        on_message: Callable[[WorkerHandle, dict[str, Any]], None],
+        on_exit: Callable[[WorkerHandle], None],
+        log_level: str = "info",
+    ) -> None:
+        self.loop = loop
+        self.board = board
+        self.on_message = on_message
+        self.on_exit = on_exit
+        self.log_level = log_level
+        self._numbers = 0
+
+    def spawn_worker(self, task_modules: tuple[str, ...]) -> WorkerHandle:
+        self._numbers += 1
+        number = self._numbers
+        slot = self.board.allocate()
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cmd = [
+            sys.executable, "-m", "hostqueue.worker",
+            "--fd", str(child_sock.fileno()),
+            "--board-fd", str(self.board.fd),
+            "--slot", str(slot),
+            "--number", str(number),
+            "--parent", str(os.getpid()),
+            "--log-level", self.log_level,
+        ]
+        for module in task_modules:
+            cmd += ["--tasks", module]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _PACKAGE_PARENT + (
+            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+        )
+        try:
+            popen = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(child_sock.fileno(), self.board.fd),
+                process_group=0,
+                env=env,
+            )
+        except BaseException:
+            parent_sock.close()
+            child_sock.close()
+            self.board.release(slot)
+            raise
+        finally:
+            child_sock.close()
+        handle: WorkerHandle
+        handle = WorkerHandle(
+            number=number,
+            pid=popen.pid,
+            slot=slot,
+            popen=popen,
+            decoder=wire.FrameDecoder(lambda m: self.on_message(handle, m)),
+        )
+        parent_sock.setblocking(False)
+        handle.pidfd = os.pidfd_open(popen.pid)
+        self.loop.add_reader(handle.pidfd, self._reap, handle)
+        self.loop.create_task(self._connect(handle, parent_sock))
+        return handle
+
+    async def _connect(self, handle: WorkerHandle, sock: socket.socket) -> None:
+        try:
+            transport, _ = await self.loop.connect_accepted_socket(
+                lambda: _PipeProtocol(handle), sock
+            )
+        except OSError as exc:
+            log.error("cannot watch the pipe of worker %d: %s", handle.pid, exc)
+            handle.kill(signal.SIGKILL)
+            return
+        if handle.exit_status is not None:
+            transport.close()
+            return
+        handle.transport = transport  # type: ignore[assignment]
+
+    def _reap(self, handle: WorkerHandle) -> None:
+        try:
+            pid, status = os.waitpid(handle.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = handle.pid, 0
+        if pid == 0:
+            return  # readable, but not yet reapable: wait for the next wake-up
+        self.loop.remove_reader(handle.pidfd)
+        os.close(handle.pidfd)
+        handle.pidfd = -1
+        handle.exit_status = status
+        handle.popen.returncode = os.waitstatus_to_exitcode(status)
+        handle.state = WorkerState.EXITED
+        # Programs the job started die with it: they share the worker's process group.
+        try:
+            os.killpg(handle.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if handle.kill_deadline is not None:
+            handle.kill_deadline.cancel()
+        # Outcomes the worker sent just before it died may still sit in the pipe:
+        # let the transport read them (until EOF) before the exit is handled.
+        if handle.pipe_open and handle.transport is not None:
+            timer = self.loop.call_later(1.0, self._finish_exit, handle)
+
+            def closed() -> None:
+                timer.cancel()
+                self._finish_exit(handle)
+
+            handle.on_pipe_closed = closed
+        else:
+            self._finish_exit(handle)
+
+    def _finish_exit(self, handle: WorkerHandle) -> None:
+        if handle.slot < 0:
+            return
+        handle.on_pipe_closed = None
+        if handle.transport is not None:
+            handle.transport.close()
+        self.board.release(handle.slot)
+        handle.slot = -1
+        self.on_exit(handle)

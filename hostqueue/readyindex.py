@@ -1,0 +1,124 @@
+"""The in-memory index of what can run: ready jobs by queue in dispatch order, and
+the timers for jobs that become ready later or expire.
+
+The store stays the truth: this index is rebuilt from it at start. It lets the
+supervisor pick the next job without asking SQLite, in O(log n).
+
+A ready job is one packed int per entry (priority and id), so a million pending
+jobs cost tens of megabytes, not hundreds.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Iterable
+
+PRIORITY_MIN = -(2**31)
+PRIORITY_MAX = 2**31 - 1
+_ID_BITS = 40
+_ID_MASK = (1 << _ID_BITS) - 1
+
+
+def pack(priority: int, job_id: int) -> int:
+    """Smaller packs run first: higher priority, then lower id (submit order)."""
+    return ((PRIORITY_MAX - priority) << _ID_BITS) | job_id
+
+
+def unpack_id(packed: int) -> int:
+    return packed & _ID_MASK
+
+
+class ReadyIndex:
+    def __init__(self) -> None:
+        self.queues: dict[str, list[int]] = {}
+        # Ids taken out of the ready set other than by popping (abort, expiry):
+        # skipped when they reach the top of their heap.
+        self.removed: set[int] = set()
+        self.count = 0
+
+    def push(self, queue: str, priority: int, job_id: int) -> None:
+        heap = self.queues.get(queue)
+        if heap is None:
+            heap = self.queues[queue] = []
+        heapq.heappush(heap, pack(priority, job_id))
+        self.count += 1
+
+    def bulk_load(self, rows: Iterable[tuple[str, int, int]]) -> None:
+        for queue, priority, job_id in rows:
+            self.queues.setdefault(queue, []).append(pack(priority, job_id))
+            self.count += 1
+        for heap in self.queues.values():
+            heapq.heapify(heap)
+
+    def discard(self, job_id: int) -> None:
+        """Forget a ready job lazily."""
+        self.removed.add(job_id)
+
+    def _clean_top(self, heap: list[int]) -> None:
+        removed = self.removed
+        while heap and removed and unpack_id(heap[0]) in removed:
+            removed.discard(unpack_id(heapq.heappop(heap)))
+            self.count -= 1
+
+    def pop(self, paused: frozenset[str] | set[str]) -> tuple[str, int] | None:
+        """The next job to run across queues that are not paused: (queue, job id)."""
+        if "*" in paused:
+            return None
+        best_queue = None
+        best = 0
+        for queue, heap in self.queues.items():
+            if not heap or queue in paused:
+                continue
+            self._clean_top(heap)
+            if heap and (best_queue is None or heap[0] < best):
+                best_queue, best = queue, heap[0]
+        if best_queue is None:
+            return None
+        heapq.heappop(self.queues[best_queue])
+        self.count -= 1
+        return best_queue, unpack_id(best)
+
+    def available(self, paused: frozenset[str] | set[str]) -> int:
+        """How many jobs could start now (an upper bound: lazily removed ids count)."""
+        if "*" in paused:
+            return 0
+        if not paused:
+            return self.count - len(self.removed)
+        return sum(len(h) for q, h in self.queues.items() if q not in paused)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class TimedHeap:
+    """(when, job id) pairs, earliest first; the owner arms one loop timer for ``next_due``."""
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[float, int]] = []
+        self.removed: set[int] = set()
+
+    def push(self, when: float, job_id: int) -> None:
+        heapq.heappush(self.heap, (when, job_id))
+
+    def discard(self, job_id: int) -> None:
+        self.removed.add(job_id)
+
+    def next_due(self) -> float | None:
+        heap = self.heap
+        while heap and heap[0][1] in self.removed:
+            self.removed.discard(heapq.heappop(heap)[1])
+        return heap[0][0] if heap else None
+
+    def pop_due(self, now: float) -> list[int]:
+        out = []
+        heap = self.heap
+        while heap and heap[0][0] <= now:
+            _, job_id = heapq.heappop(heap)
+            if job_id in self.removed:
+                self.removed.discard(job_id)
+                continue
+            out.append(job_id)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.heap)

@@ -1,0 +1,549 @@
+"""The store: every SQL statement of hostqueue, the connection, pragmas and migrations.
+
+SQLite through aiosqlite, in WAL mode. The supervisor is the only writer.
+Writes are described as intentions on a ``WriteBatch`` (add jobs, claim jobs,
+finish attempts, schedule retries, ...) and applied by ``apply()`` in one
+transaction, in one hop to aiosqlite's thread: the group commit. Reads take
+the same lock, so they never see half of a transaction of ours.
+
+Methods are named for what they do, not for SQL shapes, so that another
+backend can stand behind the same methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, TypeVar
+
+import aiosqlite
+import orjson
+
+from .states import JobStatus
+
+T = TypeVar("T")
+
+JOB_COLUMNS = (
+    "id", "task", "queue", "status", "args", "result", "error", "attempts", "max_attempts",
+    "priority", "progress", "progress_message", "key", "run_id", "created_at", "started_at",
+    "finished_at", "run_at", "deadline", "timeout", "abort_requested", "worker_pid",
+)
+_SELECT_JOB = "SELECT " + ", ".join(JOB_COLUMNS) + " FROM jobs"
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "create jobs, attempts and settings",
+        """
+        CREATE TABLE jobs (
+            id               INTEGER PRIMARY KEY,
+            task             TEXT    NOT NULL,
+            queue            TEXT    NOT NULL,
+            status           TEXT    NOT NULL,
+            args             TEXT    NOT NULL,
+            result           TEXT,
+            error            TEXT,
+            attempts         INTEGER NOT NULL DEFAULT 0,
+            max_attempts     INTEGER NOT NULL,
+            priority         INTEGER NOT NULL DEFAULT 0,
+            progress         REAL,
+            progress_message TEXT,
+            key              TEXT,
+            run_id           TEXT,
+            created_at       REAL    NOT NULL,
+            started_at       REAL,
+            finished_at      REAL,
+            run_at           REAL    NOT NULL,
+            deadline         REAL,
+            timeout          REAL,
+            abort_requested  INTEGER NOT NULL DEFAULT 0,
+            worker_pid       INTEGER
+        );
+        -- Loading the pending set at start, in dispatch order.
+        CREATE INDEX jobs_pending ON jobs (queue, priority DESC, id) WHERE status = 'pending';
+        -- Counts by state and queue, listing by state, recovery of running jobs.
+        CREATE INDEX jobs_status ON jobs (status, queue);
+        -- At most one unfinished job per idempotency key, whatever the supervisor does.
+        CREATE UNIQUE INDEX jobs_key ON jobs (key)
+            WHERE key IS NOT NULL AND status IN ('pending', 'running');
+        CREATE INDEX jobs_run ON jobs (run_id) WHERE run_id IS NOT NULL;
+        CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+        CREATE TABLE attempts (
+            job_id      INTEGER NOT NULL,
+            attempt     INTEGER NOT NULL,
+            status      TEXT    NOT NULL,
+            error       TEXT,
+            worker_pid  INTEGER,
+            started_at  REAL,
+            finished_at REAL,
+            PRIMARY KEY (job_id, attempt)
+        ) WITHOUT ROWID;
+        CREATE TABLE settings (
+            name  TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        ) WITHOUT ROWID;
+        """,
+    ),
+]
+
+# The statements a WriteBatch can carry, by intention.
+WRITES: dict[str, str] = {
+    "add_job": (
+        "INSERT INTO jobs (id, task, queue, status, args, attempts, max_attempts, priority,"
+        " key, run_id, created_at, run_at, deadline, timeout)"
+        " VALUES (?, ?, ?, 'pending', ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)"
+    ),
+    "claim": (
+        "UPDATE jobs SET status = 'running', attempts = ?, started_at = ?, worker_pid = ?,"
+        " finished_at = NULL WHERE id = ?"
+    ),
+    "finish": (
+        "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ?,"
+        " progress = COALESCE(?, progress), progress_message = COALESCE(?, progress_message)"
+        " WHERE id = ?"
+    ),
+    "retry_later": (
+        "UPDATE jobs SET status = 'pending', run_at = ?, error = ?, worker_pid = NULL"
+        " WHERE id = ?"
+    ),
+    "requeue_uncharged": (
+        "UPDATE jobs SET status = 'pending', attempts = MAX(attempts - 1, 0), started_at = NULL,"
+        " worker_pid = NULL WHERE id = ? AND status = 'running'"
+    ),
+    "cancel_pending": (
+        "UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE id = ? AND status = 'pending'"
+    ),
+    "request_abort": "UPDATE jobs SET abort_requested = 1 WHERE id = ?",
+    "revive": (
+        "UPDATE jobs SET status = 'pending', attempts = 0, run_at = ?, result = NULL,"
+        " error = NULL, finished_at = NULL, started_at = NULL, abort_requested = 0,"
+        " progress = NULL, progress_message = NULL WHERE id = ?"
+    ),
+    "record_progress": "UPDATE jobs SET progress = ?, progress_message = ? WHERE id = ?",
+    "record_attempt": (
+        "INSERT OR REPLACE INTO attempts (job_id, attempt, status, error, worker_pid,"
+        " started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    ),
+    "save_setting": "INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)",
+}
+
+
+@dataclass
+class WriteBatch:
+    """Writes gathered during one or more loop turns, applied in one transaction.
+
+    Kept in arrival order; consecutive writes of one kind go to SQLite together.
+    """
+
+    ops: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+    # (on_commit, on_failure) of each submit whose rows this batch adds
+    submits: list[tuple[Callable[[], None], Callable[[BaseException], None]]] = field(
+        default_factory=list
+    )
+
+    def add(self, kind: str, params: tuple[Any, ...]) -> None:
+        self.ops.append((kind, params))
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+
+class StoreLocked(Exception):
+    """Another supervisor holds this store."""
+
+
+class StoreError(Exception):
+    """The store could not carry out a write (disk full, read-only, corrupt)."""
+
+
+class StoreLock:
+    """One supervisor per store: an exclusive flock on ``<store>.lock`` holding its PID."""
+
+    def __init__(self, store_path: str) -> None:
+        self.store_path = store_path
+        self.path = store_path + ".lock"
+        self.fd = -1
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLocked(
+                f"store {os.path.abspath(self.store_path)} is in use by the supervisor with PID"
+                f" {holder}; stop it first (kill -TERM {holder}) or use another --store"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def job_row_to_dict(row: tuple[Any, ...] | sqlite3.Row) -> dict[str, Any]:
+    job = dict(zip(JOB_COLUMNS, row))
+    job["args"] = orjson.loads(job["args"]) if job["args"] is not None else {}
+    job["result"] = orjson.loads(job["result"]) if job["result"] is not None else None
+    job["error"] = orjson.loads(job["error"]) if job["error"] is not None else None
+    job["abort_requested"] = bool(job["abort_requested"])
+    return job
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    id: int
+    queue: str
+    priority: int
+    run_at: float
+    deadline: float | None
+    key: str | None
+
+
+@dataclass(frozen=True)
+class DispatchRow:
+    id: int
+    task: str
+    queue: str
+    args: str
+    attempts: int
+    max_attempts: int
+    timeout: float | None
+    abort_requested: bool
+    run_id: str | None
+    priority: int
+    key: str | None
+    created_at: float
+    run_at: float
+    deadline: float | None
+
+
+class Store:
+    def __init__(self, path: str, durability: str = "normal") -> None:
+        self.path = path
+        self.durability = durability
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._run(self._prepare)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"cannot open store {self.path}: {exc} (is it a hostqueue SQLite file,"
+                " and is its directory writable?)"
+            ) from exc
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.DatabaseError(f"store cannot use WAL mode (journal_mode is {mode})")
+        sync = "FULL" if self.durability == "full" else "NORMAL"
+        conn.execute(f"PRAGMA synchronous = {sync}")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        conn.execute("PRAGMA cache_size = -16000")
+        conn.execute("PRAGMA foreign_keys = ON")
+        # Checks the file really is a database before we write to it.
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise sqlite3.DatabaseError(
+                f"store schema version {version} is newer than this hostqueue knows"
+                f" ({len(MIGRATIONS)}); upgrade hostqueue"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            name, script = MIGRATIONS[number]
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number + 1}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn(connection) in aiosqlite's thread, alone: one hop for a whole transaction."""
+        assert self._db is not None, "store is not open"
+        db = self._db
+        async with self._lock:
+            return await db._execute(fn, db._conn)  # noqa: SLF001 - one hop per batch
+
+    # -- writes -----------------------------------------------------------------
+
+    async def apply(self, batch: WriteBatch) -> None:
+        """Apply every write of the batch in one transaction; raise StoreError on failure."""
+        ops = batch.ops
+
+        def transaction(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                i, n = 0, len(ops)
+                while i < n:
+                    kind = ops[i][0]
+                    j = i + 1
+                    while j < n and ops[j][0] == kind:
+                        j += 1
+                    if j - i == 1:
+                        conn.execute(WRITES[kind], ops[i][1])
+                    else:
+                        conn.executemany(WRITES[kind], [p for _, p in ops[i:j]])
+                    i = j
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        try:
+            await self._run(transaction)
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
+
+    # -- start-up -----------------------------------------------------------------
+
+    async def recover_interrupted(self, now: float) -> tuple[int, int]:
+        """Jobs left running by a supervisor that died: back to pending (the attempt
+        stays counted), or failed when no attempt is left. Returns (requeued, failed)."""
+        error = orjson.dumps(
+            {
+                "type": "WorkerLost",
+                "message": "the supervisor stopped while the job ran, and no attempt was left",
+                "traceback": None,
+            }
+        ).decode()
+
+        def recover(conn: sqlite3.Connection) -> tuple[int, int]:
+            conn.execute("BEGIN IMMEDIATE")
+            failed = conn.execute(
+                "UPDATE jobs SET status = 'failed', finished_at = ?, error = ?, worker_pid = NULL"
+                " WHERE status = 'running' AND attempts >= max_attempts",
+                (now, error),
+            ).rowcount
+            requeued = conn.execute(
+                "UPDATE jobs SET status = 'pending', worker_pid = NULL WHERE status = 'running'"
+            ).rowcount
+            conn.execute("COMMIT")
+            return requeued, failed
+
+        return await self._run(recover)
+
+    async def load_pending(self) -> list[PendingRow]:
+        def load(conn: sqlite3.Connection) -> list[PendingRow]:
+            rows = conn.execute(
+                "SELECT id, queue, priority, run_at, deadline, key FROM jobs"
+                " WHERE status = 'pending'"
+            ).fetchall()
+            return [PendingRow(*r) for r in rows]
+
+        return await self._run(load)
+
+    async def last_job_id(self) -> int:
+        def last(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT MAX(id) FROM jobs").fetchone()
+            return int(row[0] or 0)
+
+        return await self._run(last)
+
+    async def load_settings(self) -> dict[str, Any]:
+        def load(conn: sqlite3.Connection) -> dict[str, Any]:
+            rows = conn.execute("SELECT name, value FROM settings").fetchall()
+            return {name: orjson.loads(value) for name, value in rows}
+
+        return await self._run(load)
+
+    @staticmethod
+    def setting_params(name: str, value: Any) -> tuple[str, str]:
+        return (name, orjson.dumps(value).decode())
+
+    # -- reads --------------------------------------------------------------------
+
+    async def jobs_for_dispatch(self, ids: list[int]) -> dict[int, DispatchRow]:
+        def fetch(conn: sqlite3.Connection) -> dict[int, DispatchRow]:
+            out: dict[int, DispatchRow] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for r in conn.execute(
+                    "SELECT id, task, queue, args, attempts, max_attempts, timeout,"
+                    " abort_requested, run_id, priority, key, created_at, run_at, deadline"
+                    f" FROM jobs WHERE id IN ({marks}) AND status = 'pending'",
+                    chunk,
+                ):
+                    out[r[0]] = DispatchRow(
+                        r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), *r[8:]
+                    )
+            return out
+
+        return await self._run(fetch)
+
+    async def get_job(self, job_id: int) -> dict[str, Any] | None:
+        def fetch(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+            row: tuple[Any, ...] | None = conn.execute(
+                _SELECT_JOB + " WHERE id = ?", (job_id,)
+            ).fetchone()
+            return row
+
+        row = await self._run(fetch)
+        return job_row_to_dict(row) if row else None
+
+    async def get_jobs(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        id_list = list(ids)
+
+        def fetch(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            rows: list[tuple[Any, ...]] = []
+            for start in range(0, len(id_list), 500):
+                chunk = id_list[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows.extend(conn.execute(_SELECT_JOB + f" WHERE id IN ({marks})", chunk))
+            return rows
+
+        rows = await self._run(fetch)
+        return {r[0]: job_row_to_dict(r) for r in rows}
+
+    async def list_jobs(
+        self,
+        status: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        run_id: str | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> list[dict[str, Any]]:
+        where, params = [], []
+        for column, value in (("status", status), ("queue", queue), ("task", task), ("run_id", run_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if before is not None:
+            where.append("id < ?")
+            params.append(before)
+        sql = _SELECT_JOB + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+
+        def fetch(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(sql, params).fetchall()
+
+        return [job_row_to_dict(r) for r in await self._run(fetch)]
+
+    async def unfinished_ids(self, run_id: str) -> list[int]:
+        def fetch(conn: sqlite3.Connection) -> list[int]:
+            return [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM jobs WHERE run_id = ? AND status IN ('pending', 'running')",
+                    (run_id,),
+                )
+            ]
+
+        return await self._run(fetch)
+
+    async def ended_ids(
+        self, status: str, queue: str | None = None, task: str | None = None
+    ) -> list[int]:
+        sql = "SELECT id FROM jobs WHERE status = ?"
+        params: list[Any] = [status]
+        if queue is not None:
+            sql += " AND queue = ?"
+            params.append(queue)
+        if task is not None:
+            sql += " AND task = ?"
+            params.append(task)
+
+        def fetch(conn: sqlite3.Connection) -> list[int]:
+            return [r[0] for r in conn.execute(sql, params)]
+
+        return await self._run(fetch)
+
+    async def count_by_state(
+        self, now: float, run_id: str | None = None
+    ) -> dict[str, Any]:
+        """Counts by state and queue; pending jobs due later count as 'scheduled'."""
+
+        def count(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+            if run_id is None:
+                rows = conn.execute(
+                    "SELECT queue, status, COUNT(*) FROM jobs WHERE status != 'pending'"
+                    " GROUP BY queue, status"
+                ).fetchall()
+                rows += conn.execute(
+                    "SELECT queue, CASE WHEN run_at > ? THEN 'scheduled' ELSE 'pending' END,"
+                    " COUNT(*) FROM jobs WHERE status = 'pending' GROUP BY 1, 2",
+                    (now,),
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT queue, CASE WHEN status = 'pending' AND run_at > ? THEN 'scheduled'"
+                    " ELSE status END, COUNT(*) FROM jobs WHERE run_id = ? GROUP BY 1, 2",
+                    (now, run_id),
+                ).fetchall()
+            return rows
+
+        rows = await self._run(count)
+        names = ("pending", "scheduled", "running", "completed", "failed", "cancelled", "expired")
+        totals: dict[str, Any] = {n: 0 for n in names}
+        queues: dict[str, dict[str, int]] = {}
+        for queue, state, n in rows:
+            totals[state] = totals.get(state, 0) + n
+            per = queues.setdefault(queue, {k: 0 for k in names})
+            per[state] = per.get(state, 0) + n
+        totals["queues"] = queues
+        return totals
+
+    async def attempts_of(self, job_id: int) -> list[dict[str, Any]]:
+        def fetch(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                "SELECT attempt, status, error, worker_pid, started_at, finished_at"
+                " FROM attempts WHERE job_id = ? ORDER BY attempt",
+                (job_id,),
+            ).fetchall()
+
+        out = []
+        for attempt, status, error, pid, started, finished in await self._run(fetch):
+            out.append(
+                {
+                    "attempt": attempt,
+                    "status": status,
+                    "error": orjson.loads(error) if error else None,
+                    "worker_pid": pid,
+                    "started_at": started,
+                    "finished_at": finished,
+                    "duration": (finished - started) if started and finished else None,
+                }
+            )
+        return out
+
+    async def file_size(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.path.getsize(self.path + suffix)
+            except OSError:
+                pass
+        return total
+
+
+UNFINISHED = (JobStatus.PENDING.value, JobStatus.RUNNING.value)

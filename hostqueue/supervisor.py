@@ -1,0 +1,1052 @@
+"""The supervisor: owns the store, the worker pool, the progress board and the control socket.
+
+Data flow of one job::
+
+    client --submit--> control --> Supervisor.submit_jobs
+                                     committer: INSERT (group commit, one transaction a turn)
+    client <--ack------------------- after COMMIT; the job enters the ready index
+                                     _dispatch (an event, never a poll): idle worker?
+                                     committer: UPDATE running   --pipe--> worker runs task
+                                     board (shared memory) <-- ctx.progress() in the worker
+                                     _on_outcomes <--pipe-- {"t": "done", ...}
+                                     committer: UPDATE completed | retry | failed
+    client <--events/wait----------- after COMMIT, to waiters and watchers
+
+Everything happens on one uvloop event loop. Signal handlers only record the
+signal; ``_handle_signals`` acts on it in the loop. Timers exist only for
+work that is due (delayed jobs, deadlines, retries, grace periods) or while
+jobs run (the progress sampler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import orjson
+
+from . import __version__, registry, sdnotify
+from .board import Board
+from .committer import GroupCommitter
+from .errors import ProtocolError
+from .events import EventHub
+from .pool import RunningJob, Spawner, WorkerHandle, describe_exit
+from .readyindex import ReadyIndex, TimedHeap
+from .settings import SupervisorConfig
+from .states import JobStatus, SupervisorState, WorkerState
+from .store import Store, StoreError, StoreLock, StoreLocked
+from .worker import EXIT_BOOT_ERROR
+
+log = logging.getLogger("hostqueue.supervisor")
+
+PAYLOAD_CACHE = 100_000  # pending jobs whose row is kept in memory for dispatch
+RECENT_FINALS = 20_000  # final states remembered to answer races without a read
+PROGRESS_SAMPLE_INTERVAL = 0.1  # DESIGN: at least every 250 ms while a job runs
+PROGRESS_PERSIST_INTERVAL = 1.0
+ABORT_GRACE = 10.0
+SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP,
+)
+
+
+@dataclass(slots=True)
+class Payload:
+    """What dispatch needs of a pending job, kept for jobs seen in this run."""
+
+    task: str
+    queue: str
+    args: str
+    attempts: int
+    max_attempts: int
+    timeout: float | None
+    priority: int
+    run_id: str | None
+    key: str | None
+    created_at: float
+    run_at: float
+    deadline: float | None
+
+
+def error_json(error: dict[str, Any] | None) -> str | None:
+    return orjson.dumps(error).decode() if error is not None else None
+
+
+def lost_error(message: str) -> dict[str, Any]:
+    return {"type": "WorkerLost", "message": message, "traceback": None}
+
+
+class Supervisor:
+    def __init__(self, config: SupervisorConfig) -> None:
+        self.config = config
+        self.state = SupervisorState.STARTING
+        self.started = time.time()
+        self.store = Store(config.store, config.durability)
+        self.lock = StoreLock(config.store)
+        self.tasks: dict[str, registry.TaskSpec] = {}
+        self.ready = ReadyIndex()
+        self.delayed = TimedHeap()
+        self.deadlines = TimedHeap()
+        self.deadline_ids: set[int] = set()
+        self.payloads: dict[int, Payload] = {}
+        self.keys: dict[str, int] = {}
+        self.running: dict[int, RunningJob] = {}
+        self.claiming: set[int] = set()
+        self.recent_finals: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self.workers: dict[int, WorkerHandle] = {}
+        self.target = 0
+        self.paused: set[str] = set()
+        self.events = EventHub()
+        self.waiters: dict[int, list[asyncio.Future[dict[str, Any]]]] = {}
+        self.next_id = 1
+        self.signal_queue: collections.deque[int] = collections.deque()
+        self.counters = collections.Counter[str]()
+        self.spawn_failures = 0
+        self.spawn_blocked_until = 0.0
+        self.pool_error: str | None = None
+        self._dispatch_scheduled = False
+        self._delay_timer: asyncio.TimerHandle | None = None
+        self._delay_timer_at = 0.0
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_timer_at = 0.0
+        self._sampler: asyncio.TimerHandle | None = None
+        self._spawn_timer: asyncio.TimerHandle | None = None
+        self._grace_timer: asyncio.TimerHandle | None = None
+        self._last_progress_write = 0.0
+        self._announce: dict[int, str] = {}
+        self._announce_armed = False
+        self._title = ""
+        self.loop: asyncio.AbstractEventLoop
+        self.committer: GroupCommitter
+        self.board: Board
+        self.spawner: Spawner
+        self.control: Any = None
+        self.stopped: asyncio.Future[int]
+        self.notifier = sdnotify.Notifier.from_environment()
+
+    # == start and stop =========================================================
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self.stopped = self.loop.create_future()
+        try:
+            self.lock.acquire()
+        except StoreLocked as exc:
+            log.error("%s", exc)
+            return 1
+        try:
+            return await self._run_locked()
+        finally:
+            self.lock.release()
+
+    async def _run_locked(self) -> int:
+        from .control import ControlServer
+
+        try:
+            self.tasks = registry.load_task_modules(self.config.tasks)
+        except registry.TaskModuleError as exc:
+            log.error("%s", exc)
+            return 2
+        try:
+            await self.store.open()
+        except StoreError as exc:
+            log.error("%s", exc)
+            return 1
+        self.committer = GroupCommitter(self.store, self.loop)
+        try:
+            await self._recover()
+        except StoreError as exc:
+            log.error("%s", exc)
+            await self.store.close()
+            return 1
+        self.board = Board()
+        self.spawner = Spawner(
+            self.loop, self.board, self._on_worker_message, self._on_worker_exit,
+            self.config.log_level,
+        )
+        self.control = ControlServer(self, self.config.socket_path, self.config.max_line)
+        try:
+            await self.control.start()
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", self.config.socket_path, exc)
+            await self.store.close()
+            self.board.close()
+            return 1
+        for sig in SIGNALS:
+            self.loop.add_signal_handler(sig, self._record_signal, sig)
+        self.state = SupervisorState.RUNNING
+        self._manage_workers()
+        self._arm_delay_timer()
+        self._arm_deadline_timer()
+        self._wake_dispatch()
+        self._update_title()
+        log.info(
+            "hostqueue %s supervisor %d serving %s on %s with %d workers (%d tasks, %d jobs ready)",
+            __version__, os.getpid(), self.config.store, self.config.socket_path, self.target,
+            len(self.tasks), len(self.ready),
+        )
+        self.notifier.notify(f"READY=1\nSTATUS=serving with {self.target} workers\nMAINPID={os.getpid()}")
+        try:
+            code = await self.stopped
+        finally:
+            for sig in SIGNALS:
+                self.loop.remove_signal_handler(sig)
+            await self.control.stop()
+            await self.committer.wait_idle()
+            await self.store.close()
+            self.board.close()
+        log.info("supervisor %d stopped", os.getpid())
+        return code
+
+    async def _recover(self) -> None:
+        """Before any new work: jobs left running by a dead supervisor go back, and the
+        ready index, timers and keys are rebuilt from the store."""
+        now = time.time()
+        requeued, failed = await self.store.recover_interrupted(now)
+        if requeued or failed:
+            log.warning(
+                "recovered %d jobs interrupted by the last stop (%d requeued, %d failed: no attempt left)",
+                requeued + failed, requeued, failed,
+            )
+        self.next_id = await self.store.last_job_id() + 1
+        settings = await self.store.load_settings()
+        if self.config.workers is not None:
+            self.target = self.config.workers
+        else:
+            self.target = int(settings.get("workers", os.cpu_count() or 2))
+        self.paused = set(settings.get("paused", []))
+        ready_rows = []
+        for row in await self.store.load_pending():
+            if row.run_at <= now:
+                ready_rows.append((row.queue, row.priority, row.id))
+            else:
+                self.delayed.push(row.run_at, row.id)
+            if row.deadline is not None:
+                self.deadlines.push(row.deadline, row.id)
+                self.deadline_ids.add(row.id)
+            if row.key is not None:
+                self.keys[row.key] = row.id
+        self.ready.bulk_load(ready_rows)
+
+    def _record_signal(self, signum: int) -> None:
+        # Only record; the loop acts on it (no work in handler context).
+        self.signal_queue.append(signum)
+        if len(self.signal_queue) == 1:
+            self.loop.call_soon(self._handle_signals)
+
+    def _handle_signals(self) -> None:
+        while self.signal_queue:
+            signum = self.signal_queue.popleft()
+            name = signal.Signals(signum).name
+            handler = getattr(self, "handle_" + name[3:].lower(), None)
+            log.info("received %s", name)
+            if handler is not None:
+                handler()
+
+    def handle_term(self) -> None:
+        """Graceful drain: no new job starts; running jobs get the grace period."""
+        self.begin_drain()
+
+    def handle_int(self) -> None:
+        """Like TERM."""
+        self.begin_drain()
+
+    def handle_quit(self) -> None:
+        """Fast stop: stop workers now, put their jobs back to pending, exit 0."""
+        self.begin_drain(grace=0.0)
+
+    def handle_ttin(self) -> None:
+        """One worker more."""
+        self.scale(min(self.target + 1, 256))
+
+    def handle_ttou(self) -> None:
+        """One worker fewer (a retiring worker finishes its job first)."""
+        self.scale(max(self.target - 1, 0))
+
+    def handle_hup(self) -> None:
+        """Reload: re-import task modules, replace every worker with a fresh one."""
+        try:
+            self.reload()
+        except ProtocolError as exc:
+            log.error("reload refused: %s", exc.message)
+
+    def begin_drain(self, grace: float | None = None) -> None:
+        grace = self.config.grace if grace is None else grace
+        if self.state is SupervisorState.DRAINING:
+            if grace == 0.0:
+                self._grace_expired()
+            return
+        if self.state is not SupervisorState.RUNNING:
+            return
+        self.state = SupervisorState.DRAINING
+        self.notifier.notify("STOPPING=1\nSTATUS=draining")
+        busy = sum(1 for w in self.workers.values() if w.jobs)
+        log.info("draining: %d jobs running on %d workers, grace %.1f s", len(self.running), busy, grace)
+        for timer in (self._delay_timer, self._deadline_timer, self._spawn_timer):
+            if timer is not None:
+                timer.cancel()
+        for worker in list(self.workers.values()):
+            self._retire(worker, drop_queued=True)
+        if grace <= 0:
+            self._grace_expired()
+        else:
+            self._grace_timer = self.loop.call_later(grace, self._grace_expired)
+        self._check_drained()
+        self._update_title()
+
+    def _grace_expired(self) -> None:
+        for worker in self.workers.values():
+            if worker.exit_status is None:
+                if worker.jobs:
+                    log.warning(
+                        "grace period over: stopping worker %d; its %d jobs go back to pending",
+                        worker.pid, len(worker.jobs),
+                    )
+                worker.killed_for = "drain"
+                worker.kill(signal.SIGKILL)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self.state is SupervisorState.DRAINING and not self.workers and not self.stopped.done():
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+            if self._sampler is not None:
+                self._sampler.cancel()
+            self.state = SupervisorState.STOPPED
+            self.stopped.set_result(0)
+
+    # == the pool ================================================================
+
+    def scale(self, n: int) -> int:
+        previous = self.target
+        self.target = n
+        self.committer.add("save_setting", Store.setting_params("workers", n))
+        if n != previous:
+            log.info("scaling from %d to %d workers", previous, n)
+        self._manage_workers()
+        return previous
+
+    def reload(self) -> dict[str, Any]:
+        try:
+            tasks = registry.load_task_modules(self.config.tasks)
+        except registry.TaskModuleError as exc:
+            raise ProtocolError("bad_request", f"reload refused, the running tasks stay: {exc}") from None
+        self.tasks = tasks
+        self.notifier.notify("RELOADING=1")
+        old = [w for w in self.workers.values() if w.state is not WorkerState.RETIRING]
+        for worker in old:
+            self._retire(worker, drop_queued=True)
+        self.spawn_failures = 0
+        self.spawn_blocked_until = 0.0
+        self.pool_error = None
+        self._manage_workers()
+        log.info("reloaded: %d tasks, replacing %d workers", len(tasks), len(old))
+        self.notifier.notify("READY=1")
+        return {"workers": self.target, "tasks": sorted(tasks)}
+
+    def _live_workers(self) -> list[WorkerHandle]:
+        return [
+            w for w in self.workers.values()
+            if w.state in (WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY)
+        ]
+
+    def _manage_workers(self) -> None:
+        """Converge the pool to the target size."""
+        if self.state is not SupervisorState.RUNNING:
+            return
+        live = self._live_workers()
+        excess = len(live) - self.target
+        if excess > 0:
+            order = {WorkerState.IDLE: 0, WorkerState.STARTING: 1, WorkerState.BUSY: 2}
+            live.sort(key=lambda w: (order[w.state], len(w.jobs)))
+            for worker in live[:excess]:
+                self._retire(worker, drop_queued=True)
+        elif excess < 0:
+            now = time.monotonic()
+            if now < self.spawn_blocked_until:
+                if self._spawn_timer is None:
+                    self._spawn_timer = self.loop.call_later(
+                        self.spawn_blocked_until - now, self._spawn_timer_fired
+                    )
+                return
+            for _ in range(-excess):
+                try:
+                    worker = self.spawner.spawn_worker(tuple(self.config.tasks))
+                except OSError as exc:
+                    log.error("cannot start a worker: %s", exc)
+                    self._note_spawn_failure(str(exc))
+                    break
+                self.workers[worker.pid] = worker
+        self._update_title()
+
+    def _spawn_timer_fired(self) -> None:
+        self._spawn_timer = None
+        self._manage_workers()
+
+    def _note_spawn_failure(self, reason: str) -> None:
+        self.spawn_failures += 1
+        delay = min(30.0, 0.25 * 2 ** (self.spawn_failures - 1))
+        self.spawn_blocked_until = time.monotonic() + delay
+        self.pool_error = f"{reason}; next start in {delay:.1f} s"
+
+    def _retire(self, worker: WorkerHandle, drop_queued: bool) -> None:
+        if worker.state in (WorkerState.RETIRING, WorkerState.EXITED):
+            return
+        worker.state = WorkerState.RETIRING
+        if worker.transport is None:
+            # Not connected yet: nothing it holds; stop it with a polite signal.
+            worker.kill(signal.SIGTERM)
+        else:
+            worker.send({"t": "stop", "drop": drop_queued})
+
+    def _on_worker_message(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
+        kind = message.get("t")
+        if kind == "done":
+            self._on_outcomes(worker, message["o"])
+        elif kind == "ready":
+            if worker.state is WorkerState.STARTING:
+                worker.state = WorkerState.IDLE
+                self.spawn_failures = 0
+                self.pool_error = None
+                self._wake_dispatch()
+                self._update_title()
+            elif worker.state is WorkerState.RETIRING:
+                worker.send({"t": "stop", "drop": True})
+
+    def _on_worker_exit(self, worker: WorkerHandle) -> None:
+        self.workers.pop(worker.pid, None)
+        status = worker.exit_status or 0
+        cause = describe_exit(status)
+        killed_for = worker.killed_for
+        expected = worker.state is WorkerState.EXITED and (killed_for == "drain" or not worker.jobs)
+        if worker.jobs:
+            now = time.time()
+            for rj in list(worker.jobs.values()):
+                self.running.pop(rj.id, None)
+                if killed_for == "drain":
+                    self._requeue_uncharged(rj)
+                elif killed_for == "abort" or rj.abort_requested:
+                    self._finish(rj, JobStatus.CANCELLED, None, lost_error(f"aborted; {cause}"), now)
+                elif killed_for == "timeout":
+                    self._fail_attempt(rj, worker.kill_error or lost_error(cause), now)
+                else:
+                    self._fail_attempt(rj, lost_error(cause), now)
+            worker.jobs.clear()
+            log.error("worker %d died with jobs: %s", worker.pid, cause)
+        elif not expected or os.WIFSIGNALED(status) or (os.WIFEXITED(status) and os.WEXITSTATUS(status)):
+            if worker.started_at and worker.jobs_done == 0 and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_ERROR:
+                log.error("worker %d could not import the task modules; see its log above", worker.pid)
+                self._note_spawn_failure("workers cannot import the task modules")
+            elif killed_for is None and self.state is SupervisorState.RUNNING and worker.state is not WorkerState.RETIRING:
+                log.warning("worker %d exited: %s", worker.pid, cause)
+                if time.monotonic() - worker.started_at < 1.0:
+                    self._note_spawn_failure(f"a worker died at start: {cause}")
+        self._update_title()
+        if self.state is SupervisorState.DRAINING:
+            self._check_drained()
+        else:
+            self._manage_workers()
+            self._wake_dispatch()
+
+    # == dispatch ===============================================================
+
+    def _wake_dispatch(self) -> None:
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            self.loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_scheduled = False
+        if self.state is not SupervisorState.RUNNING:
+            return
+        idle = [w for w in self.workers.values() if w.state is WorkerState.IDLE and w.transport]
+        if not idle:
+            return
+        available = self.ready.available(self.paused)
+        if available <= 0:
+            return
+        per_worker = max(1, min(self.config.prefetch, -(-available // len(idle))))
+        now = time.time()
+        for worker in idle:
+            picked: list[int] = []
+            for _ in range(per_worker):
+                item = self.ready.pop(self.paused)
+                if item is None:
+                    break
+                picked.append(item[1])
+            if not picked:
+                break
+            worker.state = WorkerState.BUSY
+            missing = [i for i in picked if i not in self.payloads]
+            if missing:
+                self.claiming.update(picked)
+                self.loop.create_task(self._fetch_and_send(worker, picked))
+            else:
+                self._send_jobs(worker, picked, now)
+        self._update_title()
+
+    async def _fetch_and_send(self, worker: WorkerHandle, ids: list[int]) -> None:
+        try:
+            await self.committer.barrier()
+            rows = await self.store.jobs_for_dispatch(ids)
+        except StoreError as exc:
+            log.error("cannot read jobs to dispatch: %s", exc)
+            rows = {}
+        for job_id in ids:
+            self.claiming.discard(job_id)
+            row = rows.get(job_id)
+            if row is None or job_id in self.recent_finals:
+                continue
+            self.payloads[job_id] = Payload(
+                row.task, row.queue, row.args, row.attempts, row.max_attempts, row.timeout,
+                row.priority, row.run_id, row.key, row.created_at, row.run_at, row.deadline,
+            )
+        ids = [i for i in ids if i in self.payloads]
+        if worker.state is not WorkerState.BUSY or worker.exit_status is not None:
+            for job_id in ids:
+                p = self.payloads[job_id]
+                self.ready.push(p.queue, p.priority, job_id)
+            if worker.state is WorkerState.BUSY:
+                worker.state = WorkerState.IDLE
+            self._wake_dispatch()
+            return
+        if ids:
+            self._send_jobs(worker, ids, time.time())
+        elif not worker.jobs:
+            worker.state = WorkerState.IDLE
+            self._wake_dispatch()
+
+    def _send_jobs(self, worker: WorkerHandle, ids: list[int], now: float) -> None:
+        messages = []
+        watch = bool(self.events.everything) or bool(self.events.by_job)
+        for job_id in ids:
+            p = self.payloads.pop(job_id)
+            attempt = p.attempts + 1
+            rj = RunningJob(
+                id=job_id, task=p.task, queue=p.queue, args=p.args, attempt=attempt,
+                max_attempts=p.max_attempts, timeout=p.timeout, priority=p.priority,
+                run_id=p.run_id, key=p.key, created_at=p.created_at, run_at=p.run_at,
+                deadline=p.deadline, claimed_at=now, worker_pid=worker.pid,
+            )
+            self.running[job_id] = rj
+            worker.jobs[job_id] = rj
+            if job_id in self.deadline_ids:
+                self.deadline_ids.discard(job_id)
+                self.deadlines.discard(job_id)
+            self.committer.add("claim", (attempt, now, worker.pid, job_id))
+            messages.append(
+                {"id": job_id, "task": p.task, "args": p.args, "attempt": attempt,
+                 "max_attempts": p.max_attempts, "timeout": p.timeout}
+            )
+            if watch and self.events.wants(job_id):
+                self.events.publish(
+                    {"event": "started", "job_id": job_id, "job": rj.to_dict()},
+                    rj.queue, rj.task, rj.run_id,
+                )
+        self.counters["started"] += len(ids)
+        worker.send({"t": "run", "jobs": messages})
+        if self._sampler is None:
+            self._sampler = self.loop.call_later(PROGRESS_SAMPLE_INTERVAL, self._sample_progress)
+
+    # == outcomes =================================================================
+
+    def _on_outcomes(self, worker: WorkerHandle, outcomes: list[dict[str, Any]]) -> None:
+        now = time.time()
+        for o in outcomes:
+            rj = worker.jobs.pop(o["id"], None)
+            if rj is None:
+                continue
+            self.running.pop(rj.id, None)
+            worker.jobs_done += 1
+            if o.get("p") is not None:
+                rj.progress, rj.progress_message = o["p"], o.get("pm")
+            status = o["s"]
+            if status == "ok":
+                self._finish(rj, JobStatus.COMPLETED, o.get("r"), None, now)
+            elif status == "returned":
+                self._requeue_uncharged(rj)
+            elif status == "aborted" or rj.abort_requested:
+                self._finish(rj, JobStatus.CANCELLED, None, o.get("e"), now, attempt_started=o.get("st"))
+            elif status == "permanent":
+                self._finish(rj, JobStatus.FAILED, None, o.get("e"), now, attempt_started=o.get("st"))
+            else:
+                self._fail_attempt(rj, o.get("e"), now, delay=o.get("d"), attempt_started=o.get("st"))
+        if not worker.jobs and worker.state is WorkerState.BUSY:
+            worker.state = WorkerState.IDLE
+            self._wake_dispatch()
+            self._update_title()
+
+    def _finish(
+        self,
+        rj: RunningJob,
+        status: JobStatus,
+        result: str | None,
+        error: dict[str, Any] | None,
+        now: float,
+        attempt_started: float | None = None,
+    ) -> None:
+        self.committer.add(
+            "finish",
+            (status.value, result, error_json(error), now, rj.progress, rj.progress_message, rj.id),
+        )
+        if error is not None:
+            self.committer.add(
+                "record_attempt",
+                (rj.id, rj.attempt, status.value, error_json(error), rj.worker_pid,
+                 attempt_started or rj.claimed_at, now),
+            )
+        self._forget(rj.id, rj.key, status)
+        self.counters[status.value] += 1
+        if status is JobStatus.FAILED and error is not None:
+            log.warning("job %d %s failed: %s: %s", rj.id, rj.task, error.get("type"), error.get("message"))
+        self._announce_after_commit(rj.id, status.value)
+
+    def _forget(self, job_id: int, key: str | None, status: JobStatus) -> None:
+        if key is not None and self.keys.get(key) == job_id:
+            del self.keys[key]
+        self.payloads.pop(job_id, None)
+        self.recent_finals[job_id] = status.value
+        if len(self.recent_finals) > RECENT_FINALS:
+            self.recent_finals.popitem(last=False)
+
+    def backoff(self, rj: RunningJob) -> float:
+        spec = self.tasks.get(rj.task)
+        base, factor, cap = (spec.backoff_base, spec.backoff_factor, spec.backoff_cap) if spec else (1.0, 2.0, 300.0)
+        delay = base * factor ** max(rj.attempt - 1, 0)
+        return min(cap, delay * random.uniform(0.75, 1.25))
+
+    def _fail_attempt(
+        self,
+        rj: RunningJob,
+        error: dict[str, Any] | None,
+        now: float,
+        delay: float | None = None,
+        attempt_started: float | None = None,
+    ) -> None:
+        if rj.attempt >= rj.max_attempts:
+            self._finish(rj, JobStatus.FAILED, None, error, now, attempt_started)
+            return
+        run_at = now + (self.backoff(rj) if delay is None else delay)
+        self.committer.add("retry_later", (run_at, error_json(error), rj.id))
+        self.committer.add(
+            "record_attempt",
+            (rj.id, rj.attempt, "retrying", error_json(error), rj.worker_pid,
+             attempt_started or rj.claimed_at, now),
+        )
+        self.counters["retried"] += 1
+        self._make_pending(rj, rj.attempt, run_at)
+        self._announce_after_commit(rj.id, "retrying")
+
+    def _requeue_uncharged(self, rj: RunningJob) -> None:
+        """Back to pending as if the attempt never started (drain, worker retired)."""
+        self.committer.add("requeue_uncharged", (rj.id,))
+        self._make_pending(rj, rj.attempt - 1, rj.run_at)
+
+    def _make_pending(self, rj: RunningJob, attempts: int, run_at: float) -> None:
+        self.payloads[rj.id] = Payload(
+            rj.task, rj.queue, rj.args, attempts, rj.max_attempts, rj.timeout, rj.priority,
+            rj.run_id, rj.key, rj.created_at, run_at, rj.deadline,
+        )
+        self._enqueue(rj.id, rj.queue, rj.priority, run_at, time.time())
+
+    def _enqueue(self, job_id: int, queue: str, priority: int, run_at: float, now: float) -> None:
+        if run_at <= now:
+            self.ready.push(queue, priority, job_id)
+            self._wake_dispatch()
+        else:
+            self.delayed.push(run_at, job_id)
+            self._arm_delay_timer()
+
+    # == timers ===================================================================
+
+    def _arm_delay_timer(self) -> None:
+        due = self.delayed.next_due()
+        if due is None or self.state is not SupervisorState.RUNNING:
+            return
+        if self._delay_timer is not None:
+            if self._delay_timer_at <= due:
+                return
+            self._delay_timer.cancel()
+        self._delay_timer_at = due
+        self._delay_timer = self.loop.call_later(max(0.0, due - time.time()), self._delay_due)
+
+    def _delay_due(self) -> None:
+        self._delay_timer = None
+        due = self.delayed.pop_due(time.time())
+        if due:
+            missing = [i for i in due if i not in self.payloads]
+            for job_id in due:
+                p = self.payloads.get(job_id)
+                if p is not None:
+                    self.ready.push(p.queue, p.priority, job_id)
+            if missing:
+                self.loop.create_task(self._promote_unknown(missing))
+            self._wake_dispatch()
+        self._arm_delay_timer()
+
+    async def _promote_unknown(self, ids: list[int]) -> None:
+        """Delayed jobs loaded at start carry no payload: read queue and priority once."""
+        jobs = await self.store.get_jobs(ids)
+        for job_id in ids:
+            job = jobs.get(job_id)
+            if job is None or job["status"] != JobStatus.PENDING.value or job_id in self.running:
+                continue
+            self.ready.push(job["queue"], job["priority"], job_id)
+        self._wake_dispatch()
+
+    def _arm_deadline_timer(self) -> None:
+        due = self.deadlines.next_due()
+        if due is None or self.state is not SupervisorState.RUNNING:
+            return
+        if self._deadline_timer is not None:
+            if self._deadline_timer_at <= due:
+                return
+            self._deadline_timer.cancel()
+        self._deadline_timer_at = due
+        self._deadline_timer = self.loop.call_later(max(0.0, due - time.time()), self._deadline_due)
+
+    def _deadline_due(self) -> None:
+        self._deadline_timer = None
+        now = time.time()
+        for job_id in self.deadlines.pop_due(now):
+            if job_id not in self.deadline_ids:
+                continue
+            self.deadline_ids.discard(job_id)
+            self._cancel_pending(job_id, JobStatus.EXPIRED, now,
+                                 {"type": "Expired", "message": "deadline passed before the job could start", "traceback": None})
+        self._arm_deadline_timer()
+
+    def _cancel_pending(self, job_id: int, status: JobStatus, now: float, error: dict[str, Any] | None) -> None:
+        """A pending job ends without running (abort, deadline)."""
+        self.ready.discard(job_id)
+        self.delayed.discard(job_id)
+        if job_id in self.deadline_ids:
+            self.deadline_ids.discard(job_id)
+            self.deadlines.discard(job_id)
+        payload = self.payloads.get(job_id)
+        key = payload.key if payload else next((k for k, v in self.keys.items() if v == job_id), None)
+        self.committer.add("cancel_pending", (status.value, now, error_json(error), job_id))
+        self._forget(job_id, key, status)
+        self.counters[status.value] += 1
+        self._announce_after_commit(job_id, status.value)
+
+    def _sample_progress(self) -> None:
+        self._sampler = None
+        if not self.running:
+            return
+        now = time.time()
+        for worker in self.workers.values():
+            if not worker.jobs or worker.slot < 0:
+                continue
+            reading = self.board.read(worker.slot)
+            if reading is None or not reading.job_id or reading.fraction is None:
+                continue
+            rj = worker.jobs.get(reading.job_id)
+            if rj is None or reading.seq == rj.board_seq:
+                continue
+            rj.board_seq = reading.seq
+            rj.progress, rj.progress_message = reading.fraction, reading.message
+            rj.progress_dirty = True
+            if self.events.wants(rj.id):
+                self.events.publish(
+                    {"event": "progress", "job_id": rj.id, "progress": rj.progress,
+                     "message": rj.progress_message},
+                    rj.queue, rj.task, rj.run_id,
+                )
+        if now - self._last_progress_write >= PROGRESS_PERSIST_INTERVAL:
+            self._last_progress_write = now
+            for rj in self.running.values():
+                if rj.progress_dirty:
+                    rj.progress_dirty = False
+                    self.committer.add("record_progress", (rj.progress, rj.progress_message, rj.id))
+        self._sampler = self.loop.call_later(PROGRESS_SAMPLE_INTERVAL, self._sample_progress)
+
+    # == announcing committed changes =============================================
+
+    def _announce_after_commit(self, job_id: int, event: str) -> None:
+        if job_id not in self.waiters and not self.events.wants(job_id):
+            return
+        self._announce[job_id] = event
+        if not self._announce_armed:
+            self._announce_armed = True
+            self.committer.after_commit(self._start_announce)
+
+    def _start_announce(self) -> None:
+        self._announce_armed = False
+        pending, self._announce = self._announce, {}
+        self.loop.create_task(self._deliver_announcements(pending))
+
+    async def _deliver_announcements(self, pending: dict[int, str]) -> None:
+        try:
+            jobs = await self.store.get_jobs(pending)
+        except StoreError as exc:
+            log.error("cannot read finished jobs to announce them: %s", exc)
+            return
+        for job_id, event in pending.items():
+            job = jobs.get(job_id)
+            if job is None:
+                continue
+            if job["status"] in ("completed", "failed", "cancelled", "expired"):
+                event = job["status"]
+                for fut in self.waiters.pop(job_id, ()):
+                    if not fut.done():
+                        fut.set_result(job)
+            self.events.publish(
+                {"event": event, "job_id": job_id, "job": job},
+                job["queue"], job["task"], job["run_id"],
+            )
+
+    def _update_title(self) -> None:
+        busy = sum(1 for w in self.workers.values() if w.jobs)
+        state = "" if self.state is SupervisorState.RUNNING else f", {self.state.value}"
+        title = (
+            f"hostqueue supervisor {os.path.abspath(self.config.store)}"
+            f" [{len(self.workers)} workers, {busy} busy{state}]"
+        )
+        if title != self._title:
+            self._title = title
+            set_title(title)
+
+    # == operations used by the control plane ======================================
+
+    def submit_jobs(
+        self,
+        spec: registry.TaskSpec,
+        args_list: list[dict[str, Any]],
+        options: dict[str, Any],
+        on_done: Callable[[list[dict[str, Any]] | None, BaseException | None], None],
+    ) -> None:
+        """Add jobs; on_done(jobs, None) after COMMIT, or on_done(None, error)."""
+        now = time.time()
+        queue = options.get("queue") or spec.queue
+        priority = options["priority"] if options.get("priority") is not None else spec.priority
+        retries = options["retries"] if options.get("retries") is not None else spec.retries
+        timeout = options["timeout"] if options.get("timeout") is not None else spec.timeout
+        run_at = options.get("run_at") or now
+        deadline = options.get("deadline")
+        key = options.get("key")
+        run_id = options.get("run_id")
+        rows = []
+        jobs = []
+        for args in args_list:
+            job_id = self.next_id
+            self.next_id += 1
+            args_text = orjson.dumps(args).decode()
+            rows.append(
+                (job_id, spec.name, queue, args_text, retries + 1, priority, key, run_id,
+                 now, run_at, deadline, timeout)
+            )
+            jobs.append(
+                {"id": job_id, "task": spec.name, "queue": queue, "status": "pending",
+                 "args": args, "result": None, "error": None, "attempts": 0,
+                 "max_attempts": retries + 1, "priority": priority, "progress": None,
+                 "progress_message": None, "key": key, "run_id": run_id, "created_at": now,
+                 "started_at": None, "finished_at": None, "run_at": run_at,
+                 "deadline": deadline, "timeout": timeout, "abort_requested": False,
+                 "worker_pid": None}
+            )
+        if key is not None:
+            self.keys[key] = jobs[0]["id"]
+
+        def committed() -> None:
+            cache = len(self.payloads) < PAYLOAD_CACHE
+            t = time.time()
+            for row in rows:
+                job_id = row[0]
+                if cache:
+                    self.payloads[job_id] = Payload(
+                        spec.name, queue, row[3], 0, retries + 1, timeout, priority, run_id,
+                        key, now, run_at, deadline,
+                    )
+                if deadline is not None:
+                    self.deadlines.push(deadline, job_id)
+                    self.deadline_ids.add(job_id)
+                self._enqueue(job_id, queue, priority, run_at, t)
+            if deadline is not None:
+                self._arm_deadline_timer()
+            self.counters["submitted"] += len(rows)
+            if self.events.everything:
+                for job in jobs:
+                    self.events.publish(
+                        {"event": "submitted", "job_id": job["id"], "job": job}, queue, spec.name, run_id
+                    )
+            on_done(jobs, None)
+
+        def failed(exc: BaseException) -> None:
+            if key is not None and self.keys.get(key) == jobs[0]["id"]:
+                del self.keys[key]
+            on_done(None, exc)
+
+        self.committer.add_submit(rows, committed, failed)
+
+    async def committed_job(self, job_id: int) -> dict[str, Any] | None:
+        """The job as the store has it once our writes so far are committed."""
+        rj = self.running.get(job_id)
+        await self.committer.barrier()
+        job = await self.store.get_job(job_id)
+        rj = self.running.get(job_id)
+        if job is not None and rj is not None:
+            job.update(progress=rj.progress, progress_message=rj.progress_message,
+                       abort_requested=rj.abort_requested)
+        return job
+
+    async def abort_job(self, job_id: int) -> dict[str, Any]:
+        job = await self.committed_job(job_id)
+        if job is None:
+            raise ProtocolError("not_found", f"no job has id {job_id}")
+        now = time.time()
+        if job_id in self.running or job_id in self.claiming:
+            self._request_abort(job_id)
+        elif job_id in self.recent_finals or job["status"] not in ("pending", "running"):
+            status = self.recent_finals.get(job_id, job["status"])
+            raise ProtocolError("invalid_state", f"job {job_id} has already ended ({status}); nothing to abort")
+        elif job["status"] == "pending":
+            self._cancel_pending(job_id, JobStatus.CANCELLED, now,
+                                 {"type": "Aborted", "message": "aborted before it started", "traceback": None})
+        return await self.committed_job(job_id) or job
+
+    def _request_abort(self, job_id: int) -> None:
+        rj = self.running.get(job_id)
+        if rj is None:
+            return
+        if not rj.abort_requested:
+            rj.abort_requested = True
+            self.committer.add("request_abort", (job_id,))
+            worker = self.workers.get(rj.worker_pid)
+            if worker is not None:
+                worker.send({"t": "abort", "id": job_id})
+                self.loop.call_later(ABORT_GRACE, self._abort_overdue, worker, job_id)
+
+    def _abort_overdue(self, worker: WorkerHandle, job_id: int) -> None:
+        if job_id in worker.jobs and worker.exit_status is None:
+            log.warning("job %d ignored its abort for %.0f s: replacing worker %d", job_id, ABORT_GRACE, worker.pid)
+            worker.killed_for = "abort"
+            worker.kill(signal.SIGKILL)
+
+    async def wait_job(self, job_id: int, timeout: float | None) -> dict[str, Any]:
+        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self.waiters.setdefault(job_id, []).append(fut)
+        try:
+            job = await self.committed_job(job_id)
+            if job is None:
+                raise ProtocolError("not_found", f"no job has id {job_id}")
+            if job["status"] in ("completed", "failed", "cancelled", "expired"):
+                return job
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                raise ProtocolError("timeout", f"job {job_id} did not end within {timeout:g} s") from None
+        finally:
+            waiters = self.waiters.get(job_id)
+            if waiters and fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    del self.waiters[job_id]
+
+    async def retry_job(self, job_id: int) -> dict[str, Any]:
+        job = await self.committed_job(job_id)
+        if job is None:
+            raise ProtocolError("not_found", f"no job has id {job_id}")
+        if job["status"] not in ("failed", "cancelled", "expired"):
+            raise ProtocolError(
+                "invalid_state",
+                f"job {job_id} is {job['status']}; only failed, cancelled or expired jobs can be retried",
+            )
+        if job["key"] is not None and job["key"] in self.keys:
+            raise ProtocolError(
+                "invalid_state", f"job {self.keys[job['key']]} with the same key {job['key']!r} is unfinished"
+            )
+        now = time.time()
+        self.committer.add("revive", (now, job_id))
+        self.recent_finals.pop(job_id, None)
+        if job["key"] is not None:
+            self.keys[job["key"]] = job_id
+        self.payloads[job_id] = Payload(
+            job["task"], job["queue"], orjson.dumps(job["args"]).decode(), 0, job["max_attempts"],
+            job["timeout"], job["priority"], job["run_id"], job["key"], job["created_at"], now,
+            job["deadline"],
+        )
+        await self.committer.barrier()
+        self._enqueue(job_id, job["queue"], job["priority"], now, time.time())
+        return await self.committed_job(job_id) or job
+
+    def set_paused(self, queue: str | None, paused: bool) -> list[str]:
+        name = queue or "*"
+        if paused:
+            self.paused.add(name)
+        elif queue is None:
+            self.paused.clear()
+        else:
+            self.paused.discard(name)
+        self.committer.add("save_setting", Store.setting_params("paused", sorted(self.paused)))
+        if not paused:
+            self._wake_dispatch()
+        return sorted(self.paused)
+
+    def status(self) -> dict[str, Any]:
+        workers = []
+        for w in sorted(self.workers.values(), key=lambda w: w.number):
+            rss, cpu = w.resources()
+            current = None
+            if w.jobs and w.slot >= 0:
+                reading = self.board.read(w.slot)
+                current = reading.job_id if reading and reading.job_id in w.jobs else next(iter(w.jobs))
+            state = w.state.value
+            if w.state is WorkerState.BUSY and not w.jobs:
+                state = "busy"
+            workers.append(
+                {"pid": w.pid, "number": w.number, "state": state, "job": current,
+                 "held": len(w.jobs), "jobs_done": w.jobs_done, "rss": rss, "cpu_percent": cpu}
+            )
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime": time.time() - self.started,
+            "store": os.path.abspath(self.config.store),
+            "socket": os.path.abspath(self.config.socket_path),
+            "state": "draining" if self.state is not SupervisorState.RUNNING else "running",
+            "workers": workers,
+            "target_workers": self.target,
+            "paused": sorted(self.paused),
+            "running_jobs": len(self.running),
+            "ready_jobs": self.ready.available(set()),
+            "pool_error": self.pool_error,
+            "store_error": self.committer.last_error,
+            "counters": dict(self.counters),
+        }
+
+
+def set_title(title: str) -> None:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run_supervisor(config: SupervisorConfig) -> int:
+    """Run a supervisor until it stops; return the process exit code."""
+    setup_logging(config.log_level)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+    supervisor = Supervisor(config)
+    set_title(f"hostqueue supervisor {os.path.abspath(config.store)} [starting]")
+    return int(runner(supervisor.run()))

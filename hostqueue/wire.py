@@ -1,0 +1,81 @@
+"""Framing of the supervisor <-> worker pipe: a 4-byte big-endian length, then an orjson body.
+
+Messages are small dicts with a type in "t":
+
+    supervisor -> worker   {"t": "run", "jobs": [{"id", "task", "args" (JSON text), "attempt", "timeout"}, ...]}
+                           {"t": "abort", "id": JOB_ID}
+                           {"t": "stop"}                   finish what you hold, then exit
+    worker -> supervisor   {"t": "ready", "pid": PID}
+                           {"t": "done", "o": [OUTCOME, ...]}
+
+An OUTCOME is {"id", "s": "ok" | "error" | "retry" | "permanent" | "aborted" | "timeout",
+"r": result as JSON text or null, "e": {"type", "message", "traceback"} or null,
+"d": retry delay in seconds or null, "st": started, "ft": finished,
+"p": last progress fraction or null, "pm": last progress message or null}.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any, Callable
+
+import orjson
+
+HEADER = struct.Struct(">I")
+MAX_FRAME = 64 * 1024 * 1024
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    body = orjson.dumps(message)
+    return HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Feeds bytes in, calls on_message for every complete frame."""
+
+    def __init__(self, on_message: Callable[[dict[str, Any]], None]) -> None:
+        self._buf = bytearray()
+        self._on_message = on_message
+
+    def feed(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            (size,) = HEADER.unpack_from(buf, pos)
+            if size > MAX_FRAME:
+                raise ValueError(f"frame of {size} bytes exceeds the limit")
+            if end - pos - 4 < size:
+                break
+            message = orjson.loads(bytes(buf[pos + 4 : pos + 4 + size]))
+            pos += 4 + size
+            self._on_message(message)
+        if pos:
+            del buf[:pos]
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes | None:
+    """Blocking read of exactly size bytes; None on EOF."""
+    chunks = []
+    remaining = size
+    while remaining:
+        chunk = sock.recv(min(remaining, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_message(sock: socket.socket) -> dict[str, Any] | None:
+    header = recv_exact(sock, 4)
+    if header is None:
+        return None
+    (size,) = HEADER.unpack(header)
+    body = recv_exact(sock, size)
+    if body is None:
+        return None
+    result: dict[str, Any] = orjson.loads(body)
+    return result

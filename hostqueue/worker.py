@@ -1,0 +1,295 @@
+"""A worker process: runs jobs the supervisor sends over its pipe, one at a time.
+
+Started by the supervisor as ``python -m hostqueue.worker ...`` (a clean exec,
+never a fork of the running supervisor), in its own process group, with the
+pipe and the progress board passed as inherited descriptors. It never touches
+the store.
+
+Threads: the main thread runs jobs; a reader thread receives messages (jobs,
+abort requests, stop) so that an abort reaches a running job. When the pipe
+closes (the supervisor died) the reader kills the worker's whole process group:
+the worker finishes nothing more, and programs its job started die with it.
+The kernel's parent-death signal covers the case where the reader cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import orjson
+
+from . import registry, wire
+from .board import SlotWriter
+from .context import JobContext
+from .exceptions import Aborted, Permanent, Retry, TimeLimit
+
+log = logging.getLogger("hostqueue.worker")
+
+PR_SET_PDEATHSIG = 1
+# A worker that cannot import its task modules exits with this code, so the
+# supervisor stops respawning instead of looping (gunicorn's WORKER_BOOT_ERROR).
+EXIT_BOOT_ERROR = 3
+# Outcomes of fast jobs are sent together, but never held longer than this.
+OUTBOX_MAX_AGE = 0.001
+OUTBOX_MAX = 8
+
+
+def set_parent_death_signal() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pipe EOF still stops us
+        pass
+
+
+def set_title(text: str) -> None:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(text)
+    except ImportError:  # pragma: no cover - a dependency, but titles are cosmetic
+        pass
+
+
+def error_dict(exc: BaseException, with_traceback: bool = True) -> dict[str, Any]:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)) if with_traceback else None,
+    }
+
+
+class Worker:
+    def __init__(self, sock: socket.socket, slot: SlotWriter | None, number: int) -> None:
+        self.sock = sock
+        self.slot = slot
+        self.number = number
+        self.jobs: collections.deque[dict[str, Any]] = collections.deque()
+        self.aborts: set[int] = set()
+        self.current_abort = threading.Event()
+        self.current_id = 0
+        self.stopping = False
+        self.cond = threading.Condition()
+        self.send_lock = threading.Lock()
+        self.outbox: list[dict[str, Any]] = []
+        self.outbox_since = 0.0
+
+    # -- pipe ---------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = wire.encode(message)
+        with self.send_lock:
+            self.sock.sendall(data)
+
+    def flush_outbox(self) -> None:
+        if self.outbox:
+            batch, self.outbox = self.outbox, []
+            self.send({"t": "done", "o": batch})
+
+    def read_loop(self) -> None:
+        while True:
+            try:
+                message = wire.recv_message(self.sock)
+            except OSError:
+                message = None
+            if message is None:
+                # The supervisor is gone: stop now, with everything we started.
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+                os._exit(1)
+            kind = message.get("t")
+            with self.cond:
+                if kind == "run":
+                    self.jobs.extend(message["jobs"])
+                elif kind == "abort":
+                    job_id = message["id"]
+                    if job_id == self.current_id:
+                        self.current_abort.set()
+                    else:
+                        self.aborts.add(job_id)
+                elif kind == "stop":
+                    self.stopping = True
+                    if message.get("drop") and self.jobs:
+                        # Jobs not started yet go back to the supervisor, to run elsewhere.
+                        returned = [{"id": j["id"], "s": "returned"} for j in self.jobs]
+                        self.jobs.clear()
+                        self.send({"t": "done", "o": returned})
+                self.cond.notify()
+
+    # -- jobs ---------------------------------------------------------------
+
+    def next_job(self) -> dict[str, Any] | None:
+        with self.cond:
+            while not self.jobs:
+                if self.stopping:
+                    return None
+                if self.outbox:
+                    break
+                self.cond.wait()
+            if not self.jobs:
+                return {}
+            return self.jobs.popleft()
+
+    def run_forever(self) -> None:
+        set_title(f"hostqueue worker {self.number} [idle]")
+        while True:
+            job = self.next_job()
+            if job is None:
+                self.flush_outbox()
+                return
+            if not job:  # woke with outcomes to send and nothing to run
+                self.flush_outbox()
+                continue
+            outcome = self.run_job(job)
+            if not self.outbox:
+                self.outbox_since = time.monotonic()
+            self.outbox.append(outcome)
+            if (
+                not self.jobs
+                or len(self.outbox) >= OUTBOX_MAX
+                or time.monotonic() - self.outbox_since >= OUTBOX_MAX_AGE
+            ):
+                self.flush_outbox()
+            if not self.jobs:
+                set_title(f"hostqueue worker {self.number} [idle]")
+
+    def run_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        job_id: int = job["id"]
+        task_name: str = job["task"]
+        with self.cond:
+            self.current_id = job_id
+            self.current_abort.clear()
+            if job_id in self.aborts or job.get("abort"):
+                self.aborts.discard(job_id)
+                self.current_abort.set()
+        set_title(f"hostqueue worker {self.number} [job {job_id} {task_name}]")
+        if self.slot is not None:
+            self.slot.begin(job_id)
+        started = time.time()
+        outcome: dict[str, Any] = {"id": job_id, "st": started}
+        ctx: JobContext | None = None
+        timeout = job.get("timeout")
+        try:
+            spec = registry.get(task_name)
+            if spec is None:
+                raise Permanent(f"task {task_name!r} is not registered in this worker")
+            args = orjson.loads(job["args"]) if isinstance(job["args"], str) else job["args"]
+            ctx = JobContext(
+                job_id, task_name, job.get("attempt", 1), job.get("max_attempts", 1),
+                args, self.slot, self.current_abort,
+            )
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, float(timeout))
+            try:
+                result = spec.func(ctx, **args)
+            finally:
+                if timeout:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            try:
+                outcome["r"] = orjson.dumps(result).decode()
+            except TypeError as exc:
+                raise Permanent(
+                    f"task {task_name} returned a result that is not JSON-serializable: {exc}"
+                ) from None
+            outcome["s"] = "ok"
+        except Retry as exc:
+            outcome.update(s="retry", d=exc.delay, e=error_dict(exc, with_traceback=False))
+        except Permanent as exc:
+            outcome.update(s="permanent", e=error_dict(exc))
+        except Aborted as exc:
+            outcome.update(s="aborted", e=error_dict(exc, with_traceback=False))
+        except TimeLimit:
+            outcome.update(
+                s="timeout",
+                e={
+                    "type": "TimeLimit",
+                    "message": f"time limit exceeded after {float(timeout or 0):g} s",
+                    "traceback": traceback.format_exc(),
+                },
+            )
+        except TypeError as exc:
+            # Wrong arguments for the function's signature will never succeed on retry.
+            tb = exc.__traceback__
+            permanent = tb is not None and tb.tb_next is None
+            outcome.update(s="permanent" if permanent else "error", e=error_dict(exc))
+        except BaseException as exc:  # noqa: BLE001 - a job's failure must not end the worker
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                outcome.update(s="error", e=error_dict(exc))
+            else:
+                outcome.update(s="error", e=error_dict(exc))
+        finally:
+            with self.cond:
+                self.current_id = 0
+        if ctx is not None and outcome.get("s") == "ok" and self.current_abort.is_set():
+            pass  # finished despite the abort request: it completed
+        outcome["ft"] = time.time()
+        if ctx is not None:
+            outcome["p"], outcome["pm"] = ctx.last_progress
+        if self.slot is not None:
+            self.slot.end()
+        return outcome
+
+
+def _raise_time_limit(signum: int, frame: Any) -> None:
+    raise TimeLimit("time limit exceeded")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hostqueue-worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--board-fd", type=int, default=-1)
+    parser.add_argument("--slot", type=int, default=-1)
+    parser.add_argument("--number", type=int, default=0)
+    parser.add_argument("--parent", type=int, default=0)
+    parser.add_argument("--tasks", action="append", default=[])
+    parser.add_argument("--log-level", default="info")
+    opts = parser.parse_args(argv)
+
+    set_parent_death_signal()
+    if opts.parent and os.getppid() != opts.parent:
+        return 1  # the supervisor died before we could ask to die with it
+    # TERM: finish what we hold, then exit. INT: a terminal's Ctrl-C reaches the
+    # whole group; the supervisor decides what happens.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, _raise_time_limit)
+    logging.basicConfig(
+        level=opts.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s worker {opts.number} [{os.getpid()}] %(message)s",
+        stream=sys.stderr,
+    )
+    sock = socket.socket(fileno=opts.fd)
+    sock.setblocking(True)
+    slot = SlotWriter(opts.board_fd, opts.slot) if opts.board_fd >= 0 else None
+    set_title(f"hostqueue worker {opts.number} [starting]")
+    try:
+        registry.load_task_modules(opts.tasks)
+    except registry.TaskModuleError as exc:
+        log.error("%s", exc)
+        return EXIT_BOOT_ERROR
+    worker = Worker(sock, slot, opts.number)
+
+    def on_term(signum: int, frame: Any) -> None:
+        with worker.cond:
+            worker.stopping = True
+            worker.cond.notify()
+
+    signal.signal(signal.SIGTERM, on_term)
+    reader = threading.Thread(target=worker.read_loop, name="pipe-reader", daemon=True)
+    reader.start()
+    worker.send({"t": "ready", "pid": os.getpid()})
+    worker.run_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
