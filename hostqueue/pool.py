@@ -131,6 +131,8 @@ class WorkerHandle:
     # Why the supervisor killed it ("drain", "abort", "timeout"), to name the cause.
     killed_for: str | None = None
     kill_error: dict[str, Any] | None = None
+    running_job: int = 0
+    state_at_exit: WorkerState = WorkerState.STARTING
 
     def send(self, message: dict[str, Any]) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -255,6 +257,7 @@ class Spawner:
         handle.pidfd = -1
         handle.exit_status = status
         handle.popen.returncode = os.waitstatus_to_exitcode(status)
+        handle.state_at_exit = handle.state
         handle.state = WorkerState.EXITED
         # Programs the job started die with it: they share the worker's process group.
         try:
@@ -282,6 +285,9 @@ class Spawner:
         handle.on_pipe_closed = None
         if handle.transport is not None:
             handle.transport.close()
+        # Which held job was running when it died: the others never started.
+        reading = self.board.read(handle.slot)
+        handle.running_job = reading.job_id if reading is not None else 0
         self.board.release(handle.slot)
         handle.slot = -1
         self.on_exit(handle)

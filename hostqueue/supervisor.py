@@ -51,6 +51,9 @@ RECENT_FINALS = 20_000  # final states remembered to answer races without a read
 PROGRESS_SAMPLE_INTERVAL = 0.1  # DESIGN: at least every 250 ms while a job runs
 PROGRESS_PERSIST_INTERVAL = 1.0
 ABORT_GRACE = 10.0
+# After the soft limit (TimeLimit raised in the task) a job gets this long to
+# clean up before its worker is killed.
+TIME_LIMIT_GRACE = 2.0
 SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP,
 )
@@ -424,12 +427,13 @@ class Supervisor:
         status = worker.exit_status or 0
         cause = describe_exit(status)
         killed_for = worker.killed_for
-        expected = worker.state is WorkerState.EXITED and (killed_for == "drain" or not worker.jobs)
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         if worker.jobs:
             now = time.time()
             for rj in list(worker.jobs.values()):
                 self.running.pop(rj.id, None)
-                if killed_for == "drain":
+                started = rj.id == worker.running_job
+                if killed_for == "drain" or not started:
                     self._requeue_uncharged(rj)
                 elif killed_for == "abort" or rj.abort_requested:
                     self._finish(rj, JobStatus.CANCELLED, None, lost_error(f"aborted; {cause}"), now)
@@ -437,16 +441,16 @@ class Supervisor:
                     self._fail_attempt(rj, worker.kill_error or lost_error(cause), now)
                 else:
                     self._fail_attempt(rj, lost_error(cause), now)
+            if killed_for != "drain":
+                log.error("worker %d died while running job %d: %s", worker.pid, worker.running_job, cause)
             worker.jobs.clear()
-            log.error("worker %d died with jobs: %s", worker.pid, cause)
-        elif not expected or os.WIFSIGNALED(status) or (os.WIFEXITED(status) and os.WEXITSTATUS(status)):
-            if worker.started_at and worker.jobs_done == 0 and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_ERROR:
-                log.error("worker %d could not import the task modules; see its log above", worker.pid)
-                self._note_spawn_failure("workers cannot import the task modules")
-            elif killed_for is None and self.state is SupervisorState.RUNNING and worker.state is not WorkerState.RETIRING:
-                log.warning("worker %d exited: %s", worker.pid, cause)
-                if time.monotonic() - worker.started_at < 1.0:
-                    self._note_spawn_failure(f"a worker died at start: {cause}")
+        elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_ERROR:
+            log.error("worker %d could not import the task modules; see its log above", worker.pid)
+            self._note_spawn_failure("workers cannot import the task modules")
+        elif not clean and killed_for is None:
+            log.warning("worker %d exited: %s", worker.pid, cause)
+            if worker.state_at_exit is WorkerState.STARTING:
+                self._note_spawn_failure(f"a worker died at start: {cause}")
         self._update_title()
         if self.state is SupervisorState.DRAINING:
             self._check_drained()
@@ -745,10 +749,15 @@ class Supervisor:
             if not worker.jobs or worker.slot < 0:
                 continue
             reading = self.board.read(worker.slot)
-            if reading is None or not reading.job_id or reading.fraction is None:
+            if reading is None or not reading.job_id:
                 continue
             rj = worker.jobs.get(reading.job_id)
-            if rj is None or reading.seq == rj.board_seq:
+            if rj is None:
+                continue
+            if rj.timeout and now - reading.started > rj.timeout + TIME_LIMIT_GRACE:
+                self._time_limit_overdue(worker, rj, now - reading.started)
+                continue
+            if reading.fraction is None or reading.seq == rj.board_seq:
                 continue
             rj.board_seq = reading.seq
             rj.progress, rj.progress_message = reading.fraction, reading.message
@@ -922,6 +931,21 @@ class Supervisor:
             if worker is not None:
                 worker.send({"t": "abort", "id": job_id})
                 self.loop.call_later(ABORT_GRACE, self._abort_overdue, worker, job_id)
+
+    def _time_limit_overdue(self, worker: WorkerHandle, rj: RunningJob, ran: float) -> None:
+        if worker.killed_for is not None:
+            return
+        log.warning(
+            "job %d %s ignored its time limit of %g s (ran %.1f s): replacing worker %d",
+            rj.id, rj.task, rj.timeout, ran, worker.pid,
+        )
+        worker.killed_for = "timeout"
+        worker.kill_error = {
+            "type": "TimeLimit",
+            "message": f"time limit exceeded after {rj.timeout:g} s; the worker was killed",
+            "traceback": None,
+        }
+        worker.kill(signal.SIGKILL)
 
     def _abort_overdue(self, worker: WorkerHandle, job_id: int) -> None:
         if job_id in worker.jobs and worker.exit_status is None:
