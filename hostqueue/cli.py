@@ -66,7 +66,7 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
 
 def format_bar(fraction: float | None, width: int = 20) -> str:
     f = min(1.0, max(0.0, fraction or 0.0))
-    filled = int(round(f * width))
+    filled = round(f * width)
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
@@ -102,6 +102,31 @@ def format_stats(stats: Mapping[str, Any]) -> str:
                         right=range(1, len(STAT_COLUMNS) + 1))
 
 
+def format_status(st: Mapping[str, Any]) -> str:
+    paused = st.get("paused") or []
+    workers = st.get("workers") or []
+    target = st.get("target_workers")
+    header = [
+        ("pid", st.get("pid")),
+        ("uptime", format_duration(st.get("uptime"))),
+        ("state", st.get("state")),
+        ("store", st.get("store")),
+        ("socket", st.get("socket")),
+        ("paused", "all queues" if "*" in paused else ", ".join(paused) or "none"),
+        ("workers", f"{len(workers)}" + (f" (target {target})" if target is not None else "")),
+        ("version", st.get("version")),
+    ]
+    lines = [f"{name + ':':<9} {value}" for name, value in header if value is not None]
+    if workers:
+        rows = [[w.get("pid"), w.get("state"), w.get("job"),
+                 f"{w['rss'] / 1048576:.1f}" if w.get("rss") is not None else None,
+                 f"{w['cpu_percent']:.1f}" if w.get("cpu_percent") is not None else None]
+                for w in workers]
+        headers = ["PID", "STATE", "JOB", "RSS MB", "CPU%"]
+        lines += ["", format_table(headers, rows, right=[0, 2, 3, 4])]
+    return "\n".join(lines)
+
+
 def shown_status(job: Mapping[str, Any]) -> str:
     """``scheduled`` for a pending job whose run_at is still ahead, as stats counts it."""
     status = str(job.get("status"))
@@ -123,7 +148,8 @@ def error_summary(error: Any, width: int = 60) -> str:
 
 
 def _took(job: Mapping[str, Any]) -> float | None:
-    started, finished = job.get("started_at"), job.get("finished_at")
+    started: float | None = job.get("started_at")
+    finished: float | None = job.get("finished_at")
     if started is None:
         return None
     return (finished if finished is not None else time.time()) - started
@@ -194,13 +220,20 @@ def format_job(job: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-def format_event(event: Mapping[str, Any], tasks: dict[Any, str]) -> str:
-    """One line per watch event: time, event, job, task, then what changed."""
+def format_event(event: Mapping[str, Any], tasks: dict[Any, str],
+                 lookup: Callable[[int], str] | None = None) -> str:
+    """One line per watch event: time, event, job, task, then what changed.
+
+    ``tasks`` remembers each job's task from its state events (progress events do
+    not name it); ``lookup`` finds the task of a job first seen by its progress."""
     kind = str(event.get("event"))
     job_id = event.get("job_id")
     job = event.get("job") if isinstance(event.get("job"), Mapping) else None
-    if job is not None and job.get("task"):
-        tasks[job_id] = str(job["task"])
+    if job_id not in tasks:
+        if job is not None:
+            tasks[job_id] = str(job.get("task") or "")
+        elif lookup is not None and isinstance(job_id, int):
+            tasks[job_id] = lookup(job_id)
         if len(tasks) > 10000:  # a long watch should not grow without end
             tasks.pop(next(iter(tasks)))
     stamp = datetime.now().strftime("%H:%M:%S.%f")[:-3]
@@ -217,7 +250,9 @@ def format_event(event: Mapping[str, Any], tasks: dict[Any, str]) -> str:
         elif kind == "completed":
             detail = f"took {format_duration(_took(job))}"
         elif kind == "retrying":
-            detail = f"{error_summary(job.get('error'), 60)}; next attempt {format_time(job.get('run_at'))}"
+            run_at = job.get("run_at")
+            wait = format_duration(run_at - time.time()) if run_at is not None else "?"
+            detail = f"{error_summary(job.get('error'), 60)}; retry in {wait}"
         else:
             detail = error_summary(job.get("error"), 80)
     return f"{stamp}  {kind:<9}  job {job_id}  {tasks.get(job_id, '')}  {detail}".rstrip()
@@ -269,6 +304,14 @@ class _Root(click.Group):
             _fail(str(exc) or "timed out", EXIT_FAILED)
 
 
+def _emit(data: Any, as_json: bool, text: Callable[[], str]) -> None:
+    """The reply's data as JSON, or as text for people."""
+    if as_json:
+        print_json(data)
+    else:
+        click.echo(text())
+
+
 def _client(socket: str | None) -> Client:
     """A connected client, closed when the command ends."""
     return click.get_current_context().with_resource(Client(socket))
@@ -280,8 +323,8 @@ def json_option(f: F) -> F:
 
 
 def socket_option(f: F) -> F:
-    return click.option("--socket", metavar="PATH",
-                        help="Control socket [env: HOSTQUEUE_SOCKET; default: next to the store].")(f)
+    return click.option("--socket", metavar="PATH", help="Control socket "
+                        "[env: HOSTQUEUE_SOCKET; default: next to the store].")(f)
 
 
 def _follow(client: Client, job_id: int, timeout: float | None, show_progress: bool) -> Job:
@@ -299,12 +342,15 @@ def _follow(client: Client, job_id: int, timeout: float | None, show_progress: b
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 event = stream.next_event(remaining) if remaining is None or remaining > 0 else None
+                if event is None and stream.ended:  # a final event without its job
+                    return client.get(job_id)
                 if event is None:
                     raise TimeoutError(f"job {job_id} did not end within {timeout} s")
                 kind = event.get("event")
                 job = event.get("job")
                 if kind == "progress":
                     fraction, message = event.get("progress"), event.get("message") or ""
+                    state = "running"  # its `started` may have come before we watched
                 elif isinstance(job, Mapping):
                     state = shown_status(job)
                     if kind in FINAL_EVENTS:
@@ -316,11 +362,9 @@ def _follow(client: Client, job_id: int, timeout: float | None, show_progress: b
 
 
 def _finish(job: Job, as_json: bool) -> NoReturn:
-    if as_json:
-        print_json(job)
-    else:
-        click.echo(format_job(job))
-    raise click.exceptions.Exit(0 if job.get("status") == JobStatus.COMPLETED.value else EXIT_FAILED)
+    _emit(job, as_json, lambda: format_job(job))
+    completed = job.get("status") == JobStatus.COMPLETED.value
+    raise click.exceptions.Exit(0 if completed else EXIT_FAILED)
 
 
 def _interrupted(job_id: int) -> NoReturn:
@@ -348,16 +392,17 @@ def _setting_options(f: F) -> F:
                 "grace": "SECONDS", "prefetch": "N", "max_line": "BYTES"}
     choices = {"durability": ("normal", "full"), "log_level": ("debug", "info", "warning", "error")}
     for s in reversed(settings.SETTINGS):
+        text = "How much to log" if s.name == "log_level" else s.help[0].upper() + s.help[1:]
+        if s.type is list:
+            text += "; repeat the option for several"
         default = "" if s.default in (None, ()) else f"; default: {s.default}"
-        kwargs: dict[str, Any] = {"help": f"{s.help[0].upper()}{s.help[1:]} [env: {s.env}{default}]."}
+        kwargs: dict[str, Any] = {"help": f"{text} [env: {s.env}{default}]."}
         if s.name in choices:
             kwargs["type"] = click.Choice(choices[s.name], case_sensitive=False)
         else:
             kwargs["type"] = {int: int, float: float}.get(s.type, str)
             kwargs["metavar"] = metavars.get(s.name, "VALUE")
-        if s.type is list:
-            kwargs["multiple"] = True
-            kwargs["help"] = kwargs["help"][:-1] + "; repeat for several)."
+        kwargs["multiple"] = s.type is list
         f = click.option("--" + s.name.replace("_", "-"), s.name, **kwargs)(f)
     return f
 
@@ -365,7 +410,7 @@ def _setting_options(f: F) -> F:
 @cli.command()
 @_setting_options
 @click.pass_context
-def run(ctx: click.Context, **flags: Any) -> None:
+def run(ctx: click.Context, /, **flags: Any) -> None:
     """Run the supervisor in the foreground (until SIGTERM, SIGINT or `ctl stop`).
 
     \b
@@ -389,15 +434,19 @@ def run(ctx: click.Context, **flags: Any) -> None:
 @socket_option
 @click.option("--queue", metavar="Q", help="Queue (default: the task's).")
 @click.option("--priority", type=int, metavar="P", help="Higher runs first (default: the task's).")
-@click.option("--delay", type=click.FloatRange(min=0), metavar="S", help="Start no sooner than S seconds from now.")
+@click.option("--delay", type=click.FloatRange(min=0), metavar="S",
+              help="Start no sooner than S seconds from now.")
 @click.option("--deadline", type=click.FloatRange(min=0, min_open=True), metavar="S",
               help="Expire if not started within S seconds.")
-@click.option("--retries", type=click.IntRange(min=0), metavar="N", help="Retries after the first attempt.")
+@click.option("--retries", type=click.IntRange(min=0), metavar="N",
+              help="Retries after the first attempt.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
               help="Time limit of one attempt, in seconds.")
-@click.option("--key", metavar="K", help="Idempotency key: an unfinished job with it is returned instead.")
+@click.option("--key", metavar="K",
+              help="Idempotency key: an unfinished job with it is returned instead.")
 @click.option("--run-id", metavar="R", help="Group the job into a run.")
-@click.option("--wait", is_flag=True, help="Wait for the job to end (progress bar on a terminal); exit 1 unless it completed.")
+@click.option("--wait", is_flag=True, help="Wait for the job to end (progress bar on a "
+              "terminal) and print it; exit 1 unless it completed.")
 @json_option
 def submit(task: str, args_json: str | None, socket: str | None, queue: str | None,
            priority: int | None, delay: float | None, deadline: float | None,
@@ -422,10 +471,7 @@ def submit(task: str, args_json: str | None, socket: str | None, queue: str | No
         click.echo(f"hostqueue: job {handle.id} with key {key!r} is not finished yet; "
                    "it was returned and nothing was added", err=True)
     if not wait:
-        if as_json:
-            print_json(handle.job)
-        else:
-            click.echo(handle.id)
+        _emit(handle.job, as_json, lambda: str(handle.id))
         return
     try:
         job = _follow(client, handle.id, None, show_progress=sys.stderr.isatty())
@@ -478,32 +524,7 @@ def status(socket: str | None, as_json: bool) -> None:
         hostqueue ctl status --json | jq '.workers[].pid'
     """
     st = _client(socket).status()
-    if as_json:
-        print_json(st)
-        return
-    paused = st.get("paused") or []
-    workers = st.get("workers") or []
-    target = st.get("target_workers")
-    header = [
-        ("pid", st.get("pid")),
-        ("uptime", format_duration(st.get("uptime"))),
-        ("state", st.get("state")),
-        ("store", st.get("store")),
-        ("socket", st.get("socket")),
-        ("paused", "all queues" if "*" in paused else ", ".join(paused) or "none"),
-        ("workers", f"{len(workers)}" + (f" (target {target})" if target is not None else "")),
-    ]
-    if st.get("version"):
-        header.append(("version", st["version"]))
-    for name, value in header:
-        click.echo(f"{name + ':':<9} {value}")
-    if workers:
-        rows = [[w.get("pid"), w.get("state"), w.get("job"),
-                 f"{w['rss'] / 1048576:.1f}" if w.get("rss") is not None else None,
-                 f"{w['cpu_percent']:.1f}" if w.get("cpu_percent") is not None else None]
-                for w in workers]
-        click.echo()
-        click.echo(format_table(["PID", "STATE", "JOB", "RSS MB", "CPU%"], rows, right=[0, 2, 3, 4]))
+    _emit(st, as_json, lambda: format_status(st))
 
 
 @ctl.command()
@@ -518,10 +539,7 @@ def stats(socket: str | None, run_id: str | None, as_json: bool) -> None:
         hostqueue ctl stats --run-id batch-7
     """
     data = _client(socket).stats(run_id)
-    if as_json:
-        print_json(data)
-    else:
-        click.echo(format_stats(data))
+    _emit(data, as_json, lambda: format_stats(data))
 
 
 @ctl.command()
@@ -536,10 +554,7 @@ def scale(socket: str | None, n: int, as_json: bool) -> None:
         hostqueue ctl scale 8
     """
     data = _client(socket).scale(n)
-    if as_json:
-        print_json(data)
-    else:
-        click.echo(f"workers: {data.get('previous')} -> {data.get('target')}")
+    _emit(data, as_json, lambda: f"workers: {data.get('previous')} -> {data.get('target')}")
 
 
 def _show_paused(paused: list[str], as_json: bool) -> None:
@@ -594,7 +609,8 @@ def reload(socket: str | None, as_json: bool) -> None:
         print_json(data)
     else:
         tasks = data.get("tasks") or []
-        click.echo(f"reloaded: {data.get('workers')} workers, {len(tasks)} tasks: {', '.join(tasks)}")
+        click.echo(f"reloaded: {data.get('workers')} workers, "
+                   f"{len(tasks)} tasks: {', '.join(tasks)}")
 
 
 @ctl.command()
@@ -635,9 +651,17 @@ def watch(socket: str | None, job_id: int | None, queue: str | None, task: str |
     """
     client = _client(socket)
     tasks: dict[Any, str] = {}
+
+    def task_of(job: int) -> str:
+        try:
+            return str(client.get(job).get("task") or "")
+        except ProtocolError:
+            return ""
+
     try:
         for event in client.watch(job_id=job_id, queue=queue, task=task, run_id=run_id):
-            click.echo(orjson.dumps(event).decode() if as_json else format_event(event, tasks))
+            click.echo(orjson.dumps(event).decode() if as_json
+                       else format_event(event, tasks, task_of))
     except KeyboardInterrupt:
         pass  # the usual way to end a watch
 
@@ -670,10 +694,7 @@ def show(socket: str | None, job_id: int, as_json: bool) -> None:
         hostqueue job show 17
     """
     data = _client(socket).get(job_id)
-    if as_json:
-        print_json(data)
-    else:
-        click.echo(format_job(data))
+    _emit(data, as_json, lambda: format_job(data))
 
 
 @job.command("wait")
@@ -734,7 +755,8 @@ def abort(socket: str | None, job_id: int | None, run_id: str | None, as_json: b
 
 @job.command()
 @click.argument("job_id", metavar="[ID]", type=int, required=False)
-@click.option("--status", type=click.Choice(RETRYABLE_STATES), help="Retry every job in this state instead.")
+@click.option("--status", type=click.Choice(RETRYABLE_STATES),
+              help="Retry every job in this state instead.")
 @click.option("--queue", metavar="Q", help="With --status: only jobs of this queue.")
 @click.option("--task", metavar="T", help="With --status: only jobs of this task.")
 @json_option
@@ -755,10 +777,7 @@ def retry(socket: str | None, job_id: int | None, status: str | None, queue: str
     client = _client(socket)
     if job_id is not None:
         data = client.retry(job_id)
-        if as_json:
-            print_json(data)
-        else:
-            click.echo(f"job {job_id}: {data.get('status')}")
+        _emit(data, as_json, lambda: f"job {job_id}: {data.get('status')}")
         return
     assert status is not None
     jobs = client.retry_all(status, queue, task)
@@ -775,7 +794,7 @@ def retry(socket: str | None, job_id: int | None, status: str | None, queue: str
 @click.option("--queue", metavar="Q", help="Only jobs of this queue.")
 @click.option("--task", metavar="T", help="Only jobs of this task.")
 @click.option("--run-id", metavar="R", help="Only jobs of this run.")
-@click.option("--limit", type=click.IntRange(1, 10000), default=100, show_default=True,
+@click.option("--limit", type=click.IntRange(1, 10000), default=100, show_default=True, metavar="N",
               help="At most this many jobs.")
 @click.option("--before", type=int, metavar="ID", help="Only jobs with an id below ID (next page).")
 @json_option
@@ -803,11 +822,12 @@ def list_(socket: str | None, status: str | None, queue: str | None, task: str |
 
 
 @cli.command()
-@click.option("--jobs", type=click.IntRange(1, 100000), default=300, show_default=True,
+@click.option("--jobs", type=click.IntRange(1, 100000), default=300, show_default=True, metavar="N",
               help="How many jobs to run.")
-@click.option("--workers", type=click.IntRange(1, settings.MAX_WORKERS), default=2,
+@click.option("--workers", type=click.IntRange(1, settings.MAX_WORKERS), default=2, metavar="N",
               show_default=True, help="Workers to start with.")
-@click.option("--keep", is_flag=True, help="Keep the demo's store and log instead of deleting them.")
+@click.option("--keep", is_flag=True,
+              help="Keep the demo's store and log instead of deleting them.")
 @click.pass_context
 def demo(ctx: click.Context, jobs: int, workers: int, keep: bool) -> None:
     """Watch hostqueue work: start a supervisor on a temporary store, run jobs with

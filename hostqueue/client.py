@@ -18,6 +18,7 @@ Neither client is thread-safe: use one per thread (or one AsyncClient per loop).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import select
 import socket as _socket
@@ -26,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import orjson
 
@@ -46,6 +47,9 @@ __all__ = [
 log = logging.getLogger("hostqueue.client")
 
 Job = dict[str, Any]
+Obj = dict[str, Any]
+# delay and deadline: seconds from now, or a datetime for an absolute time.
+When = float | datetime | timedelta | None
 
 # Events after which a job's stream ends (the final states have events of the same name).
 FINAL_EVENTS = frozenset(s.value for s in FINAL_STATES)
@@ -67,6 +71,15 @@ def _unavailable(path: str, reason: str) -> SupervisorUnavailable:
     return SupervisorUnavailable(
         f"cannot reach the hostqueue supervisor at {path} ({reason}); start one with "
         f"`hostqueue run --socket {path}`, or point --socket / $HOSTQUEUE_SOCKET at its socket"
+    )
+
+
+def _connection_error(path: str, reason: str, said: str | None) -> SupervisorUnavailable:
+    if said:  # the server said why it hung up (forbidden): that is the news
+        return SupervisorUnavailable(f"the supervisor at {path} closed the connection: {said}")
+    return SupervisorUnavailable(
+        f"lost the connection to the supervisor at {path} ({reason}); "
+        "a request in flight may or may not have been carried out"
     )
 
 
@@ -123,8 +136,7 @@ def _check(reply: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-def _when(value: float | datetime | timedelta | None, relative: str, absolute: str,
-          fields: dict[str, Any]) -> None:
+def _when(value: When, relative: str, absolute: str, fields: dict[str, Any]) -> None:
     """delay/deadline: seconds from now, or a datetime for an absolute time."""
     if value is None:
         return
@@ -136,15 +148,9 @@ def _when(value: float | datetime | timedelta | None, relative: str, absolute: s
         fields[relative] = value
 
 
-def _submit_fields(
-    queue: str | None,
-    priority: int | None,
-    delay: float | datetime | timedelta | None,
-    deadline: float | datetime | timedelta | None,
-    retries: int | None,
-    timeout: float | None,
-    run_id: str | None,
-) -> dict[str, Any]:
+def _submit_fields(queue: str | None, priority: int | None, delay: When, deadline: When,
+                   retries: int | None, timeout: float | None, run_id: str | None
+                   ) -> dict[str, Any]:
     fields = _present(queue=queue, priority=priority, retries=retries, timeout=timeout,
                       run_id=run_id)
     _when(delay, "delay", "run_at", fields)
@@ -171,6 +177,19 @@ def _wait_deadline(timeout: float | None, client_timeout: float | None) -> float
 
 def _timed_out(job_id: int, timeout: float | None) -> TimeoutError:
     return TimeoutError(f"job {job_id} did not end within {timeout} s")
+
+
+def _culprit(msg: Mapping[str, Any], sizes: Mapping[int, int]) -> int | None:
+    """The request that a reply without an id answers, if it can be known.
+
+    The server cannot read the id of a line it refuses as too long. That line is
+    longer than every unanswered request the server did not refuse, so the longest
+    unanswered request is one that was refused."""
+    error = msg.get("error")
+    if msg.get("ok") is False and isinstance(error, Mapping) and sizes \
+            and error.get("code") == "line_too_long":
+        return max(sizes, key=lambda rid: (sizes[rid], -rid))
+    return None
 
 
 def _is_final(event: Mapping[str, Any]) -> bool:
@@ -202,6 +221,7 @@ class Client:
         self._next_id = 0
         # Requests whose first reply has not come, in the order they were sent.
         self._awaiting: dict[int, str] = {}
+        self._sizes: dict[int, int] = {}  # their line lengths, see _culprit
         self._streams: set[int] = set()  # watch requests whose events are kept
         self._inbox: dict[int, deque[dict[str, Any]]] = {}
         self._lost: set[int] = set()  # ids whose connection closed under them
@@ -234,14 +254,16 @@ class Client:
             self._sock.close()
             self._sock = None
         self._awaiting.clear()
+        self._sizes.clear()
         self._streams.clear()
         self._inbox.clear()
         self._lost.clear()
         self._buffer.clear()
         self._scanned = 0
 
-    def __enter__(self) -> Client:
-        return self.connect()
+    def __enter__(self) -> Self:
+        self.connect()
+        return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -258,15 +280,12 @@ class Client:
         self._lost.update(self._awaiting)
         self._lost.update(self._streams)
         self._awaiting.clear()
+        self._sizes.clear()
         self._streams.clear()
         self._buffer.clear()
         self._scanned = 0
-        if self._orphan_error:
-            reason, self._orphan_error = f"{reason} after saying {self._orphan_error}", None
-        return SupervisorUnavailable(
-            f"lost the connection to the supervisor at {self.socket_path} ({reason}); "
-            "a request in flight may or may not have been carried out"
-        )
+        said, self._orphan_error = self._orphan_error, None
+        return _connection_error(self.socket_path, reason, said)
 
     # -- framing
 
@@ -319,15 +338,14 @@ class Client:
 
     def _file(self, msg: dict[str, Any]) -> None:
         rid = msg.get("id")
-        if rid is None and msg.get("ok") is False and self._awaiting:
-            # The server could not read the request's id (line_too_long, bad_json,
-            # forbidden); requests are read in order, so it is the oldest unanswered.
-            rid = next(iter(self._awaiting))
+        if rid is None:
+            rid = _culprit(msg, self._sizes)
         if rid is None and msg.get("ok") is False:
             self._orphan_error = _error(msg).args[0]  # e.g. forbidden, then the server hangs up
         if not isinstance(rid, int):
             return
         op = self._awaiting.pop(rid, None)
+        self._sizes.pop(rid, None)
         if op is None and rid not in self._streams:
             return  # a request given up on, or a stream closed by its reader
         if op == "watch" and msg.get("ok") is True:
@@ -355,6 +373,7 @@ class Client:
     def _forget(self, request_id: int) -> None:
         """Stop keeping messages for a request (given up on, or a stream closed early)."""
         self._awaiting.pop(request_id, None)
+        self._sizes.pop(request_id, None)
         self._streams.discard(request_id)
         self._inbox.pop(request_id, None)
         self._lost.discard(request_id)
@@ -368,6 +387,7 @@ class Client:
         self._next_id += 1
         rid = self._next_id
         self._awaiting[rid] = op
+        self._sizes[rid] = len(data)
         try:
             self._send_all(data)
         except BaseException:
@@ -420,22 +440,15 @@ class Client:
         """Send one request and return its whole reply (``{"id", "ok", KEY: DATA}``)."""
         return self._call(op, fields, self.timeout)
 
+    def _ask(self, op: str, key: str, **fields: Any) -> Any:
+        return self.request(op, **fields)[key]
+
     # -- jobs
 
-    def submit(
-        self,
-        task: str,
-        args: Mapping[str, Any] | None = None,
-        *,
-        queue: str | None = None,
-        priority: int | None = None,
-        delay: float | datetime | timedelta | None = None,
-        deadline: float | datetime | timedelta | None = None,
-        retries: int | None = None,
-        timeout: float | None = None,
-        key: str | None = None,
-        run_id: str | None = None,
-    ) -> JobHandle:
+    def submit(self, task: str, args: Mapping[str, Any] | None = None, *,
+               queue: str | None = None, priority: int | None = None, delay: When = None,
+               deadline: When = None, retries: int | None = None, timeout: float | None = None,
+               key: str | None = None, run_id: str | None = None) -> JobHandle:
         """Add a job; returns once it is committed. ``delay``/``deadline`` are seconds
         from now, or a datetime for an absolute time."""
         fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
@@ -443,19 +456,11 @@ class Client:
         reply = self.request("submit", **fields)
         return JobHandle(self, reply["job"], bool(reply.get("duplicate", False)))
 
-    def submit_many(
-        self,
-        task: str,
-        args_list: Iterable[Mapping[str, Any]],
-        *,
-        queue: str | None = None,
-        priority: int | None = None,
-        delay: float | datetime | timedelta | None = None,
-        deadline: float | datetime | timedelta | None = None,
-        retries: int | None = None,
-        timeout: float | None = None,
-        run_id: str | None = None,
-    ) -> list[JobHandle]:
+    def submit_many(self, task: str, args_list: Iterable[Mapping[str, Any]], *,
+                    queue: str | None = None, priority: int | None = None,
+                    delay: When = None, deadline: When = None, retries: int | None = None,
+                    timeout: float | None = None, run_id: str | None = None
+                    ) -> list[JobHandle]:
         """Add one job per args object, all or none, in one request (which must fit
         the server's line limit, 1 MiB by default)."""
         fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
@@ -464,21 +469,15 @@ class Client:
         return [JobHandle(self, job) for job in reply["jobs"]]
 
     def get(self, job_id: int) -> Job:
-        return cast("Job", self.request("get", job=job_id)["job"])
+        return cast("Job", self._ask("get", "job", job=job_id))
 
-    def list_jobs(
-        self,
-        status: str | None = None,
-        queue: str | None = None,
-        task: str | None = None,
-        run_id: str | None = None,
-        limit: int = 100,
-        before: int | None = None,
-    ) -> list[Job]:
+    def list_jobs(self, status: str | None = None, queue: str | None = None,
+                  task: str | None = None, run_id: str | None = None, limit: int = 100,
+                  before: int | None = None) -> list[Job]:
         """Jobs matching every filter given, newest first."""
         fields = _present(status=status, queue=queue, task=task, run_id=run_id, limit=limit,
                           before=before)
-        return cast("list[Job]", self.request("list", **fields)["jobs"])
+        return cast("list[Job]", self._ask("list", "jobs", **fields))
 
     def wait(self, job_id: int, timeout: float | None = None) -> Job:
         """The job once it has ended; TimeoutError if it does not end within ``timeout``."""
@@ -492,18 +491,18 @@ class Client:
         return cast("Job", reply["job"])
 
     def abort(self, job_id: int) -> Job:
-        return cast("Job", self.request("abort", job=job_id)["job"])
+        return cast("Job", self._ask("abort", "job", job=job_id))
 
     def abort_run(self, run_id: str) -> list[Job]:
-        return cast("list[Job]", self.request("abort_run", run_id=run_id)["jobs"])
+        return cast("list[Job]", self._ask("abort_run", "jobs", run_id=run_id))
 
     def retry(self, job_id: int) -> Job:
-        return cast("Job", self.request("retry", job=job_id)["job"])
+        return cast("Job", self._ask("retry", "job", job=job_id))
 
     def retry_all(self, status: str = "failed", queue: str | None = None,
                   task: str | None = None) -> list[Job]:
         fields = _present(status=status, queue=queue, task=task)
-        return cast("list[Job]", self.request("retry_all", **fields)["jobs"])
+        return cast("list[Job]", self._ask("retry_all", "jobs", **fields))
 
     def watch(self, job_id: int | None = None, queue: str | None = None,
               task: str | None = None, run_id: str | None = None) -> EventStream:
@@ -523,29 +522,29 @@ class Client:
     # -- control
 
     def scale(self, n: int) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.request("scale", n=n)["scale"])
+        return cast("Obj", self._ask("scale", "scale", n=n))
 
     def status(self) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.request("status")["status"])
+        return cast("Obj", self._ask("status", "status"))
 
     def stats(self, run_id: str | None = None) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.request("stats", **_present(run_id=run_id))["stats"])
+        return cast("Obj", self._ask("stats", "stats", **_present(run_id=run_id)))
 
     def pause(self, queue: str | None = None) -> list[str]:
-        return cast("list[str]", self.request("pause", **_present(queue=queue))["paused"])
+        return cast("list[str]", self._ask("pause", "paused", **_present(queue=queue)))
 
     def resume(self, queue: str | None = None) -> list[str]:
-        return cast("list[str]", self.request("resume", **_present(queue=queue))["paused"])
+        return cast("list[str]", self._ask("resume", "paused", **_present(queue=queue)))
 
     def reload(self) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.request("reload")["reload"])
+        return cast("Obj", self._ask("reload", "reload"))
 
     def stop(self, fast: bool = False) -> dict[str, Any]:
         """Ask the supervisor to stop: drain (like SIGTERM) or, with fast, like SIGQUIT."""
-        return cast("dict[str, Any]", self.request("stop", mode="fast" if fast else "drain")["stop"])
+        return cast("Obj", self._ask("stop", "stop", mode="fast" if fast else "drain"))
 
     def ping(self) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.request("ping")["pong"])
+        return cast("Obj", self._ask("ping", "pong"))
 
 
 class EventStream(Iterator[dict[str, Any]]):
@@ -596,7 +595,7 @@ class EventStream(Iterator[dict[str, Any]]):
             self._done = True
             self.client._forget(self.request_id)
 
-    def __enter__(self) -> EventStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -604,10 +603,8 @@ class EventStream(Iterator[dict[str, Any]]):
 
     def __del__(self) -> None:
         # An abandoned stream would otherwise keep every later event in memory.
-        try:
+        with contextlib.suppress(Exception):  # nothing may escape __del__
             self.close()
-        except Exception:
-            pass
 
 
 class JobHandle:
@@ -684,6 +681,7 @@ class AsyncClient:
         self._next_id = 0
         # Requests whose first reply has not come, in the order they were sent.
         self._futures: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._sizes: dict[int, int] = {}  # their line lengths, see _culprit
         self._streams: dict[int, asyncio.Queue[dict[str, Any] | _Lost]] = {}
         self._orphan_error: str | None = None  # an error the server sent for no request
 
@@ -693,7 +691,7 @@ class AsyncClient:
         await client._ensure_connected()
         return client
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         await self._ensure_connected()
         return self
 
@@ -731,17 +729,13 @@ class AsyncClient:
         task, self._reader_task = self._reader_task, None
         if task is not None and not task.done():
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
-            try:
+            with contextlib.suppress(OSError, RuntimeError):
                 await writer.wait_closed()
-            except (OSError, RuntimeError):
-                pass
         self._fail_all("the client closed it")
 
     async def _read_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -763,8 +757,6 @@ class AsyncClient:
             reason = "the client closed it"
             raise
         finally:
-            if self._orphan_error:
-                reason, self._orphan_error = f"{reason} after saying {self._orphan_error}", None
             if self._writer is writer:
                 self._writer = None
                 writer.close()
@@ -772,14 +764,14 @@ class AsyncClient:
 
     def _file(self, msg: dict[str, Any]) -> None:
         rid = msg.get("id")
-        if rid is None and msg.get("ok") is False and self._futures:
-            # See Client._file: an unreadable request is the oldest unanswered one.
-            rid = next(iter(self._futures))
+        if rid is None:
+            rid = _culprit(msg, self._sizes)
         if rid is None and msg.get("ok") is False:
             self._orphan_error = _error(msg).args[0]
         if not isinstance(rid, int):
             return
         future = self._futures.pop(rid, None)
+        self._sizes.pop(rid, None)
         if future is not None:
             if not future.done():
                 future.set_result(msg)
@@ -792,12 +784,14 @@ class AsyncClient:
 
     def _fail_all(self, reason: str) -> None:
         futures, self._futures = self._futures, {}
+        self._sizes.clear()
         streams, self._streams = self._streams, {}
+        said, self._orphan_error = self._orphan_error, None
         for future in futures.values():
             if not future.done():
-                future.set_exception(_unavailable(self.socket_path, f"connection lost: {reason}"))
+                future.set_exception(_connection_error(self.socket_path, reason, said))
         for queue in streams.values():
-            queue.put_nowait(_Lost(_unavailable(self.socket_path, f"connection lost: {reason}")))
+            queue.put_nowait(_Lost(_connection_error(self.socket_path, reason, said)))
 
     async def _send(self, op: str, fields: dict[str, Any], stream: bool = False
                     ) -> tuple[int, asyncio.Future[dict[str, Any]]]:
@@ -807,6 +801,7 @@ class AsyncClient:
         rid = self._next_id
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._futures[rid] = future
+        self._sizes[rid] = len(data)
         if stream:
             # Registered before sending: events may follow the first reply at once.
             self._streams[rid] = asyncio.Queue()
@@ -814,10 +809,14 @@ class AsyncClient:
             writer.write(data)
             await writer.drain()
         except OSError as exc:
-            self._futures.pop(rid, None)
-            self._streams.pop(rid, None)
+            self._forget(rid)
             raise _unavailable(self.socket_path, exc.strerror or str(exc)) from None
         return rid, future
+
+    def _forget(self, rid: int) -> None:
+        self._futures.pop(rid, None)
+        self._sizes.pop(rid, None)
+        self._streams.pop(rid, None)
 
     async def _call(self, op: str, fields: dict[str, Any], timeout: float | None,
                     stream: bool = False) -> tuple[int, dict[str, Any]]:
@@ -825,10 +824,8 @@ class AsyncClient:
         try:
             reply = await asyncio.wait_for(future, timeout)
         except BaseException:
-            self._streams.pop(rid, None)
+            self._forget(rid)
             raise
-        finally:
-            self._futures.pop(rid, None)
         if reply.get("ok") is False:
             self._streams.pop(rid, None)
             raise _error(reply)
@@ -838,60 +835,40 @@ class AsyncClient:
         """Send one request and return its whole reply (``{"id", "ok", KEY: DATA}``)."""
         return (await self._call(op, fields, self.timeout))[1]
 
+    async def _ask(self, op: str, key: str, **fields: Any) -> Any:
+        return (await self.request(op, **fields))[key]
+
     # -- jobs
 
-    async def submit(
-        self,
-        task: str,
-        args: Mapping[str, Any] | None = None,
-        *,
-        queue: str | None = None,
-        priority: int | None = None,
-        delay: float | datetime | timedelta | None = None,
-        deadline: float | datetime | timedelta | None = None,
-        retries: int | None = None,
-        timeout: float | None = None,
-        key: str | None = None,
-        run_id: str | None = None,
-    ) -> AsyncJobHandle:
+    async def submit(self, task: str, args: Mapping[str, Any] | None = None, *,
+                     queue: str | None = None, priority: int | None = None, delay: When = None,
+                     deadline: When = None, retries: int | None = None,
+                     timeout: float | None = None, key: str | None = None,
+                     run_id: str | None = None) -> AsyncJobHandle:
         fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
         fields.update(_present(task=task, args=_args(args), key=key))
         reply = await self.request("submit", **fields)
         return AsyncJobHandle(self, reply["job"], bool(reply.get("duplicate", False)))
 
-    async def submit_many(
-        self,
-        task: str,
-        args_list: Iterable[Mapping[str, Any]],
-        *,
-        queue: str | None = None,
-        priority: int | None = None,
-        delay: float | datetime | timedelta | None = None,
-        deadline: float | datetime | timedelta | None = None,
-        retries: int | None = None,
-        timeout: float | None = None,
-        run_id: str | None = None,
-    ) -> list[AsyncJobHandle]:
+    async def submit_many(self, task: str, args_list: Iterable[Mapping[str, Any]], *,
+                          queue: str | None = None, priority: int | None = None,
+                          delay: When = None, deadline: When = None, retries: int | None = None,
+                          timeout: float | None = None, run_id: str | None = None
+                          ) -> list[AsyncJobHandle]:
         fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
         reply = await self.request("submit_many", task=task, args=[_args(a) for a in args_list],
                                    **fields)
         return [AsyncJobHandle(self, job) for job in reply["jobs"]]
 
     async def get(self, job_id: int) -> Job:
-        return cast("Job", (await self.request("get", job=job_id))["job"])
+        return cast("Job", await self._ask("get", "job", job=job_id))
 
-    async def list_jobs(
-        self,
-        status: str | None = None,
-        queue: str | None = None,
-        task: str | None = None,
-        run_id: str | None = None,
-        limit: int = 100,
-        before: int | None = None,
-    ) -> list[Job]:
+    async def list_jobs(self, status: str | None = None, queue: str | None = None,
+                        task: str | None = None, run_id: str | None = None, limit: int = 100,
+                        before: int | None = None) -> list[Job]:
         fields = _present(status=status, queue=queue, task=task, run_id=run_id, limit=limit,
                           before=before)
-        return cast("list[Job]", (await self.request("list", **fields))["jobs"])
+        return cast("list[Job]", await self._ask("list", "jobs", **fields))
 
     async def wait(self, job_id: int, timeout: float | None = None) -> Job:
         try:
@@ -904,18 +881,18 @@ class AsyncClient:
         return cast("Job", reply["job"])
 
     async def abort(self, job_id: int) -> Job:
-        return cast("Job", (await self.request("abort", job=job_id))["job"])
+        return cast("Job", await self._ask("abort", "job", job=job_id))
 
     async def abort_run(self, run_id: str) -> list[Job]:
-        return cast("list[Job]", (await self.request("abort_run", run_id=run_id))["jobs"])
+        return cast("list[Job]", await self._ask("abort_run", "jobs", run_id=run_id))
 
     async def retry(self, job_id: int) -> Job:
-        return cast("Job", (await self.request("retry", job=job_id))["job"])
+        return cast("Job", await self._ask("retry", "job", job=job_id))
 
     async def retry_all(self, status: str = "failed", queue: str | None = None,
                         task: str | None = None) -> list[Job]:
         fields = _present(status=status, queue=queue, task=task)
-        return cast("list[Job]", (await self.request("retry_all", **fields))["jobs"])
+        return cast("list[Job]", await self._ask("retry_all", "jobs", **fields))
 
     def watch(self, job_id: int | None = None, queue: str | None = None,
               task: str | None = None, run_id: str | None = None) -> AsyncEventStream:
@@ -927,28 +904,28 @@ class AsyncClient:
     # -- control
 
     async def scale(self, n: int) -> dict[str, Any]:
-        return cast("dict[str, Any]", (await self.request("scale", n=n))["scale"])
+        return cast("Obj", await self._ask("scale", "scale", n=n))
 
     async def status(self) -> dict[str, Any]:
-        return cast("dict[str, Any]", (await self.request("status"))["status"])
+        return cast("Obj", await self._ask("status", "status"))
 
     async def stats(self, run_id: str | None = None) -> dict[str, Any]:
-        return cast("dict[str, Any]", (await self.request("stats", **_present(run_id=run_id)))["stats"])
+        return cast("Obj", await self._ask("stats", "stats", **_present(run_id=run_id)))
 
     async def pause(self, queue: str | None = None) -> list[str]:
-        return cast("list[str]", (await self.request("pause", **_present(queue=queue)))["paused"])
+        return cast("list[str]", await self._ask("pause", "paused", **_present(queue=queue)))
 
     async def resume(self, queue: str | None = None) -> list[str]:
-        return cast("list[str]", (await self.request("resume", **_present(queue=queue)))["paused"])
+        return cast("list[str]", await self._ask("resume", "paused", **_present(queue=queue)))
 
     async def reload(self) -> dict[str, Any]:
-        return cast("dict[str, Any]", (await self.request("reload"))["reload"])
+        return cast("Obj", await self._ask("reload", "reload"))
 
     async def stop(self, fast: bool = False) -> dict[str, Any]:
-        return cast("dict[str, Any]", (await self.request("stop", mode="fast" if fast else "drain"))["stop"])
+        return cast("Obj", await self._ask("stop", "stop", mode="fast" if fast else "drain"))
 
     async def ping(self) -> dict[str, Any]:
-        return cast("dict[str, Any]", (await self.request("ping"))["pong"])
+        return cast("Obj", await self._ask("ping", "pong"))
 
 
 class AsyncEventStream(AsyncIterator[dict[str, Any]]):
@@ -1008,17 +985,16 @@ class AsyncEventStream(AsyncIterator[dict[str, Any]]):
         """Stop keeping this stream's events."""
         self._close()
 
-    async def __aenter__(self) -> AsyncEventStream:
-        return await self.start()
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # nothing may escape __del__
             self._close()
-        except Exception:
-            pass
 
 
 class AsyncJobHandle:

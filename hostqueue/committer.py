@@ -64,8 +64,13 @@ class GroupCommitter:
         """Wait until everything added so far is committed."""
         if not self.batch.ops and not self._flushing:
             return
-        done = self.loop.create_future()
-        self.after_commit(lambda: done.done() or done.set_result(None))
+        done: asyncio.Future[None] = self.loop.create_future()
+
+        def release() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        self.after_commit(release)
         await done
 
     def _schedule(self) -> None:

@@ -173,7 +173,7 @@ class Operations:
         return self._submit(spec, [args], opts, many=False)
 
     async def _duplicate(self, job_id: int) -> dict[str, Any]:
-        job = await self.supervisor.committed_job(job_id)
+        job = await self.supervisor.actions.committed_job(job_id)
         if job is None:
             raise ProtocolError("store_error", f"the job {job_id} holding this key was not stored; submit again")
         return {"job": job, "duplicate": True}
@@ -193,7 +193,7 @@ class Operations:
                 assert jobs is not None
                 future.set_result({"job": jobs[0], "duplicate": False})
 
-        self.supervisor.submit_jobs(spec, args_list, opts, done)
+        self.supervisor.actions.submit_jobs(spec, args_list, opts, done)
         return future
 
     def op_submit_many(self, conn: "Connection", req: dict[str, Any]) -> Reply:
@@ -215,7 +215,7 @@ class Operations:
         return self._get(job_id)
 
     async def _get(self, job_id: int) -> dict[str, Any]:
-        job = await self.supervisor.committed_job(job_id)
+        job = await self.supervisor.actions.committed_job(job_id)
         if job is None:
             raise ProtocolError("not_found", f"no job has id {job_id}")
         job["attempt_log"] = await self.supervisor.store.attempts_of(job_id)
@@ -250,7 +250,7 @@ class Operations:
         return self._wait(job_id, timeout)
 
     async def _wait(self, job_id: int, timeout: float | None) -> dict[str, Any]:
-        return {"job": await self.supervisor.wait_job(job_id, timeout)}
+        return {"job": await self.supervisor.actions.wait_job(job_id, timeout)}
 
     def op_watch(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         job_id = _field(req, "job", int)
@@ -286,7 +286,7 @@ class Operations:
         conn.subscriptions.append(sub)
         job = None
         if sub.job_id is not None:
-            job = await sup.committed_job(sub.job_id)
+            job = await sup.actions.committed_job(sub.job_id)
             if job is None:
                 sup.events.unsubscribe(sub)
                 conn.subscriptions.remove(sub)
@@ -305,7 +305,7 @@ class Operations:
         return self._abort(job_id)
 
     async def _abort(self, job_id: int) -> dict[str, Any]:
-        return {"job": await self.supervisor.abort_job(job_id)}
+        return {"job": await self.supervisor.actions.abort_job(job_id)}
 
     def op_abort_run(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         run_id = _field(req, "run_id", str, required=True)
@@ -318,7 +318,7 @@ class Operations:
         jobs = []
         for job_id in await sup.store.unfinished_ids(run_id):
             try:
-                jobs.append(await sup.abort_job(job_id))
+                jobs.append(await sup.actions.abort_job(job_id))
             except ProtocolError:
                 continue  # it ended meanwhile
         return {"jobs": jobs}
@@ -330,7 +330,7 @@ class Operations:
 
     async def _retry(self, job_id: int) -> dict[str, Any]:
         self._check_accepting()
-        return {"job": await self.supervisor.retry_job(job_id)}
+        return {"job": await self.supervisor.actions.retry_job(job_id)}
 
     def op_retry_all(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         status = _field(req, "status", str, default="failed")
@@ -348,7 +348,7 @@ class Operations:
         jobs = []
         for job_id in await sup.store.ended_ids(status, queue, task):
             try:
-                jobs.append(await sup.retry_job(job_id))
+                jobs.append(await sup.actions.retry_job(job_id))
             except ProtocolError:
                 continue
         return {"jobs": jobs}
@@ -359,7 +359,7 @@ class Operations:
         return {"pong": {"pid": os.getpid(), "version": __version__, "state": self.supervisor.state.value}}
 
     def op_status(self, conn: "Connection", req: dict[str, Any]) -> Reply:
-        return {"status": self.supervisor.status()}
+        return {"status": self.supervisor.actions.status()}
 
     def op_stats(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         run_id = _field(req, "run_id", str)
@@ -383,12 +383,12 @@ class Operations:
     def op_pause(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         queue = _field(req, "queue", str)
         self._audit(conn, f"pause {queue or 'every queue'}")
-        return {"paused": self.supervisor.set_paused(queue, True)}
+        return {"paused": self.supervisor.actions.set_paused(queue, True)}
 
     def op_resume(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         queue = _field(req, "queue", str)
         self._audit(conn, f"resume {queue or 'every queue'}")
-        return {"paused": self.supervisor.set_paused(queue, False)}
+        return {"paused": self.supervisor.actions.set_paused(queue, False)}
 
     def op_reload(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         if self.supervisor.state is not SupervisorState.RUNNING:

@@ -11,8 +11,10 @@ jobs cost tens of megabytes, not hundreds.
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 from typing import Iterable
 
+PAYLOAD_CACHE = 100_000  # pending jobs whose row is kept in memory for dispatch
 PRIORITY_MIN = -(2**31)
 PRIORITY_MAX = 2**31 - 1
 _ID_BITS = 40
@@ -31,9 +33,10 @@ def unpack_id(packed: int) -> int:
 class ReadyIndex:
     def __init__(self) -> None:
         self.queues: dict[str, list[int]] = {}
-        # Ids taken out of the ready set other than by popping (abort, expiry):
-        # skipped when they reach the top of their heap.
-        self.removed: set[int] = set()
+        # Entries taken out other than by popping (abort, expiry), as id -> how
+        # many: skipped when they reach the top of their heap. The caller only
+        # discards a job that it knows is in this index (not delayed, not claimed).
+        self.removed: dict[int, int] = {}
         self.count = 0
 
     def push(self, queue: str, priority: int, job_id: int) -> None:
@@ -52,13 +55,17 @@ class ReadyIndex:
 
     def discard(self, job_id: int) -> None:
         """Forget a ready job lazily."""
-        self.removed.add(job_id)
+        self.removed[job_id] = self.removed.get(job_id, 0) + 1
+        self.count -= 1
 
     def _clean_top(self, heap: list[int]) -> None:
         removed = self.removed
         while heap and removed and unpack_id(heap[0]) in removed:
-            removed.discard(unpack_id(heapq.heappop(heap)))
-            self.count -= 1
+            job_id = unpack_id(heapq.heappop(heap))
+            if removed[job_id] == 1:
+                del removed[job_id]
+            else:
+                removed[job_id] -= 1
 
     def pop(self, paused: frozenset[str] | set[str]) -> tuple[str, int] | None:
         """The next job to run across queues that are not paused: (queue, job id)."""
@@ -83,7 +90,7 @@ class ReadyIndex:
         if "*" in paused:
             return 0
         if not paused:
-            return self.count - len(self.removed)
+            return self.count
         return sum(len(h) for q, h in self.queues.items() if q not in paused)
 
     def __len__(self) -> int:
@@ -91,17 +98,33 @@ class ReadyIndex:
 
 
 class TimedHeap:
-    """(when, job id) pairs, earliest first; the owner arms one loop timer for ``next_due``."""
+    """(when, job id) pairs, earliest first; the owner arms one loop timer for ``next_due``.
+
+    Membership is exact (``job_id in heap``), so discarding a job that is not
+    here does nothing.
+    """
 
     def __init__(self) -> None:
         self.heap: list[tuple[float, int]] = []
+        self.members: set[int] = set()
         self.removed: set[int] = set()
 
     def push(self, when: float, job_id: int) -> None:
+        if job_id in self.members:
+            raise ValueError(f"job {job_id} is already timed")
+        self.removed.discard(job_id)
         heapq.heappush(self.heap, (when, job_id))
+        self.members.add(job_id)
 
-    def discard(self, job_id: int) -> None:
+    def discard(self, job_id: int) -> bool:
+        if job_id not in self.members:
+            return False
+        self.members.remove(job_id)
         self.removed.add(job_id)
+        return True
+
+    def __contains__(self, job_id: int) -> bool:
+        return job_id in self.members
 
     def next_due(self) -> float | None:
         heap = self.heap
@@ -117,8 +140,27 @@ class TimedHeap:
             if job_id in self.removed:
                 self.removed.discard(job_id)
                 continue
+            self.members.discard(job_id)
             out.append(job_id)
         return out
 
     def __len__(self) -> int:
-        return len(self.heap)
+        return len(self.members)
+
+
+@dataclass(slots=True)
+class Payload:
+    """What dispatch needs of a pending job, kept for jobs seen in this run."""
+
+    task: str
+    queue: str
+    args: str
+    attempts: int
+    max_attempts: int
+    timeout: float | None
+    priority: int
+    run_id: str | None
+    key: str | None
+    created_at: float
+    run_at: float
+    deadline: float | None

@@ -432,7 +432,8 @@ class Store:
         limit: int = 100,
         before: int | None = None,
     ) -> list[dict[str, Any]]:
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         for column, value in (("status", status), ("queue", queue), ("task", task), ("run_id", run_id)):
             if value is not None:
                 where.append(f"{column} = ?")

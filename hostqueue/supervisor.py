@@ -27,8 +27,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
@@ -38,7 +37,8 @@ from .committer import GroupCommitter
 from .errors import ProtocolError
 from .events import EventHub
 from .pool import RunningJob, Spawner, WorkerHandle, describe_exit
-from .readyindex import ReadyIndex, TimedHeap
+from .actions import ABORT_GRACE, Actions
+from .readyindex import Payload, ReadyIndex, TimedHeap
 from .settings import SupervisorConfig
 from .states import JobStatus, SupervisorState, WorkerState
 from .store import Store, StoreError, StoreLock, StoreLocked
@@ -46,35 +46,15 @@ from .worker import EXIT_BOOT_ERROR
 
 log = logging.getLogger("hostqueue.supervisor")
 
-PAYLOAD_CACHE = 100_000  # pending jobs whose row is kept in memory for dispatch
 RECENT_FINALS = 20_000  # final states remembered to answer races without a read
 PROGRESS_SAMPLE_INTERVAL = 0.1  # DESIGN: at least every 250 ms while a job runs
 PROGRESS_PERSIST_INTERVAL = 1.0
-ABORT_GRACE = 10.0
 # After the soft limit (TimeLimit raised in the task) a job gets this long to
 # clean up before its worker is killed.
 TIME_LIMIT_GRACE = 2.0
 SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP,
 )
-
-
-@dataclass(slots=True)
-class Payload:
-    """What dispatch needs of a pending job, kept for jobs seen in this run."""
-
-    task: str
-    queue: str
-    args: str
-    attempts: int
-    max_attempts: int
-    timeout: float | None
-    priority: int
-    run_id: str | None
-    key: str | None
-    created_at: float
-    run_at: float
-    deadline: float | None
 
 
 def error_json(error: dict[str, Any] | None) -> str | None:
@@ -96,11 +76,11 @@ class Supervisor:
         self.ready = ReadyIndex()
         self.delayed = TimedHeap()
         self.deadlines = TimedHeap()
-        self.deadline_ids: set[int] = set()
         self.payloads: dict[int, Payload] = {}
         self.keys: dict[str, int] = {}
         self.running: dict[int, RunningJob] = {}
         self.claiming: set[int] = set()
+        self.claim_aborts: set[int] = set()
         self.recent_finals: collections.OrderedDict[int, str] = collections.OrderedDict()
         self.workers: dict[int, WorkerHandle] = {}
         self.target = 0
@@ -132,6 +112,7 @@ class Supervisor:
         self.control: Any = None
         self.stopped: asyncio.Future[int]
         self.notifier = sdnotify.Notifier.from_environment()
+        self.actions = Actions(self)
 
     # == start and stop =========================================================
 
@@ -232,7 +213,6 @@ class Supervisor:
                 self.delayed.push(row.run_at, row.id)
             if row.deadline is not None:
                 self.deadlines.push(row.deadline, row.id)
-                self.deadline_ids.add(row.id)
             if row.key is not None:
                 self.keys[row.key] = row.id
         self.ready.bulk_load(ready_rows)
@@ -472,9 +452,8 @@ class Supervisor:
         idle = [w for w in self.workers.values() if w.state is WorkerState.IDLE and w.transport]
         if not idle:
             return
-        available = self.ready.available(self.paused)
-        if available <= 0:
-            return
+        # The count is a hint for batch sizes; pop() is the truth.
+        available = max(self.ready.available(self.paused), 1)
         per_worker = max(1, min(self.config.prefetch, -(-available // len(idle))))
         now = time.time()
         for worker in idle:
@@ -540,13 +519,16 @@ class Supervisor:
             )
             self.running[job_id] = rj
             worker.jobs[job_id] = rj
-            if job_id in self.deadline_ids:
-                self.deadline_ids.discard(job_id)
-                self.deadlines.discard(job_id)
+            if job_id in self.claim_aborts:
+                self.claim_aborts.discard(job_id)
+                rj.abort_requested = True
+                self.committer.add("request_abort", (job_id,))
+            self.deadlines.discard(job_id)
             self.committer.add("claim", (attempt, now, worker.pid, job_id))
             messages.append(
                 {"id": job_id, "task": p.task, "args": p.args, "attempt": attempt,
-                 "max_attempts": p.max_attempts, "timeout": p.timeout}
+                 "max_attempts": p.max_attempts, "timeout": p.timeout,
+                 "abort": rj.abort_requested}
             )
             if watch and self.events.wants(job_id):
                 self.events.publish(
@@ -699,7 +681,10 @@ class Supervisor:
         jobs = await self.store.get_jobs(ids)
         for job_id in ids:
             job = jobs.get(job_id)
-            if job is None or job["status"] != JobStatus.PENDING.value or job_id in self.running:
+            if (
+                job is None or job["status"] != JobStatus.PENDING.value
+                or job_id in self.running or job_id in self.recent_finals
+            ):
                 continue
             self.ready.push(job["queue"], job["priority"], job_id)
         self._wake_dispatch()
@@ -719,20 +704,18 @@ class Supervisor:
         self._deadline_timer = None
         now = time.time()
         for job_id in self.deadlines.pop_due(now):
-            if job_id not in self.deadline_ids:
-                continue
-            self.deadline_ids.discard(job_id)
+            if job_id in self.claiming or job_id in self.running:
+                continue  # it is starting: the deadline was met
             self._cancel_pending(job_id, JobStatus.EXPIRED, now,
                                  {"type": "Expired", "message": "deadline passed before the job could start", "traceback": None})
         self._arm_deadline_timer()
 
     def _cancel_pending(self, job_id: int, status: JobStatus, now: float, error: dict[str, Any] | None) -> None:
         """A pending job ends without running (abort, deadline)."""
-        self.ready.discard(job_id)
-        self.delayed.discard(job_id)
-        if job_id in self.deadline_ids:
-            self.deadline_ids.discard(job_id)
-            self.deadlines.discard(job_id)
+        # It is either delayed or ready (the caller checked it is not running).
+        if not self.delayed.discard(job_id):
+            self.ready.discard(job_id)
+        self.deadlines.discard(job_id)
         payload = self.payloads.get(job_id)
         key = payload.key if payload else next((k for k, v in self.keys.items() if v == job_id), None)
         self.committer.add("cancel_pending", (status.value, now, error_json(error), job_id))
@@ -822,116 +805,6 @@ class Supervisor:
             self._title = title
             set_title(title)
 
-    # == operations used by the control plane ======================================
-
-    def submit_jobs(
-        self,
-        spec: registry.TaskSpec,
-        args_list: list[dict[str, Any]],
-        options: dict[str, Any],
-        on_done: Callable[[list[dict[str, Any]] | None, BaseException | None], None],
-    ) -> None:
-        """Add jobs; on_done(jobs, None) after COMMIT, or on_done(None, error)."""
-        now = time.time()
-        queue = options.get("queue") or spec.queue
-        priority = options["priority"] if options.get("priority") is not None else spec.priority
-        retries = options["retries"] if options.get("retries") is not None else spec.retries
-        timeout = options["timeout"] if options.get("timeout") is not None else spec.timeout
-        run_at = options.get("run_at") or now
-        deadline = options.get("deadline")
-        key = options.get("key")
-        run_id = options.get("run_id")
-        rows = []
-        jobs = []
-        for args in args_list:
-            job_id = self.next_id
-            self.next_id += 1
-            args_text = orjson.dumps(args).decode()
-            rows.append(
-                (job_id, spec.name, queue, args_text, retries + 1, priority, key, run_id,
-                 now, run_at, deadline, timeout)
-            )
-            jobs.append(
-                {"id": job_id, "task": spec.name, "queue": queue, "status": "pending",
-                 "args": args, "result": None, "error": None, "attempts": 0,
-                 "max_attempts": retries + 1, "priority": priority, "progress": None,
-                 "progress_message": None, "key": key, "run_id": run_id, "created_at": now,
-                 "started_at": None, "finished_at": None, "run_at": run_at,
-                 "deadline": deadline, "timeout": timeout, "abort_requested": False,
-                 "worker_pid": None}
-            )
-        if key is not None:
-            self.keys[key] = jobs[0]["id"]
-
-        def committed() -> None:
-            cache = len(self.payloads) < PAYLOAD_CACHE
-            t = time.time()
-            for row in rows:
-                job_id = row[0]
-                if cache:
-                    self.payloads[job_id] = Payload(
-                        spec.name, queue, row[3], 0, retries + 1, timeout, priority, run_id,
-                        key, now, run_at, deadline,
-                    )
-                if deadline is not None:
-                    self.deadlines.push(deadline, job_id)
-                    self.deadline_ids.add(job_id)
-                self._enqueue(job_id, queue, priority, run_at, t)
-            if deadline is not None:
-                self._arm_deadline_timer()
-            self.counters["submitted"] += len(rows)
-            if self.events.everything:
-                for job in jobs:
-                    self.events.publish(
-                        {"event": "submitted", "job_id": job["id"], "job": job}, queue, spec.name, run_id
-                    )
-            on_done(jobs, None)
-
-        def failed(exc: BaseException) -> None:
-            if key is not None and self.keys.get(key) == jobs[0]["id"]:
-                del self.keys[key]
-            on_done(None, exc)
-
-        self.committer.add_submit(rows, committed, failed)
-
-    async def committed_job(self, job_id: int) -> dict[str, Any] | None:
-        """The job as the store has it once our writes so far are committed."""
-        rj = self.running.get(job_id)
-        await self.committer.barrier()
-        job = await self.store.get_job(job_id)
-        rj = self.running.get(job_id)
-        if job is not None and rj is not None:
-            job.update(progress=rj.progress, progress_message=rj.progress_message,
-                       abort_requested=rj.abort_requested)
-        return job
-
-    async def abort_job(self, job_id: int) -> dict[str, Any]:
-        job = await self.committed_job(job_id)
-        if job is None:
-            raise ProtocolError("not_found", f"no job has id {job_id}")
-        now = time.time()
-        if job_id in self.running or job_id in self.claiming:
-            self._request_abort(job_id)
-        elif job_id in self.recent_finals or job["status"] not in ("pending", "running"):
-            status = self.recent_finals.get(job_id, job["status"])
-            raise ProtocolError("invalid_state", f"job {job_id} has already ended ({status}); nothing to abort")
-        elif job["status"] == "pending":
-            self._cancel_pending(job_id, JobStatus.CANCELLED, now,
-                                 {"type": "Aborted", "message": "aborted before it started", "traceback": None})
-        return await self.committed_job(job_id) or job
-
-    def _request_abort(self, job_id: int) -> None:
-        rj = self.running.get(job_id)
-        if rj is None:
-            return
-        if not rj.abort_requested:
-            rj.abort_requested = True
-            self.committer.add("request_abort", (job_id,))
-            worker = self.workers.get(rj.worker_pid)
-            if worker is not None:
-                worker.send({"t": "abort", "id": job_id})
-                self.loop.call_later(ABORT_GRACE, self._abort_overdue, worker, job_id)
-
     def _time_limit_overdue(self, worker: WorkerHandle, rj: RunningJob, ran: float) -> None:
         if worker.killed_for is not None:
             return
@@ -953,98 +826,6 @@ class Supervisor:
             worker.killed_for = "abort"
             worker.kill(signal.SIGKILL)
 
-    async def wait_job(self, job_id: int, timeout: float | None) -> dict[str, Any]:
-        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-        self.waiters.setdefault(job_id, []).append(fut)
-        try:
-            job = await self.committed_job(job_id)
-            if job is None:
-                raise ProtocolError("not_found", f"no job has id {job_id}")
-            if job["status"] in ("completed", "failed", "cancelled", "expired"):
-                return job
-            try:
-                return await asyncio.wait_for(asyncio.shield(fut), timeout)
-            except asyncio.TimeoutError:
-                raise ProtocolError("timeout", f"job {job_id} did not end within {timeout:g} s") from None
-        finally:
-            waiters = self.waiters.get(job_id)
-            if waiters and fut in waiters:
-                waiters.remove(fut)
-                if not waiters:
-                    del self.waiters[job_id]
-
-    async def retry_job(self, job_id: int) -> dict[str, Any]:
-        job = await self.committed_job(job_id)
-        if job is None:
-            raise ProtocolError("not_found", f"no job has id {job_id}")
-        if job["status"] not in ("failed", "cancelled", "expired"):
-            raise ProtocolError(
-                "invalid_state",
-                f"job {job_id} is {job['status']}; only failed, cancelled or expired jobs can be retried",
-            )
-        if job["key"] is not None and job["key"] in self.keys:
-            raise ProtocolError(
-                "invalid_state", f"job {self.keys[job['key']]} with the same key {job['key']!r} is unfinished"
-            )
-        now = time.time()
-        self.committer.add("revive", (now, job_id))
-        self.recent_finals.pop(job_id, None)
-        if job["key"] is not None:
-            self.keys[job["key"]] = job_id
-        self.payloads[job_id] = Payload(
-            job["task"], job["queue"], orjson.dumps(job["args"]).decode(), 0, job["max_attempts"],
-            job["timeout"], job["priority"], job["run_id"], job["key"], job["created_at"], now,
-            job["deadline"],
-        )
-        await self.committer.barrier()
-        self._enqueue(job_id, job["queue"], job["priority"], now, time.time())
-        return await self.committed_job(job_id) or job
-
-    def set_paused(self, queue: str | None, paused: bool) -> list[str]:
-        name = queue or "*"
-        if paused:
-            self.paused.add(name)
-        elif queue is None:
-            self.paused.clear()
-        else:
-            self.paused.discard(name)
-        self.committer.add("save_setting", Store.setting_params("paused", sorted(self.paused)))
-        if not paused:
-            self._wake_dispatch()
-        return sorted(self.paused)
-
-    def status(self) -> dict[str, Any]:
-        workers = []
-        for w in sorted(self.workers.values(), key=lambda w: w.number):
-            rss, cpu = w.resources()
-            current = None
-            if w.jobs and w.slot >= 0:
-                reading = self.board.read(w.slot)
-                current = reading.job_id if reading and reading.job_id in w.jobs else next(iter(w.jobs))
-            state = w.state.value
-            if w.state is WorkerState.BUSY and not w.jobs:
-                state = "busy"
-            workers.append(
-                {"pid": w.pid, "number": w.number, "state": state, "job": current,
-                 "held": len(w.jobs), "jobs_done": w.jobs_done, "rss": rss, "cpu_percent": cpu}
-            )
-        return {
-            "pid": os.getpid(),
-            "version": __version__,
-            "uptime": time.time() - self.started,
-            "store": os.path.abspath(self.config.store),
-            "socket": os.path.abspath(self.config.socket_path),
-            "state": "draining" if self.state is not SupervisorState.RUNNING else "running",
-            "workers": workers,
-            "target_workers": self.target,
-            "paused": sorted(self.paused),
-            "running_jobs": len(self.running),
-            "ready_jobs": self.ready.available(set()),
-            "pool_error": self.pool_error,
-            "store_error": self.committer.last_error,
-            "counters": dict(self.counters),
-        }
-
 
 def set_title(title: str) -> None:
     try:
@@ -1065,12 +846,8 @@ def setup_logging(level: str) -> None:
 def run_supervisor(config: SupervisorConfig) -> int:
     """Run a supervisor until it stops; return the process exit code."""
     setup_logging(config.log_level)
-    try:
-        import uvloop
+    import uvloop
 
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        runner = asyncio.run
     supervisor = Supervisor(config)
     set_title(f"hostqueue supervisor {os.path.abspath(config.store)} [starting]")
-    return int(runner(supervisor.run()))
+    return int(uvloop.run(supervisor.run()))

@@ -1,0 +1,243 @@
+"""What the supervisor does for its clients: submit, abort, wait, retry, pause, status.
+
+A mixin of ``Supervisor``, kept apart so that supervisor.py holds the loop, the
+pool and dispatch, and this module holds the actions the control plane asks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import orjson
+
+from . import __version__, registry
+from .errors import ProtocolError
+from .states import JobStatus, SupervisorState, WorkerState
+from .readyindex import PAYLOAD_CACHE, Payload
+from .store import Store
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+
+ABORT_GRACE = 10.0  # a running job gets this long to honour an abort before its worker is replaced
+
+
+class Actions:
+    """The supervisor's answers to client requests; ``sup`` is the supervisor."""
+
+    def __init__(self, sup: "Supervisor") -> None:
+        self.sup = sup
+
+    def submit_jobs(
+        self,
+        spec: registry.TaskSpec,
+        args_list: list[dict[str, Any]],
+        options: dict[str, Any],
+        on_done: Callable[[list[dict[str, Any]] | None, BaseException | None], None],
+    ) -> None:
+        """Add jobs; on_done(jobs, None) after COMMIT, or on_done(None, error)."""
+        now = time.time()
+        queue = options.get("queue") or spec.queue
+        priority = options["priority"] if options.get("priority") is not None else spec.priority
+        retries = options["retries"] if options.get("retries") is not None else spec.retries
+        timeout = options["timeout"] if options.get("timeout") is not None else spec.timeout
+        run_at = options.get("run_at") or now
+        deadline = options.get("deadline")
+        key = options.get("key")
+        run_id = options.get("run_id")
+        rows = []
+        jobs = []
+        for args in args_list:
+            job_id = self.sup.next_id
+            self.sup.next_id += 1
+            args_text = orjson.dumps(args).decode()
+            rows.append(
+                (job_id, spec.name, queue, args_text, retries + 1, priority, key, run_id,
+                 now, run_at, deadline, timeout)
+            )
+            jobs.append(
+                {"id": job_id, "task": spec.name, "queue": queue, "status": "pending",
+                 "args": args, "result": None, "error": None, "attempts": 0,
+                 "max_attempts": retries + 1, "priority": priority, "progress": None,
+                 "progress_message": None, "key": key, "run_id": run_id, "created_at": now,
+                 "started_at": None, "finished_at": None, "run_at": run_at,
+                 "deadline": deadline, "timeout": timeout, "abort_requested": False,
+                 "worker_pid": None}
+            )
+        first_id = int(rows[0][0])
+        if key is not None:
+            self.sup.keys[key] = first_id
+
+        def committed() -> None:
+            cache = len(self.sup.payloads) < PAYLOAD_CACHE
+            t = time.time()
+            for row in rows:
+                job_id = row[0]
+                if cache:
+                    self.sup.payloads[job_id] = Payload(
+                        spec.name, queue, row[3], 0, retries + 1, timeout, priority, run_id,
+                        key, now, run_at, deadline,
+                    )
+                if deadline is not None:
+                    self.sup.deadlines.push(deadline, job_id)
+                self.sup._enqueue(job_id, queue, priority, run_at, t)
+            if deadline is not None:
+                self.sup._arm_deadline_timer()
+            self.sup.counters["submitted"] += len(rows)
+            if self.sup.events.everything:
+                for job in jobs:
+                    self.sup.events.publish(
+                        {"event": "submitted", "job_id": job["id"], "job": job}, queue, spec.name, run_id
+                    )
+            on_done(jobs, None)
+
+        def failed(exc: BaseException) -> None:
+            if key is not None and self.sup.keys.get(key) == first_id:
+                del self.sup.keys[key]
+            on_done(None, exc)
+
+        self.sup.committer.add_submit(rows, committed, failed)
+
+    async def committed_job(
+        self, job_id: int) -> dict[str, Any] | None:
+        """The job as the store has it once our writes so far are committed."""
+        rj = self.sup.running.get(job_id)
+        await self.sup.committer.barrier()
+        job = await self.sup.store.get_job(job_id)
+        rj = self.sup.running.get(job_id)
+        if job is not None and rj is not None:
+            job.update(progress=rj.progress, progress_message=rj.progress_message,
+                       abort_requested=rj.abort_requested)
+        return job
+
+    async def abort_job(
+        self, job_id: int) -> dict[str, Any]:
+        job = await self.committed_job(job_id)
+        if job is None:
+            raise ProtocolError("not_found", f"no job has id {job_id}")
+        now = time.time()
+        if job_id in self.sup.claiming:
+            self.sup.claim_aborts.add(job_id)
+        elif job_id in self.sup.running:
+            self._request_abort(job_id)
+        elif job_id in self.sup.recent_finals or job["status"] not in ("pending", "running"):
+            status = self.sup.recent_finals.get(job_id, job["status"])
+            raise ProtocolError("invalid_state", f"job {job_id} has already ended ({status}); nothing to abort")
+        elif job["status"] == "pending":
+            self.sup._cancel_pending(job_id, JobStatus.CANCELLED, now,
+                                 {"type": "Aborted", "message": "aborted before it started", "traceback": None})
+        return await self.committed_job(job_id) or job
+
+    def _request_abort(
+        self, job_id: int) -> None:
+        rj = self.sup.running.get(job_id)
+        if rj is None:
+            return
+        if not rj.abort_requested:
+            rj.abort_requested = True
+            self.sup.committer.add("request_abort", (job_id,))
+            worker = self.sup.workers.get(rj.worker_pid)
+            if worker is not None:
+                worker.send({"t": "abort", "id": job_id})
+                self.sup.loop.call_later(ABORT_GRACE, self.sup._abort_overdue, worker, job_id)
+
+    async def wait_job(
+        self, job_id: int, timeout: float | None) -> dict[str, Any]:
+        fut: asyncio.Future[dict[str, Any]] = self.sup.loop.create_future()
+        self.sup.waiters.setdefault(job_id, []).append(fut)
+        try:
+            job = await self.committed_job(job_id)
+            if job is None:
+                raise ProtocolError("not_found", f"no job has id {job_id}")
+            if job["status"] in ("completed", "failed", "cancelled", "expired"):
+                return job
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                raise ProtocolError("timeout", f"job {job_id} did not end within {timeout:g} s") from None
+        finally:
+            waiters = self.sup.waiters.get(job_id)
+            if waiters and fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    del self.sup.waiters[job_id]
+
+    async def retry_job(
+        self, job_id: int) -> dict[str, Any]:
+        job = await self.committed_job(job_id)
+        if job is None:
+            raise ProtocolError("not_found", f"no job has id {job_id}")
+        if job["status"] not in ("failed", "cancelled", "expired"):
+            raise ProtocolError(
+                "invalid_state",
+                f"job {job_id} is {job['status']}; only failed, cancelled or expired jobs can be retried",
+            )
+        if job["key"] is not None and job["key"] in self.sup.keys:
+            raise ProtocolError(
+                "invalid_state", f"job {self.sup.keys[job['key']]} with the same key {job['key']!r} is unfinished"
+            )
+        now = time.time()
+        self.sup.committer.add("revive", (now, job_id))
+        self.sup.recent_finals.pop(job_id, None)
+        if job["key"] is not None:
+            self.sup.keys[job["key"]] = job_id
+        self.sup.payloads[job_id] = Payload(
+            job["task"], job["queue"], orjson.dumps(job["args"]).decode(), 0, job["max_attempts"],
+            job["timeout"], job["priority"], job["run_id"], job["key"], job["created_at"], now,
+            job["deadline"],
+        )
+        await self.sup.committer.barrier()
+        self.sup._enqueue(job_id, job["queue"], job["priority"], now, time.time())
+        return await self.committed_job(job_id) or job
+
+    def set_paused(
+        self, queue: str | None, paused: bool) -> list[str]:
+        name = queue or "*"
+        if paused:
+            self.sup.paused.add(name)
+        elif queue is None:
+            self.sup.paused.clear()
+        else:
+            self.sup.paused.discard(name)
+        self.sup.committer.add("save_setting", Store.setting_params("paused", sorted(self.sup.paused)))
+        if not paused:
+            self.sup._wake_dispatch()
+        return sorted(self.sup.paused)
+
+    def status(self) -> dict[str, Any]:
+        workers = []
+        for w in sorted(self.sup.workers.values(), key=lambda w: w.number):
+            rss, cpu = w.resources()
+            current = None
+            if w.jobs and w.slot >= 0:
+                reading = self.sup.board.read(w.slot)
+                current = reading.job_id if reading and reading.job_id in w.jobs else next(iter(w.jobs))
+            state = w.state.value
+            if w.state is WorkerState.BUSY and not w.jobs:
+                state = "busy"
+            workers.append(
+                {"pid": w.pid, "number": w.number, "state": state, "job": current,
+                 "held": len(w.jobs), "jobs_done": w.jobs_done, "rss": rss, "cpu_percent": cpu}
+            )
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime": time.time() - self.sup.started,
+            "store": os.path.abspath(self.sup.config.store),
+            "socket": os.path.abspath(self.sup.config.socket_path),
+            "state": "draining" if self.sup.state is not SupervisorState.RUNNING else "running",
+            "workers": workers,
+            "target_workers": self.sup.target,
+            "paused": sorted(self.sup.paused),
+            "running_jobs": len(self.sup.running),
+            "ready_jobs": self.sup.ready.available(set()),
+            "pool_error": self.sup.pool_error,
+            "store_error": self.sup.committer.last_error,
+            "counters": dict(self.sup.counters),
+        }
+
+
