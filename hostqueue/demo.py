@@ -157,7 +157,9 @@ def _package_root() -> str:
 
 
 def _start_supervisor(directory: str, workers: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
+    # The demo passes every setting it needs as a flag; settings meant for the user's
+    # own supervisor ($HOSTQUEUE_PREFETCH, ...) stay out of it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOSTQUEUE_")}
     # The child must import this same hostqueue, also when it runs from a checkout.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "hostqueue", "run",
@@ -201,8 +203,8 @@ def _run_jobs(client: Client, stream: EventStream, jobs: int, workers: int, out:
               run_id: str) -> Board:
     board = Board(jobs, out, out.isatty())
     rng = random.Random(7)
-    args = [{"image": f"photo-{i:04d}.jpg", "steps": rng.randint(3, 8),
-             "delay": round(rng.uniform(0.01, 0.03), 3)} for i in range(jobs)]
+    args = [{"image": f"photo-{i:04d}.jpg", "steps": rng.randint(3, 6),
+             "delay": round(rng.uniform(0.01, 0.02), 3)} for i in range(jobs)]
     _show_workers(board, client, "pool")
     for start in range(0, jobs, SUBMIT_BATCH):
         client.submit_many(TASK, args[start:start + SUBMIT_BATCH], run_id=run_id)
@@ -232,6 +234,7 @@ def _run_jobs(client: Client, stream: EventStream, jobs: int, workers: int, out:
             _show_workers(board, client, label)
         board.render()
     board.render(force=True)
+    _show_workers(board, client, "pool at the end")
     return board
 
 
@@ -308,11 +311,12 @@ def run_demo(jobs: int = 300, workers: int = 2, keep: bool = False,
         tail = _tail(log_path)
         if tail:
             out.write(f"last lines of {log_path}:\n{tail}\n")
-        keep = True  # leave the evidence
     finally:
         if proc is not None:
             _kill(proc)
-        if keep:
+        if code not in (0, 130):
+            out.write(f"kept {directory} to look into\n")  # the evidence stays
+        elif keep:
             out.write(f"store kept: {store} (log: {log_path})\n  look inside: "
                       f"hostqueue run --store {store} --tasks hostqueue.demo_tasks &\n"
                       f"               hostqueue job --socket {socket_path} list\n")

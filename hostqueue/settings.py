@@ -6,6 +6,7 @@ Precedence: command-line flag, then environment variable, then the default.
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,18 +39,19 @@ class Setting:
     default: Any
     env: str
     help: str
+    toml: str = ""  # "section.key" in the configuration file
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("store", str, DEFAULT_STORE, "HOSTQUEUE_STORE", "path of the SQLite store"),
-    Setting("socket", str, None, "HOSTQUEUE_SOCKET", "path of the control socket (default: next to the store)"),
-    Setting("workers", int, None, "HOSTQUEUE_WORKERS", "worker processes (default: the size kept in the store, else the CPU count)"),
-    Setting("tasks", list, (), "HOSTQUEUE_TASKS", "task modules to import (module names or .py paths; comma-separated in the environment)"),
-    Setting("grace", float, DEFAULT_GRACE, "HOSTQUEUE_GRACE", "seconds running jobs get to finish on SIGTERM"),
-    Setting("prefetch", int, MAX_PREFETCH, "HOSTQUEUE_PREFETCH", "jobs a worker may hold at once (1..8); 1 for long jobs"),
-    Setting("durability", str, "normal", "HOSTQUEUE_DURABILITY", "'normal' (WAL, synchronous=NORMAL) or 'full' (fsync every commit)"),
-    Setting("max_line", int, DEFAULT_MAX_LINE, "HOSTQUEUE_MAX_LINE", "longest request line the socket accepts, in bytes"),
-    Setting("log_level", str, "info", "HOSTQUEUE_LOG_LEVEL", "debug, info, warning or error"),
+    Setting("store", str, DEFAULT_STORE, "HOSTQUEUE_STORE", "path of the SQLite store", "store.path"),
+    Setting("socket", str, None, "HOSTQUEUE_SOCKET", "path of the control socket (default: next to the store)", "socket.path"),
+    Setting("workers", int, None, "HOSTQUEUE_WORKERS", "worker processes (default: the size kept in the store, else the CPU count)", "workers.count"),
+    Setting("tasks", list, (), "HOSTQUEUE_TASKS", "task modules to import (module names or .py paths; comma-separated in the environment)", "tasks.modules"),
+    Setting("grace", float, DEFAULT_GRACE, "HOSTQUEUE_GRACE", "seconds running jobs get to finish on SIGTERM", "shutdown.grace"),
+    Setting("prefetch", int, MAX_PREFETCH, "HOSTQUEUE_PREFETCH", "jobs a worker may hold at once (1..8); 1 for long jobs", "workers.prefetch"),
+    Setting("durability", str, "normal", "HOSTQUEUE_DURABILITY", "'normal' (WAL, synchronous=NORMAL) or 'full' (fsync every commit)", "store.durability"),
+    Setting("max_line", int, DEFAULT_MAX_LINE, "HOSTQUEUE_MAX_LINE", "longest request line the socket accepts, in bytes", "socket.max_line"),
+    Setting("log_level", str, "info", "HOSTQUEUE_LOG_LEVEL", "debug, info, warning or error", "logging.level"),
 )
 
 
@@ -68,7 +70,8 @@ class SupervisorConfig:
     durability: str = "normal"
     max_line: int = DEFAULT_MAX_LINE
     log_level: str = "info"
-    extra: dict[str, Any] = field(default_factory=dict)
+    config_path: str | None = None
+    flags: dict[str, Any] = field(default_factory=dict)
 
     @property
     def socket_path(self) -> str:
@@ -95,12 +98,57 @@ class SupervisorConfig:
         return self
 
 
-def from_environment(**flags: Any) -> SupervisorConfig:
-    """Build a config from flags (None = not given) over $HOSTQUEUE_* over defaults."""
+def read_config_file(path: str) -> dict[str, Any]:
+    """Settings from a TOML file, by setting name. Raises SettingsError naming the key."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"configuration file {path} does not exist") from None
+    except OSError as exc:
+        raise SettingsError(f"cannot read configuration file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"configuration file {path} is not valid TOML: {exc}") from None
+    by_key = {s.toml: s for s in SETTINGS}
     values: dict[str, Any] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise SettingsError(f"{path}: '{section}' must be a table like [{section}]")
+        for key, value in table.items():
+            dotted = f"{section}.{key}"
+            setting = by_key.get(dotted)
+            if setting is None:
+                known = ", ".join(sorted(by_key))
+                raise SettingsError(f"{path}: unknown key '{dotted}'; known keys: {known}")
+            values[setting.name] = _coerce(setting, value, f"{path}: '{dotted}'")
+    return values
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list of strings"}
+
+
+def _coerce(setting: Setting, value: Any, where: str) -> Any:
+    if setting.type is list:
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise SettingsError(f"{where} must be a list of strings, got {value!r}")
+    if setting.type is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, setting.type) or isinstance(value, bool):
+        raise SettingsError(f"{where} must be {_TYPE_NAMES[setting.type]}, got {value!r}")
+    return value
+
+
+def from_environment(config: str | None = None, **flags: Any) -> SupervisorConfig:
+    """Build a config: flags (None = not given) over $HOSTQUEUE_* over the file over defaults."""
+    config_path = config or os.environ.get("HOSTQUEUE_CONFIG") or None
+    values: dict[str, Any] = read_config_file(config_path) if config_path else {}
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}
     for s in SETTINGS:
-        flag = flags.get(s.name)
-        if flag is not None and flag != ():
+        flag = given.get(s.name)
+        if flag is not None:
             values[s.name] = tuple(flag) if s.type is list else flag
             continue
         raw = os.environ.get(s.env)
@@ -112,5 +160,10 @@ def from_environment(**flags: Any) -> SupervisorConfig:
             else:
                 values[s.name] = s.type(raw)
         except ValueError:
-            raise SettingsError(f"${s.env} must be a {s.type.__name__}, got {raw!r}") from None
-    return SupervisorConfig(**values).validate()
+            raise SettingsError(f"${s.env} must be {_TYPE_NAMES[s.type]}, got {raw!r}") from None
+    return SupervisorConfig(**values, config_path=config_path, flags=given).validate()
+
+
+def reread(config: SupervisorConfig) -> SupervisorConfig:
+    """The configuration again, as at start (same flags), with the file read anew (SIGHUP)."""
+    return from_environment(config.config_path, **config.flags)

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from . import __version__, registry, sdnotify
+from . import __version__, registry, sdnotify, settings
 from .board import Board
 from .committer import GroupCommitter
 from .errors import ProtocolError
@@ -316,12 +316,27 @@ class Supervisor:
         return previous
 
     def reload(self) -> dict[str, Any]:
+        """Re-read the configuration and task modules, then replace every worker."""
         try:
-            tasks = registry.load_task_modules(self.config.tasks)
+            config = settings.reread(self.config)
+        except settings.SettingsError as exc:
+            raise ProtocolError("bad_request", f"reload refused, the running configuration stays: {exc}") from None
+        for name in ("store", "socket", "durability", "max_line"):
+            if getattr(config, name) != getattr(self.config, name):
+                log.warning("reload: '%s' changed; it takes effect at the next start", name)
+                setattr(config, name, getattr(self.config, name))
+        try:
+            tasks = registry.load_task_modules(config.tasks)
         except registry.TaskModuleError as exc:
             raise ProtocolError("bad_request", f"reload refused, the running tasks stay: {exc}") from None
-        self.tasks = tasks
         self.notifier.notify("RELOADING=1")
+        self.config = config
+        self.tasks = tasks
+        # The pool keeps its size (scaled at run time, perhaps) unless the file names one.
+        file_workers = settings.read_config_file(config.config_path).get("workers") if config.config_path else None
+        if file_workers is not None and file_workers != self.target:
+            self.target = file_workers
+            self.committer.add("save_setting", Store.setting_params("workers", self.target))
         old = [w for w in self.workers.values() if w.state is not WorkerState.RETIRING]
         for worker in old:
             self._retire(worker, drop_queued=True)
