@@ -33,13 +33,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _version() -> str:
-    try:
+    import hostqueue
+
+    version = getattr(hostqueue, "__version__", None)
+    if version:
+        return str(version)
+    try:  # slower: reads the installed distributions
         return importlib.metadata.version("hostqueue")
     except importlib.metadata.PackageNotFoundError:
-        # Run from a checkout (bin/hostqueue): the package may say it itself.
-        import hostqueue
-
-        return str(getattr(hostqueue, "__version__", "unknown"))
+        return "unknown"
 
 
 # ---------------------------------------------------------------------------

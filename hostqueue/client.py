@@ -55,8 +55,8 @@ When = float | datetime | timedelta | None
 FINAL_EVENTS = frozenset(s.value for s in FINAL_STATES)
 
 READ_CHUNK = 256 * 1024
-# A reply carries at most a page of jobs; 16 MiB is far above any real line, and the
-# asyncio reader needs some bound.
+# The asyncio reader needs a bound on a line. 16 MiB holds a page of thousands of jobs;
+# a longer reply ends the connection with an error that says so.
 STREAM_LIMIT = 16 * 1024 * 1024
 # When a `wait` has its own timeout, the server answers `timeout` itself; the client
 # only gives up this much later, in case the server never answers at all.

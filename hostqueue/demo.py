@@ -30,6 +30,10 @@ SUBMIT_BATCH = 1000  # jobs per submit_many: keeps each request line well under 
 RUNNING_LINES = 8  # running jobs shown under the overall bar
 
 
+def _workers(n: int) -> str:
+    return f"{n} worker" if n == 1 else f"{n} workers"
+
+
 class DemoError(Exception):
     """The demo could not go on; the message says why."""
 
@@ -95,7 +99,7 @@ class Board:
         fraction = self.finished / self.total
         head = (f"jobs {format_bar(fraction, 30)} {self.finished:>{len(str(self.total))}}/"
                 f"{self.total} {fraction * 100:3.0f}%  failed {self.failed}  "
-                f"retried {self.retries}  {rate:6.1f} jobs/s  {self.workers} workers")
+                f"retried {self.retries}  {rate:6.1f} jobs/s  {_workers(self.workers)}")
         lines = [head]
         # A worker claims several jobs ahead (prefetch); those that have reported
         # progress are the ones actually executing.
@@ -133,7 +137,7 @@ class Board:
             active = sum(1 for r in self.running.values() if r.get("active"))
             self.out.write(f"[{elapsed:6.1f}s] {self.finished}/{self.total} finished "
                            f"({self.failed} failed, {self.retries} retried), "
-                           f"{active} running, {self.workers} workers\n")
+                           f"{active} running, {_workers(self.workers)}\n")
         self.out.flush()
 
     def _erase(self) -> None:
@@ -196,7 +200,7 @@ def _show_workers(board: Board, client: Client, label: str) -> None:
     workers = status.get("workers") or []
     board.workers = len(workers)
     pids = ", ".join(f"{w.get('pid')} ({w.get('state')})" for w in workers) or "none"
-    board.log(f"{label}: {len(workers)} workers: {pids}")
+    board.log(f"{label}: {_workers(len(workers))}: {pids}")
 
 
 def _run_jobs(client: Client, stream: EventStream, jobs: int, workers: int, out: IO[str],

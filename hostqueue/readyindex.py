@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Iterable
 
 PAYLOAD_CACHE = 100_000  # pending jobs whose row is kept in memory for dispatch
 PRIORITY_MIN = -(2**31)
@@ -46,12 +45,13 @@ class ReadyIndex:
         heapq.heappush(heap, pack(priority, job_id))
         self.count += 1
 
-    def bulk_load(self, rows: Iterable[tuple[str, int, int]]) -> None:
-        for queue, priority, job_id in rows:
-            self.queues.setdefault(queue, []).append(pack(priority, job_id))
-            self.count += 1
-        for heap in self.queues.values():
+    def bulk_load(self, packed_by_queue: dict[str, list[int]]) -> None:
+        """Take lists of packed keys (the lists become the heaps)."""
+        for queue, packed in packed_by_queue.items():
+            heap = self.queues.setdefault(queue, [])
+            heap.extend(packed)
             heapq.heapify(heap)
+            self.count += len(packed)
 
     def discard(self, job_id: int) -> None:
         """Forget a ready job lazily."""
@@ -146,6 +146,11 @@ class TimedHeap:
 
     def __len__(self) -> int:
         return len(self.members)
+
+    def bulk_load(self, pairs: list[tuple[float, int]]) -> None:
+        self.heap.extend(pairs)
+        heapq.heapify(self.heap)
+        self.members.update(job_id for _, job_id in pairs)
 
 
 @dataclass(slots=True)

@@ -201,14 +201,12 @@ def job_row_to_dict(row: tuple[Any, ...] | sqlite3.Row) -> dict[str, Any]:
     return job
 
 
-@dataclass(frozen=True)
-class PendingRow:
-    id: int
-    queue: str
-    priority: int
-    run_at: float
-    deadline: float | None
-    key: str | None
+@dataclass
+class PendingSet:
+    ready: dict[str, list[int]] = field(default_factory=dict)  # queue -> packed keys
+    delayed: list[tuple[float, int]] = field(default_factory=list)
+    deadlines: list[tuple[float, int]] = field(default_factory=list)
+    keys: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -350,13 +348,33 @@ class Store:
 
         return await self._run(recover)
 
-    async def load_pending(self) -> list[PendingRow]:
-        def load(conn: sqlite3.Connection) -> list[PendingRow]:
-            rows = conn.execute(
-                "SELECT id, queue, priority, run_at, deadline, key FROM jobs"
-                " WHERE status = 'pending'"
-            ).fetchall()
-            return [PendingRow(*r) for r in rows]
+    async def load_pending(
+        self, now: float, pack: Callable[[int, int], int]
+    ) -> "PendingSet":
+        """Every pending job, in the compact shapes the ready index keeps, read in chunks
+        so a million rows never exist as Python objects at once."""
+
+        def load(conn: sqlite3.Connection) -> PendingSet:
+            out = PendingSet()
+            cursor = conn.execute(
+                "SELECT id, queue, priority, run_at, deadline, key FROM jobs WHERE status = 'pending'"
+            )
+            while True:
+                rows = cursor.fetchmany(10_000)
+                if not rows:
+                    return out
+                for job_id, queue, priority, run_at, deadline, key in rows:
+                    if run_at <= now:
+                        heap = out.ready.get(queue)
+                        if heap is None:
+                            heap = out.ready[queue] = []
+                        heap.append(pack(priority, job_id))
+                    else:
+                        out.delayed.append((run_at, job_id))
+                    if deadline is not None:
+                        out.deadlines.append((deadline, job_id))
+                    if key is not None:
+                        out.keys[key] = job_id
 
         return await self._run(load)
 

@@ -38,7 +38,7 @@ from .errors import ProtocolError
 from .events import EventHub
 from .pool import RunningJob, Spawner, WorkerHandle, describe_exit
 from .actions import ABORT_GRACE, Actions
-from .readyindex import Payload, ReadyIndex, TimedHeap
+from .readyindex import Payload, ReadyIndex, TimedHeap, pack
 from .settings import SupervisorConfig
 from .states import JobStatus, SupervisorState, WorkerState
 from .store import Store, StoreError, StoreLock, StoreLocked
@@ -205,17 +205,12 @@ class Supervisor:
         else:
             self.target = int(settings.get("workers", os.cpu_count() or 2))
         self.paused = set(settings.get("paused", []))
-        ready_rows = []
-        for row in await self.store.load_pending():
-            if row.run_at <= now:
-                ready_rows.append((row.queue, row.priority, row.id))
-            else:
-                self.delayed.push(row.run_at, row.id)
-            if row.deadline is not None:
-                self.deadlines.push(row.deadline, row.id)
-            if row.key is not None:
-                self.keys[row.key] = row.id
-        self.ready.bulk_load(ready_rows)
+        pending = await self.store.load_pending(now, pack)
+        self.ready.bulk_load(pending.ready)
+        self.delayed.bulk_load(pending.delayed)
+        self.deadlines.bulk_load(pending.deadlines)
+        self.keys = pending.keys
+        del pending
 
     def _record_signal(self, signum: int) -> None:
         # Only record; the loop acts on it (no work in handler context).
