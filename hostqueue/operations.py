@@ -167,10 +167,32 @@ class Operations:
         opts = self._submit_options(req)
         sup = self.supervisor
         key = opts["key"]
+        key_ttl = _field(req, "key_ttl", float)
+        if key_ttl is not None and (key is None or key_ttl <= 0):
+            raise ProtocolError("bad_request", "field 'key_ttl' needs a 'key' and must be > 0 seconds")
         if key is not None and key in sup.keys:
             existing = sup.keys[key]
             return self._duplicate(existing)
+        if key_ttl is not None:
+            return self._submit_cached(spec, args, opts, key, key_ttl)
         return self._submit(spec, [args], opts, many=False)
+
+    async def _submit_cached(
+        self, spec: Any, args: dict[str, Any], opts: dict[str, Any], key: str, key_ttl: float
+    ) -> dict[str, Any]:
+        """A completed job with this key, finished within key_ttl seconds, answers instead."""
+        sup = self.supervisor
+        await sup.committer.barrier()
+        done = await sup.store.completed_with_key(key, time.time() - key_ttl)
+        if key in sup.keys:  # a submit with this key got in while we read
+            return await self._duplicate(sup.keys[key])
+        if done is not None:
+            return {"job": done, "duplicate": True}
+        self._check_accepting()
+        reply = self._submit(spec, [args], opts, many=False)
+        assert isinstance(reply, asyncio.Future)
+        result: dict[str, Any] = await reply
+        return result
 
     async def _duplicate(self, job_id: int) -> dict[str, Any]:
         job = await self.supervisor.actions.committed_job(job_id)

@@ -73,6 +73,8 @@ class RunningJob:
     progress_message: str | None = None
     progress_dirty: bool = False
     board_seq: int = -1
+    cpu_seconds: float | None = None
+    peak_rss: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         import orjson

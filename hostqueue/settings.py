@@ -52,6 +52,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("durability", str, "normal", "HOSTQUEUE_DURABILITY", "'normal' (WAL, synchronous=NORMAL) or 'full' (fsync every commit)", "store.durability"),
     Setting("max_line", int, DEFAULT_MAX_LINE, "HOSTQUEUE_MAX_LINE", "longest request line the socket accepts, in bytes", "socket.max_line"),
     Setting("log_level", str, "info", "HOSTQUEUE_LOG_LEVEL", "debug, info, warning or error", "logging.level"),
+    Setting("retention_completed", float, 86400.0, "HOSTQUEUE_RETENTION_COMPLETED", "seconds a completed job is kept (0: forever)", "retention.completed"),
+    Setting("retention_failed", float, 7 * 86400.0, "HOSTQUEUE_RETENTION_FAILED", "seconds a failed job is kept (0: forever)", "retention.failed"),
+    Setting("retention_cancelled", float, 86400.0, "HOSTQUEUE_RETENTION_CANCELLED", "seconds a cancelled job is kept (0: forever)", "retention.cancelled"),
+    Setting("retention_expired", float, 86400.0, "HOSTQUEUE_RETENTION_EXPIRED", "seconds an expired job is kept (0: forever)", "retention.expired"),
 )
 
 
@@ -70,12 +74,25 @@ class SupervisorConfig:
     durability: str = "normal"
     max_line: int = DEFAULT_MAX_LINE
     log_level: str = "info"
+    retention_completed: float = 86400.0
+    retention_failed: float = 7 * 86400.0
+    retention_cancelled: float = 86400.0
+    retention_expired: float = 86400.0
     config_path: str | None = None
     flags: dict[str, Any] = field(default_factory=dict)
 
     @property
     def socket_path(self) -> str:
         return self.socket or default_socket_for(self.store)
+
+    def retention(self) -> dict[str, float]:
+        """Seconds each final state is kept, for the states not kept forever."""
+        out = {}
+        for state in ("completed", "failed", "cancelled", "expired"):
+            seconds = float(getattr(self, f"retention_{state}"))
+            if seconds > 0:
+                out[state] = seconds
+        return out
 
     def validate(self) -> "SupervisorConfig":
         if self.workers is not None and not 0 <= self.workers <= MAX_WORKERS:
@@ -88,6 +105,9 @@ class SupervisorConfig:
             raise SettingsError(f"durability must be 'normal' or 'full', got {self.durability!r}")
         if self.max_line < 1024:
             raise SettingsError(f"max_line must be at least 1024 bytes, got {self.max_line}")
+        for state in ("completed", "failed", "cancelled", "expired"):
+            if getattr(self, f"retention_{state}") < 0:
+                raise SettingsError(f"retention_{state} must be >= 0 seconds (0 keeps forever)")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise SettingsError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         if len(os.fsencode(os.path.abspath(self.socket_path))) > 107:

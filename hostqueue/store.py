@@ -31,6 +31,7 @@ JOB_COLUMNS = (
     "id", "task", "queue", "status", "args", "result", "error", "attempts", "max_attempts",
     "priority", "progress", "progress_message", "key", "run_id", "created_at", "started_at",
     "finished_at", "run_at", "deadline", "timeout", "abort_requested", "worker_pid",
+    "cpu_seconds", "peak_rss",
 )
 _SELECT_JOB = "SELECT " + ", ".join(JOB_COLUMNS) + " FROM jobs"
 
@@ -87,6 +88,21 @@ MIGRATIONS: list[tuple[str, str]] = [
         ) WITHOUT ROWID;
         """,
     ),
+    (
+        "resources per attempt, and completed jobs by key for result caching",
+        """
+        ALTER TABLE jobs ADD COLUMN cpu_seconds REAL;
+        ALTER TABLE jobs ADD COLUMN peak_rss INTEGER;
+        ALTER TABLE attempts ADD COLUMN cpu_seconds REAL;
+        ALTER TABLE attempts ADD COLUMN peak_rss INTEGER;
+        CREATE INDEX jobs_key_completed ON jobs (key, finished_at)
+            WHERE key IS NOT NULL AND status = 'completed';
+        -- Retention: the oldest finished jobs of each state.
+        DROP INDEX jobs_finished;
+        CREATE INDEX jobs_status_finished ON jobs (status, finished_at)
+            WHERE finished_at IS NOT NULL;
+        """,
+    ),
 ]
 
 # The statements a WriteBatch can carry, by intention.
@@ -102,8 +118,8 @@ WRITES: dict[str, str] = {
     ),
     "finish": (
         "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ?,"
-        " progress = COALESCE(?, progress), progress_message = COALESCE(?, progress_message)"
-        " WHERE id = ?"
+        " progress = COALESCE(?, progress), progress_message = COALESCE(?, progress_message),"
+        " cpu_seconds = ?, peak_rss = ? WHERE id = ?"
     ),
     "retry_later": (
         "UPDATE jobs SET status = 'pending', run_at = ?, error = ?, worker_pid = NULL"
@@ -125,8 +141,10 @@ WRITES: dict[str, str] = {
     "record_progress": "UPDATE jobs SET progress = ?, progress_message = ? WHERE id = ?",
     "record_attempt": (
         "INSERT OR REPLACE INTO attempts (job_id, attempt, status, error, worker_pid,"
-        " started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " started_at, finished_at, cpu_seconds, peak_rss) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
     ),
+    "forget_jobs": "DELETE FROM jobs WHERE id = ?",
+    "forget_attempts": "DELETE FROM attempts WHERE job_id = ?",
     "save_setting": "INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)",
 }
 
@@ -532,16 +550,66 @@ class Store:
         totals["queues"] = queues
         return totals
 
+    async def completed_with_key(self, key: str, since: float) -> dict[str, Any] | None:
+        """The newest job with this key that completed at or after ``since`` (result caching)."""
+
+        def fetch(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+            row: tuple[Any, ...] | None = conn.execute(
+                _SELECT_JOB + " WHERE key = ? AND status = 'completed' AND finished_at >= ?"
+                " ORDER BY finished_at DESC LIMIT 1",
+                (key, since),
+            ).fetchone()
+            return row
+
+        row = await self._run(fetch)
+        return job_row_to_dict(row) if row else None
+
+    async def expired_finished(self, cutoffs: dict[str, float], limit: int) -> list[int]:
+        """Ids of up to ``limit`` finished jobs older than their state's cutoff time."""
+
+        def fetch(conn: sqlite3.Connection) -> list[int]:
+            ids: list[int] = []
+            for status, cutoff in cutoffs.items():
+                if len(ids) >= limit:
+                    break
+                ids.extend(
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
+                        " AND status = ? LIMIT ?",
+                        (cutoff, status, limit - len(ids)),
+                    )
+                )
+            return ids
+
+        return await self._run(fetch)
+
+    async def oldest_finished(self, states: list[str]) -> dict[str, float]:
+        """The oldest finished_at of each given state that has finished jobs."""
+
+        def fetch(conn: sqlite3.Connection) -> dict[str, float]:
+            out = {}
+            for status in states:
+                row = conn.execute(
+                    "SELECT MIN(finished_at) FROM jobs WHERE finished_at IS NOT NULL AND status = ?",
+                    (status,),
+                ).fetchone()
+                if row[0] is not None:
+                    out[status] = float(row[0])
+            return out
+
+        return await self._run(fetch)
+
     async def attempts_of(self, job_id: int) -> list[dict[str, Any]]:
         def fetch(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
             return conn.execute(
-                "SELECT attempt, status, error, worker_pid, started_at, finished_at"
-                " FROM attempts WHERE job_id = ? ORDER BY attempt",
+                "SELECT attempt, status, error, worker_pid, started_at, finished_at,"
+                " cpu_seconds, peak_rss FROM attempts WHERE job_id = ? ORDER BY attempt",
                 (job_id,),
             ).fetchall()
 
         out = []
-        for attempt, status, error, pid, started, finished in await self._run(fetch):
+        for attempt, status, error, pid, started, finished, cpu, rss in await self._run(fetch):
             out.append(
                 {
                     "attempt": attempt,
@@ -551,6 +619,8 @@ class Store:
                     "started_at": started,
                     "finished_at": finished,
                     "duration": (finished - started) if started and finished else None,
+                    "cpu_seconds": cpu,
+                    "peak_rss": rss,
                 }
             )
         return out

@@ -52,6 +52,7 @@ PROGRESS_PERSIST_INTERVAL = 1.0
 # After the soft limit (TimeLimit raised in the task) a job gets this long to
 # clean up before its worker is killed.
 TIME_LIMIT_GRACE = 2.0
+RETENTION_BATCH = 500  # rows deleted per transaction, so dispatch never waits long
 SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP,
 )
@@ -101,6 +102,9 @@ class Supervisor:
         self._sampler: asyncio.TimerHandle | None = None
         self._spawn_timer: asyncio.TimerHandle | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
+        self._retention_timer: asyncio.TimerHandle | None = None
+        self._retention_at = 0.0
+        self._retention_sweeping = False
         self._last_progress_write = 0.0
         self._announce: dict[int, str] = {}
         self._announce_armed = False
@@ -168,6 +172,7 @@ class Supervisor:
         self._manage_workers()
         self._arm_delay_timer()
         self._arm_deadline_timer()
+        self.loop.create_task(self._rearm_retention())
         self._wake_dispatch()
         self._update_title()
         log.info(
@@ -266,7 +271,7 @@ class Supervisor:
         self.notifier.notify("STOPPING=1\nSTATUS=draining")
         busy = sum(1 for w in self.workers.values() if w.jobs)
         log.info("draining: %d jobs running on %d workers, grace %.1f s", len(self.running), busy, grace)
-        for timer in (self._delay_timer, self._deadline_timer, self._spawn_timer):
+        for timer in (self._delay_timer, self._deadline_timer, self._spawn_timer, self._retention_timer):
             if timer is not None:
                 timer.cancel()
         for worker in list(self.workers.values()):
@@ -339,6 +344,10 @@ class Supervisor:
         self.spawn_blocked_until = 0.0
         self.pool_error = None
         self._manage_workers()
+        if self._retention_timer is not None:
+            self._retention_timer.cancel()
+            self._retention_timer = None
+        self.loop.create_task(self._rearm_retention())
         log.info("reloaded: %d tasks, replacing %d workers", len(tasks), len(old))
         self.notifier.notify("READY=1")
         return {"workers": self.target, "tasks": sorted(tasks)}
@@ -562,6 +571,7 @@ class Supervisor:
             worker.jobs_done += 1
             if o.get("p") is not None:
                 rj.progress, rj.progress_message = o["p"], o.get("pm")
+            rj.cpu_seconds, rj.peak_rss = o.get("cpu"), o.get("rss")
             status = o["s"]
             if status == "ok":
                 self._finish(rj, JobStatus.COMPLETED, o.get("r"), None, now)
@@ -589,13 +599,16 @@ class Supervisor:
     ) -> None:
         self.committer.add(
             "finish",
-            (status.value, result, error_json(error), now, rj.progress, rj.progress_message, rj.id),
+            (status.value, result, error_json(error), now, rj.progress, rj.progress_message,
+             rj.cpu_seconds, rj.peak_rss, rj.id),
         )
-        if error is not None:
+        # The attempt log keeps every failed attempt, and the last one of a job that
+        # needed several; a job done at the first try has its figures on its row.
+        if error is not None or rj.attempt > 1:
             self.committer.add(
                 "record_attempt",
                 (rj.id, rj.attempt, status.value, error_json(error), rj.worker_pid,
-                 attempt_started or rj.claimed_at, now),
+                 attempt_started or rj.claimed_at, now, rj.cpu_seconds, rj.peak_rss),
             )
         self._forget(rj.id, rj.key, status)
         self.counters[status.value] += 1
@@ -607,6 +620,9 @@ class Supervisor:
         if key is not None and self.keys.get(key) == job_id:
             del self.keys[key]
         self.payloads.pop(job_id, None)
+        keep = self.config.retention().get(status.value)
+        if keep is not None:
+            self._arm_retention(time.time() + keep)
         self.recent_finals[job_id] = status.value
         if len(self.recent_finals) > RECENT_FINALS:
             self.recent_finals.popitem(last=False)
@@ -633,7 +649,7 @@ class Supervisor:
         self.committer.add(
             "record_attempt",
             (rj.id, rj.attempt, "retrying", error_json(error), rj.worker_pid,
-             attempt_started or rj.claimed_at, now),
+             attempt_started or rj.claimed_at, now, rj.cpu_seconds, rj.peak_rss),
         )
         self.counters["retried"] += 1
         self._make_pending(rj, rj.attempt, run_at)
@@ -732,6 +748,56 @@ class Supervisor:
         self._forget(job_id, key, status)
         self.counters[status.value] += 1
         self._announce_after_commit(job_id, status.value)
+
+    def _arm_retention(self, when: float) -> None:
+        """One timer for the earliest moment a finished job is due for deletion."""
+        if self.state is not SupervisorState.RUNNING or self._retention_sweeping:
+            return
+        if self._retention_timer is not None:
+            if self._retention_at <= when:
+                return
+            self._retention_timer.cancel()
+        self._retention_at = when
+        self._retention_timer = self.loop.call_later(
+            max(0.0, when - time.time()), lambda: self.loop.create_task(self._sweep_retention())
+        )
+
+    async def _sweep_retention(self) -> None:
+        """Delete finished jobs past their retention, a batch per transaction."""
+        self._retention_timer = None
+        self._retention_sweeping = True
+        deleted = 0
+        try:
+            while self.state is SupervisorState.RUNNING:
+                now = time.time()
+                cutoffs = {state: now - keep for state, keep in self.config.retention().items()}
+                ids = await self.store.expired_finished(cutoffs, RETENTION_BATCH)
+                for job_id in ids:
+                    self.committer.add("forget_attempts", (job_id,))
+                    self.committer.add("forget_jobs", (job_id,))
+                await self.committer.barrier()
+                deleted += len(ids)
+                if len(ids) < RETENTION_BATCH:
+                    break
+        except StoreError as exc:
+            log.error("retention sweep failed: %s", exc)
+        finally:
+            self._retention_sweeping = False
+        if deleted:
+            log.info("retention: deleted %d finished jobs", deleted)
+        await self._rearm_retention()
+
+    async def _rearm_retention(self) -> None:
+        retention = self.config.retention()
+        if not retention:
+            return
+        try:
+            oldest = await self.store.oldest_finished(list(retention))
+        except StoreError as exc:
+            log.error("cannot read finished jobs for retention: %s", exc)
+            return
+        if oldest:
+            self._arm_retention(min(oldest[s] + retention[s] for s in oldest))
 
     def _sample_progress(self) -> None:
         self._sampler = None

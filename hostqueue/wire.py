@@ -11,7 +11,8 @@ Messages are small dicts with a type in "t":
 An OUTCOME is {"id", "s": "ok" | "error" | "retry" | "permanent" | "aborted" | "timeout",
 "r": result as JSON text or null, "e": {"type", "message", "traceback"} or null,
 "d": retry delay in seconds or null, "st": started, "ft": finished,
-"p": last progress fraction or null, "pm": last progress message or null}.
+"p": last progress fraction or null, "pm": last progress message or null,
+"cpu": CPU seconds of the attempt, "rss": peak RSS in bytes (attempts over 1 ms) or absent}.
 """
 
 from __future__ import annotations

@@ -62,6 +62,39 @@ def set_title(text: str) -> None:
         pass
 
 
+class PeakMemory:
+    """Peak RSS of this process since the last reset (Linux VmHWM, reset via clear_refs)."""
+
+    def __init__(self) -> None:
+        try:
+            self._status = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+            self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            self._status = self._clear = -1
+        self.reset()
+
+    def reset(self) -> None:
+        if self._clear >= 0:
+            try:
+                os.write(self._clear, b"5")
+            except OSError:
+                self._clear = -1
+
+    def read(self) -> int | None:
+        if self._status < 0:
+            return None
+        data = os.pread(self._status, 8192, 0)
+        start = data.find(b"VmHWM:")
+        if start < 0:
+            return None
+        return int(data[start + 6 : data.index(b"kB", start)]) * 1024
+
+
+# Attempts shorter than this report CPU time but not peak memory: reading it
+# costs more than a no-op job.
+PEAK_MIN_DURATION = 0.001
+
+
 def error_dict(exc: BaseException, with_traceback: bool = True) -> dict[str, Any]:
     return {
         "type": type(exc).__name__,
@@ -84,6 +117,7 @@ class Worker:
         self.send_lock = threading.Lock()
         self.outbox: list[dict[str, Any]] = []
         self.outbox_since = 0.0
+        self.peak = PeakMemory()
 
     # -- pipe ---------------------------------------------------------------
 
@@ -176,6 +210,7 @@ class Worker:
         if self.slot is not None:
             self.slot.begin(job_id)
         started = time.time()
+        cpu_started = time.process_time()
         outcome: dict[str, Any] = {"id": job_id, "st": started}
         ctx: JobContext | None = None
         timeout = job.get("timeout")
@@ -230,9 +265,11 @@ class Worker:
         finally:
             with self.cond:
                 self.current_id = 0
-        if ctx is not None and outcome.get("s") == "ok" and self.current_abort.is_set():
-            pass  # finished despite the abort request: it completed
-        outcome["ft"] = time.time()
+        finished = outcome["ft"] = time.time()
+        outcome["cpu"] = time.process_time() - cpu_started
+        if finished - started >= PEAK_MIN_DURATION:
+            outcome["rss"] = self.peak.read()
+            self.peak.reset()
         if ctx is not None:
             outcome["p"], outcome["pm"] = ctx.last_progress
         if self.slot is not None:
