@@ -919,9 +919,23 @@ def setup_logging(level: str) -> None:
     )
 
 
+def raise_fd_limit(wanted: int = 65536) -> None:
+    """Thousands of clients, plus two descriptors per worker, need more than the usual 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d: %s", soft, exc)
+
+
 def run_supervisor(config: SupervisorConfig) -> int:
     """Run a supervisor until it stops; return the process exit code."""
     setup_logging(config.log_level)
+    raise_fd_limit()
     import uvloop
 
     supervisor = Supervisor(config)
