@@ -175,7 +175,7 @@ def format_jobs(jobs: Sequence[Job]) -> str:
 # Fields of a job shown first by `job show`, in this order; times get a date.
 _JOB_FIELDS = ("id", "task", "status", "queue", "priority", "attempts", "progress", "args",
                "result", "key", "run_id", "created_at", "run_at", "started_at", "finished_at",
-               "deadline", "timeout", "abort_requested", "worker_pid")
+               "deadline", "timeout", "abort_requested", "worker_pid", "cpu_seconds", "peak_rss")
 _TIME_FIELDS = {"created_at", "run_at", "started_at", "finished_at"}
 
 
@@ -199,6 +199,8 @@ def format_job(job: Mapping[str, Any]) -> str:
             text = format_time(value)
         elif name == "deadline" and isinstance(value, (int, float)) and value > 1e9:
             text = format_time(value)  # an absolute time rather than seconds
+        elif name in ("cpu_seconds", "peak_rss"):
+            text = _resource(name, value)
         elif isinstance(value, (dict, list)):
             text = orjson.dumps(value).decode()
         else:
@@ -206,20 +208,40 @@ def format_job(job: Mapping[str, Any]) -> str:
         lines.append((name, text))
     if job.get("started_at") is not None:
         lines.append(("took", format_duration(_took(job))))
-    skip = set(_JOB_FIELDS) | {"error", "max_attempts", "progress_message"}
+    skip = set(_JOB_FIELDS) | {"error", "max_attempts", "progress_message", "attempt_log"}
     for name, value in job.items():  # fields a newer server adds
         if name not in skip:
             lines.append((name, orjson.dumps(value).decode()))
     width = max(len(n) for n, _ in lines) + 1
     out = [f"{(n + ':').ljust(width)} {t}" for n, t in lines]
-    error = job.get("error")
-    if error:
-        out.append(f"{'error:'.ljust(width)} {error_summary(error, 200)}")
-        traceback = error.get("traceback") if isinstance(error, Mapping) else None
-        if traceback:
-            out.append("")
-            out.extend("    " + line for line in str(traceback).rstrip().splitlines())
+    attempts = job.get("attempt_log") or []
+    for attempt in attempts:
+        took = format_duration(attempt.get("duration"))
+        head = (f"attempt {attempt.get('attempt')}: {attempt.get('status')} after {took} "
+                f"on pid {attempt.get('worker_pid')}, "
+                f"cpu {_resource('cpu_seconds', attempt.get('cpu_seconds'))}, "
+                f"peak {_resource('peak_rss', attempt.get('peak_rss'))}")
+        out += ["", head]
+        out += _error_lines(attempt.get("error"), "  ")
+    if job.get("error"):
+        out += ["", f"error: {error_summary(job['error'], 200)}"]
+        if not attempts or attempts[-1].get("error") != job["error"]:  # else shown above
+            out += _error_lines(job["error"], "  ", summary=False)
     return "\n".join(out)
+
+
+def _resource(name: str, value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:.3f}s" if name == "cpu_seconds" else f"{value / 1048576:.1f} MB"
+
+
+def _error_lines(error: Any, indent: str, summary: bool = True) -> list[str]:
+    lines = [indent + error_summary(error, 200)] if summary and error else []
+    traceback = error.get("traceback") if isinstance(error, Mapping) else None
+    if traceback:
+        lines += [indent + "  " + line for line in str(traceback).rstrip().splitlines()]
+    return lines
 
 
 def format_event(event: Mapping[str, Any], tasks: dict[Any, str],
@@ -363,8 +385,9 @@ def _follow(client: Client, job_id: int, timeout: float | None, show_progress: b
         line.clear()
 
 
-def _finish(job: Job, as_json: bool) -> NoReturn:
-    _emit(job, as_json, lambda: format_job(job))
+def _finish(client: Client, job: Job, as_json: bool) -> NoReturn:
+    # For people, `get` adds what the end-of-job reply leaves out (the attempt log).
+    _emit(job, as_json, lambda: format_job(client.get(job["id"])))
     completed = job.get("status") == JobStatus.COMPLETED.value
     raise click.exceptions.Exit(0 if completed else EXIT_FAILED)
 
@@ -389,24 +412,29 @@ def cli() -> None:
 
 
 def _setting_options(f: F) -> F:
-    """The options of `run`, from the settings table (which also names the env vars)."""
-    metavars = {"store": "PATH", "socket": "PATH", "workers": "N", "tasks": "MODULE",
-                "grace": "SECONDS", "prefetch": "N", "max_line": "BYTES"}
+    """The options of `run`, from the settings table (which also names the env vars and
+    the configuration file's keys)."""
+    metavars = {"store": "PATH", "socket": "PATH", "tasks": "MODULE", "max_line": "BYTES"}
     choices = {"durability": ("normal", "full"), "log_level": ("debug", "info", "warning", "error")}
     for s in reversed(settings.SETTINGS):
         text = "How much to log" if s.name == "log_level" else s.help[0].upper() + s.help[1:]
         if s.type is list:
             text += "; repeat the option for several"
-        default = "" if s.default in (None, ()) else f"; default: {s.default}"
-        kwargs: dict[str, Any] = {"help": f"{text} [env: {s.env}{default}]."}
+        where = [f"env: {s.env}"]
+        if getattr(s, "toml", ""):
+            where.append(f"file: {s.toml}")
+        if s.default not in (None, ()):
+            where.append(f"default: {s.default}")
+        kwargs: dict[str, Any] = {"help": f"{text} [{'; '.join(where)}]."}
         if s.name in choices:
             kwargs["type"] = click.Choice(choices[s.name], case_sensitive=False)
         else:
             kwargs["type"] = {int: int, float: float}.get(s.type, str)
-            kwargs["metavar"] = metavars.get(s.name, "VALUE")
+            kwargs["metavar"] = metavars.get(s.name) or {int: "N", float: "SECONDS"}.get(s.type, "VALUE")
         kwargs["multiple"] = s.type is list
         f = click.option("--" + s.name.replace("_", "-"), s.name, **kwargs)(f)
-    return f
+    return click.option("--config", metavar="PATH", help="TOML configuration file; flags and "
+                        "env vars override it [env: HOSTQUEUE_CONFIG].")(f)
 
 
 @cli.command()
@@ -416,8 +444,9 @@ def run(ctx: click.Context, /, **flags: Any) -> None:
     """Run the supervisor in the foreground (until SIGTERM, SIGINT or `ctl stop`).
 
     \b
-    Example:
+    Examples:
         hostqueue run --store /var/lib/hostqueue/jobs.db --workers 4 --tasks myapp.tasks
+        hostqueue run --config /etc/hostqueue.toml
     """
     try:
         config = settings.from_environment(**flags)
@@ -446,14 +475,16 @@ def run(ctx: click.Context, /, **flags: Any) -> None:
               help="Time limit of one attempt, in seconds.")
 @click.option("--key", metavar="K",
               help="Idempotency key: an unfinished job with it is returned instead.")
+@click.option("--key-ttl", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="With --key: a job with it that completed within S seconds answers instead.")
 @click.option("--run-id", metavar="R", help="Group the job into a run.")
 @click.option("--wait", is_flag=True, help="Wait for the job to end (progress bar on a "
               "terminal) and print it; exit 1 unless it completed.")
 @json_option
 def submit(task: str, args_json: str | None, socket: str | None, queue: str | None,
            priority: int | None, delay: float | None, deadline: float | None,
-           retries: int | None, timeout: float | None, key: str | None, run_id: str | None,
-           wait: bool, as_json: bool) -> None:
+           retries: int | None, timeout: float | None, key: str | None, key_ttl: float | None,
+           run_id: str | None, wait: bool, as_json: bool) -> None:
     """Submit a job: TASK with ARGS_JSON (a JSON object of its arguments; '-' reads stdin).
 
     Prints the job's id, or with --wait the finished job.
@@ -468,10 +499,10 @@ def submit(task: str, args_json: str | None, socket: str | None, queue: str | No
     client = _client(socket)
     handle = client.submit(task, args, queue=queue, priority=priority, delay=delay,
                            deadline=deadline, retries=retries, timeout=timeout, key=key,
-                           run_id=run_id)
+                           run_id=run_id, key_ttl=key_ttl)
     if handle.duplicate:
-        click.echo(f"hostqueue: job {handle.id} with key {key!r} is not finished yet; "
-                   "it was returned and nothing was added", err=True)
+        click.echo(f"hostqueue: job {handle.id} ({handle.job.get('status')}) has the key "
+                   f"{key!r}; it was returned and nothing was added", err=True)
     if not wait:
         _emit(handle.job, as_json, lambda: str(handle.id))
         return
@@ -479,7 +510,7 @@ def submit(task: str, args_json: str | None, socket: str | None, queue: str | No
         job = _follow(client, handle.id, None, show_progress=sys.stderr.isatty())
     except KeyboardInterrupt:
         _interrupted(handle.id)
-    _finish(job, as_json)
+    _finish(client, job, as_json)
 
 
 def _parse_args(args_json: str | None) -> dict[str, Any] | None:
@@ -717,7 +748,7 @@ def wait_(socket: str | None, job_id: int, timeout: float | None, as_json: bool)
         data = _follow(client, job_id, timeout, show_progress=sys.stderr.isatty())
     except KeyboardInterrupt:
         _interrupted(job_id)
-    _finish(data, as_json)
+    _finish(client, data, as_json)
 
 
 @job.command()

@@ -448,11 +448,13 @@ class Client:
     def submit(self, task: str, args: Mapping[str, Any] | None = None, *,
                queue: str | None = None, priority: int | None = None, delay: When = None,
                deadline: When = None, retries: int | None = None, timeout: float | None = None,
-               key: str | None = None, run_id: str | None = None) -> JobHandle:
+               key: str | None = None, run_id: str | None = None,
+               key_ttl: float | None = None) -> JobHandle:
         """Add a job; returns once it is committed. ``delay``/``deadline`` are seconds
-        from now, or a datetime for an absolute time."""
+        from now, or a datetime for an absolute time. With ``key_ttl``, a job with the
+        same key that completed within that many seconds answers instead."""
         fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
-        fields.update(_present(task=task, args=_args(args), key=key))
+        fields.update(_present(task=task, args=_args(args), key=key, key_ttl=key_ttl))
         reply = self.request("submit", **fields)
         return JobHandle(self, reply["job"], bool(reply.get("duplicate", False)))
 
@@ -844,9 +846,10 @@ class AsyncClient:
                      queue: str | None = None, priority: int | None = None, delay: When = None,
                      deadline: When = None, retries: int | None = None,
                      timeout: float | None = None, key: str | None = None,
-                     run_id: str | None = None) -> AsyncJobHandle:
+                     run_id: str | None = None, key_ttl: float | None = None
+                     ) -> AsyncJobHandle:
         fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
-        fields.update(_present(task=task, args=_args(args), key=key))
+        fields.update(_present(task=task, args=_args(args), key=key, key_ttl=key_ttl))
         reply = await self.request("submit", **fields)
         return AsyncJobHandle(self, reply["job"], bool(reply.get("duplicate", False)))
 
