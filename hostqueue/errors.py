@@ -33,8 +33,8 @@ class ProtocolError(HostqueueError):
     clients when a reply says ``ok: false``."""
 
     def __init__(self, code: str, message: str) -> None:
-        if code not in ERROR_CODES:
-            raise ValueError(f"unknown error code {code!r}")
+        # Codes outside ERROR_CODES are allowed, so an older client can carry a
+        # newer server's error; the server itself only uses codes in the table.
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message

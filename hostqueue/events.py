@@ -7,6 +7,7 @@ nothing for this.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -64,6 +65,7 @@ class EventHub:
         run_id: str | None = None,
     ) -> None:
         job_id = event["job_id"]
+        event.setdefault("at", time.time())
         for sub in list(self.by_job.get(job_id, ())):
             self._deliver(sub, event)
         for sub in list(self.everything):
