@@ -34,13 +34,21 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .client import AsyncClient, AsyncJobHandle, Client, JobHandle
+    from .aclient import AsyncClient, AsyncJobHandle
+    from .client import Client, JobHandle
+
+# Where each client name lives (loaded on first use).
+_CLIENT_NAMES = {
+    "Client": "client", "JobHandle": "client",
+    "AsyncClient": "aclient", "AsyncJobHandle": "aclient",
+}
 
 
 def __getattr__(name: str) -> Any:
     # Task modules import hostqueue in every worker: keep the client out of that path.
-    if name in ("Client", "AsyncClient", "JobHandle", "AsyncJobHandle"):
-        from . import client
+    module = _CLIENT_NAMES.get(name)
+    if module is not None:
+        import importlib
 
-        return getattr(client, name)
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
     raise AttributeError(f"module 'hostqueue' has no attribute {name!r}")
