@@ -31,6 +31,8 @@ class TaskSpec:
     backoff_base: float = 1.0
     backoff_factor: float = 2.0
     backoff_cap: float = 300.0
+    cron: str | None = None
+    cron_timezone: str = "UTC"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -60,11 +62,15 @@ def task(
     backoff_base: float = 1.0,
     backoff_factor: float = 2.0,
     backoff_cap: float = 300.0,
+    cron: str | None = None,
+    cron_timezone: str = "UTC",
 ) -> Any:
     """Register a function as a task. Use as ``@task`` or ``@task(queue=..., retries=...)``.
 
     The task's name is ``module.function`` unless ``name`` is given. The function
     receives a ``JobContext`` first, then the job's arguments as keywords.
+    ``cron="*/5 * * * *"`` (with ``cron_timezone``) also runs it on that schedule,
+    without arguments; the schedule is named after the task.
     """
 
     def register(f: F) -> F:
@@ -83,6 +89,8 @@ def task(
             backoff_base=backoff_base,
             backoff_factor=backoff_factor,
             backoff_cap=backoff_cap,
+            cron=cron,
+            cron_timezone=cron_timezone,
         )
         f.task_name = task_name  # type: ignore[attr-defined]
         return f

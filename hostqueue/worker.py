@@ -215,6 +215,9 @@ class Worker:
         ctx: JobContext | None = None
         timeout = job.get("timeout")
         try:
+            if self.current_abort.is_set():
+                # Aborted while it waited in this worker: it never starts.
+                raise Aborted(f"job {job_id} was aborted before it started")
             spec = registry.get(task_name)
             if spec is None:
                 raise Permanent(f"task {task_name!r} is not registered in this worker")

@@ -1,0 +1,639 @@
+"""Shared fixtures and helpers for hostqueue's process tests.
+
+Every test runs a real ``python -m hostqueue run`` in a session of its own, on a
+store and socket in a fresh ``/tmp/hq-*`` directory, with the task module below
+written into that directory. Nothing of hostqueue is mocked.
+
+How processes are found and cleaned up: the supervisor is started with
+``start_new_session=True``, so its session id is its pid. Workers are started in
+their own process groups, but they stay in the supervisor's session, even once
+orphaned. So "every process this supervisor ever started" is "every process whose
+session id is the supervisor's pid", which the teardown kills, whatever happened.
+
+Helpers:
+
+- ``wait_for(predicate, timeout, message)``: retry quickly until truthy, else fail.
+- ``Conn``: a raw newline-delimited JSON connection (``request``, ``send``,
+  ``send_raw``, ``read``, ``events``).
+- ``Supervisor``: start/stop/signal a supervisor, talk to it, read its store
+  with sqlite3, list its workers with psutil.
+- fixture ``hq``: an ``HQEnv`` (temp dir, task module, supervisor factory) that
+  cleans up everything it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TASKS = "hqtasks"  # module name of the task file; task names are hqtasks.<function>
+FINAL = ("completed", "failed", "cancelled", "expired")
+WORKER_TITLE = re.compile(r"hostqueue[. ]worker")  # before and after setproctitle
+
+TASKS_SOURCE = textwrap.dedent(
+    '''
+    """Tasks for hostqueue's test suite (written by tests/conftest.py)."""
+    import os
+    import time
+
+    import hostqueue
+
+    # Fast retries, so that tests of retries do not wait seconds of backoff.
+    FAST = dict(backoff_base=0.05, backoff_cap=0.2)
+
+
+    def _append(path, text):
+        with open(path, "a") as f:
+            f.write(text + "\\n")
+
+
+    def _lines(path):
+        try:
+            with open(path) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+
+    @hostqueue.task
+    def noop(ctx):
+        return None
+
+
+    @hostqueue.task
+    def add(ctx, a, b):
+        return a + b
+
+
+    @hostqueue.task(retries=3, **FAST)
+    def fail(ctx, message="boom"):
+        raise ValueError(message)
+
+
+    @hostqueue.task(retries=3, **FAST)
+    def permanent(ctx, message="bad input"):
+        raise hostqueue.Permanent(message)
+
+
+    @hostqueue.task
+    def slow(ctx, seconds=1.0, steps=5):
+        """Take `seconds` in `steps` steps, reporting progress after each."""
+        for i in range(1, steps + 1):
+            time.sleep(seconds / steps)
+            ctx.progress(i / steps, f"step {i}/{steps}")
+        return {"steps": steps}
+
+
+    @hostqueue.task(**FAST)
+    def block(ctx, marker, release, seconds=30.0):
+        """Append "job attempt pid" to `marker` when it starts, then wait until the
+        file `release` exists (or `seconds` pass)."""
+        _append(marker, f"{ctx.job_id} {ctx.attempt} {os.getpid()}")
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if os.path.exists(release):
+                return {"released": True, "pid": os.getpid()}
+            time.sleep(0.01)
+        return {"released": False, "pid": os.getpid()}
+
+
+    @hostqueue.task
+    def unserializable(ctx):
+        return {1, 2, 3}
+
+
+    @hostqueue.task
+    def abortable(ctx, marker, seconds=30.0):
+        """Say it started, then check for an abort every 10 ms for `seconds`."""
+        _append(marker, f"{ctx.job_id} {ctx.attempt} {os.getpid()}")
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if ctx.aborted:
+                ctx.check_abort()  # raises hostqueue.Aborted
+            time.sleep(0.01)
+        return "not aborted"
+
+
+    @hostqueue.task(**FAST)
+    def record(ctx, log, tag, sleep=0.0):
+        """Append "tag job attempt pid" to `log`: one line per run (counts runs, shows order)."""
+        if sleep:
+            time.sleep(sleep)
+        _append(log, f"{tag} {ctx.job_id} {ctx.attempt} {os.getpid()}")
+        return tag
+
+
+    @hostqueue.task(retries=3, **FAST)
+    def flaky(ctx, log, fail_times=1):
+        """Fail while `log` has at most `fail_times` runs in it (this one included)."""
+        _append(log, f"{ctx.job_id} {ctx.attempt} {os.getpid()}")
+        runs = len(_lines(log))
+        if runs <= fail_times:
+            raise ValueError(f"flaky: run {runs} fails")
+        return {"runs": runs}
+    '''
+)
+
+
+# ---------------------------------------------------------------------------
+# waiting
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, message: str,
+             interval: float = 0.02) -> Any:
+    """Call ``predicate`` until it returns something truthy (returned), else fail
+    after ``timeout`` seconds. Exceptions count as "not yet" and the last one is
+    shown on failure."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+            last = value
+        except Exception as exc:  # noqa: BLE001 - "not yet"
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message} (last: {last!r})")
+        time.sleep(interval)
+
+
+def file_lines(path: str | Path) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+# ---------------------------------------------------------------------------
+# the wire
+
+
+class Conn:
+    """A raw connection to the control socket: one JSON object per line each way."""
+
+    def __init__(self, path: str | Path, timeout: float = 10.0) -> None:
+        self.timeout = timeout
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.buffer = b""
+        self.next_id = 0
+        self.stash: list[dict[str, Any]] = []  # messages read while looking for another id
+
+    def __enter__(self) -> "Conn":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.send_raw(json.dumps(message).encode() + b"\n")
+
+    def send_op(self, op: str, /, **fields: Any) -> int:
+        """Send a request with a fresh id; return the id."""
+        self.next_id += 1
+        self.send({"id": self.next_id, "op": op, **fields})
+        return self.next_id
+
+    def read_line(self, timeout: float | None = None) -> bytes:
+        self.sock.settimeout(self.timeout if timeout is None else timeout)
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise EOFError("the supervisor closed the connection")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line
+
+    def read(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next message on the connection (stashed ones first)."""
+        if self.stash:
+            return self.stash.pop(0)
+        return json.loads(self.read_line(timeout))
+
+    def read_for(self, request_id: Any, timeout: float | None = None) -> dict[str, Any]:
+        """The next message tagged with ``request_id``; others are stashed."""
+        for i, msg in enumerate(self.stash):
+            if msg.get("id") == request_id:
+                return self.stash.pop(i)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            msg = json.loads(self.read_line(max(0.01, deadline - time.monotonic())))
+            if msg.get("id") == request_id:
+                return msg
+            self.stash.append(msg)
+
+    def request(self, op: str, /, reply_timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Send one request; return its whole reply (``{"id", "ok", ...}``). (Not ``timeout``:
+        that is a field of some ops.)"""
+        rid = self.send_op(op, **fields)
+        return self.read_for(rid, reply_timeout)
+
+    def events(self, request_id: Any, timeout: float = 10.0) -> Iterator[dict[str, Any]]:
+        """Messages of a stream, forever (the caller stops); each read waits at most
+        ``timeout`` seconds."""
+        while True:
+            yield self.read_for(request_id, timeout)
+
+
+def ok(reply: dict[str, Any]) -> dict[str, Any]:
+    assert reply.get("ok") is True, f"expected ok reply, got {reply}"
+    return reply
+
+
+def error_code(reply: dict[str, Any]) -> str:
+    assert reply.get("ok") is False, f"expected an error reply, got {reply}"
+    return str(reply["error"]["code"])
+
+
+# ---------------------------------------------------------------------------
+# processes
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes of session ``sid``."""
+    found = []
+    for pid in psutil.pids():
+        if pid == os.getpid():
+            continue
+        try:
+            if os.getsid(pid) != sid:
+                continue
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            found.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return found
+
+
+def title(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def is_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has stopped running)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def integrity(store: str | Path) -> str:
+    conn = sqlite3.connect(str(store), timeout=10)
+    try:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        conn.close()
+
+
+class Supervisor:
+    """One supervisor (restartable) on a store and socket in the test's temp dir."""
+
+    def __init__(self, env: "HQEnv", name: str, workers: int | None, grace: float,
+                 store: Path | None = None, socket_path: Path | None = None) -> None:
+        self.env = env
+        self.name = name
+        self.workers_arg = workers
+        self.grace = grace
+        self.store = store or env.dir / f"{name}.db"
+        self.socket = socket_path or env.dir / f"{name}.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.log_paths: list[Path] = []
+        self.seen_workers: dict[int, psutil.Process] = {}
+
+    # -- life
+
+    def command(self, extra_args: tuple[str, ...] = (), workers: Any = "default") -> list[str]:
+        workers = self.workers_arg if workers == "default" else workers
+        cmd = [
+            sys.executable, "-m", "hostqueue", "run",
+            "--store", str(self.store), "--socket", str(self.socket),
+            "--tasks", str(self.env.tasks_path), "--grace", str(self.grace),
+        ]
+        if workers is not None:
+            cmd += ["--workers", str(workers)]
+        return cmd + list(extra_args)
+
+    def start(self, *extra_args: str, workers: Any = "default", wait: bool = True) -> "Supervisor":
+        """Start (or restart) the supervisor; with ``wait``, until it answers ping
+        and every worker it starts with is idle."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.starts += 1
+        log_path = self.env.dir / f"{self.name}-{self.starts}.log"
+        self.log_paths.append(log_path)
+        with open(log_path, "wb") as log:
+            self.proc = self.env.popen(self.command(extra_args, workers), log)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"supervisor exited with {self.proc.returncode}:\n{self.log_text()}")
+            st = self.status()
+            if st["state"] != "running" or len(st["workers"]) != st["target_workers"]:
+                return None
+            return st if all(w["state"] == "idle" for w in st["workers"]) else None
+
+        return wait_for(ready, timeout, "the supervisor to answer with every worker idle")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"supervisor {self.pid} did not exit within {timeout} s:\n{self.log_text()[-3000:]}"
+            ) from None
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait for the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.signal(signal.SIGTERM)
+        return self.wait_exit(timeout)
+
+    def kill9(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait_exit(10)
+
+    def log_text(self) -> str:
+        return "".join(
+            f"--- {p.name}\n" + p.read_text(errors="replace") for p in self.log_paths if p.exists()
+        )
+
+    # -- talking
+
+    def conn(self, timeout: float = 10.0) -> Conn:
+        return Conn(self.socket, timeout)
+
+    def request(self, op: str, /, reply_timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+        """One request on a connection of its own; the whole reply."""
+        with self.conn(reply_timeout) as c:
+            return c.request(op, **fields)
+
+    def call(self, op: str, data_key: str, /, **fields: Any) -> Any:
+        """One request that must succeed; the data under ``data_key``."""
+        return ok(self.request(op, **fields))[data_key]
+
+    def ping(self) -> dict[str, Any]:
+        return self.call("ping", "pong")
+
+    def status(self) -> dict[str, Any]:
+        return self.call("status", "status")
+
+    def submit(self, task: str, args: dict[str, Any] | None = None, /, **opts: Any) -> dict[str, Any]:
+        fields: dict[str, Any] = {"task": TASKS + "." + task if "." not in task else task}
+        if args is not None:
+            fields["args"] = args
+        fields.update(opts)
+        return self.call("submit", "job", **fields)
+
+    def get(self, job_id: int) -> dict[str, Any]:
+        return self.call("get", "job", job=job_id)
+
+    def wait_job(self, job_id: int, timeout: float = 20.0) -> dict[str, Any]:
+        """The job once it has ended (op ``wait``); fails after ``timeout`` seconds."""
+        with self.conn(timeout + 5) as c:
+            rid = c.send_op("wait", job=job_id, timeout=timeout)
+            reply = c.read_for(rid, timeout + 5)
+        assert reply.get("ok") is True, f"wait for job {job_id} failed: {reply}"
+        return reply["job"]
+
+    # -- the store file
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.store), timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def db_query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        conn = self.db()
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def db_job(self, job_id: int) -> dict[str, Any]:
+        rows = self.db_query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        assert rows, f"job {job_id} is not in the store file"
+        return dict(rows[0])
+
+    def integrity(self) -> str:
+        return integrity(self.store)
+
+    # -- processes
+
+    def workers(self) -> list[psutil.Process]:
+        """Live worker processes: children of the supervisor titled as workers."""
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.Error:
+            return []
+        found = []
+        for child in children:
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+            except psutil.Error:
+                continue
+            if WORKER_TITLE.search(title(child)):
+                found.append(child)
+                self.seen_workers.setdefault(child.pid, child)
+        return found
+
+    def worker_pids(self) -> set[int]:
+        return {p.pid for p in self.workers()}
+
+    def wait_workers(self, n: int, timeout: float = 15.0) -> set[int]:
+        """Wait until exactly ``n`` worker processes run; their pids."""
+        def exactly() -> set[int] | bool:
+            pids = self.worker_pids()
+            return (pids or True) if len(pids) == n else False
+
+        found = wait_for(exactly, timeout, f"exactly {n} worker processes")
+        return found if isinstance(found, set) else set()
+
+    def zombie_children(self) -> list[int]:
+        try:
+            return [c.pid for c in psutil.Process(self.pid).children()
+                    if c.status() == psutil.STATUS_ZOMBIE]
+        except psutil.Error:
+            return []
+
+    def session(self) -> list[psutil.Process]:
+        """Every live process of the current run's session except the supervisor."""
+        return [p for p in session_processes(self.pid) if p.pid != self.pid]
+
+
+class HQEnv:
+    """A test's temp dir, task module and the supervisors and processes it started."""
+
+    def __init__(self) -> None:
+        # Short: Unix socket paths are limited to 107 bytes.
+        self.dir = Path(tempfile.mkdtemp(prefix="hq-", dir="/tmp"))
+        self.tasks_path = self.dir / f"{TASKS}.py"
+        self.tasks_path.write_text(TASKS_SOURCE)
+        self.supervisors: list[Supervisor] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        for name in ("HOSTQUEUE_SOCKET", "HOSTQUEUE_STORE", "HOSTQUEUE_WORKERS", "HOSTQUEUE_TASKS"):
+            env.pop(name, None)
+        env.update(extra)
+        return env
+
+    def popen(self, cmd: list[str], log: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            cmd, cwd=str(ROOT), env=self.env(), stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def supervisor(self, workers: int | None = 2, grace: float = 10.0, start: bool = True,
+                   name: str | None = None, store: Path | None = None,
+                   extra_args: tuple[str, ...] = ()) -> Supervisor:
+        sup = Supervisor(self, name or f"s{len(self.supervisors) + 1}", workers, grace, store)
+        self.supervisors.append(sup)
+        if start:
+            sup.start(*extra_args)
+        return sup
+
+    def cli(self, *args: str, socket_path: str | Path | None = None, timeout: float = 30.0,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m hostqueue ARGS`` (with $HOSTQUEUE_SOCKET when given)."""
+        extra = {"HOSTQUEUE_SOCKET": str(socket_path)} if socket_path else {}
+        return subprocess.run(
+            [sys.executable, "-m", "hostqueue", *args], cwd=str(ROOT), env=self.env(**extra),
+            capture_output=True, text=True, timeout=timeout, input=input,
+        )
+
+    def cleanup(self) -> list[str]:
+        """Kill every process any of our supervisors started; return what was still alive."""
+        leftovers = []
+        sids = {p.pid for p in self.procs}
+        # Politely first (a fast stop reaps the workers; orphans would become zombies of
+        # an init that may not reap them), then by force.
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGQUIT)
+        for proc in self.procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for sid in sids:
+            for p in session_processes(sid):
+                leftovers.append(f"{p.pid} {title(p)}")
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+        for sup in self.supervisors:  # workers seen during the test, in case one left the session
+            for p in sup.seen_workers.values():
+                try:
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        p.kill()
+                except psutil.Error:
+                    pass
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                leftovers.append(f"{proc.pid} would not die")
+        for sid in sids:
+            try:
+                wait_for(lambda: not session_processes(sid), 10, f"session {sid} to be empty")
+            except AssertionError as exc:
+                leftovers.append(str(exc))
+        return leftovers
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture
+def hq(request: pytest.FixtureRequest) -> Iterator[HQEnv]:
+    env = HQEnv()
+    try:
+        yield env
+    finally:
+        env.cleanup()
+        failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
+                     for w in ("setup", "call"))
+        if failed:
+            for sup in env.supervisors:
+                print(f"==== log of supervisor {sup.name} ({env.dir})")
+                print(sup.log_text()[-6000:])
+        else:
+            shutil.rmtree(env.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def sup(hq: HQEnv) -> Supervisor:
+    """A running supervisor with 2 workers and a 10 s grace."""
+    return hq.supervisor(workers=2)
+
+
+def socket_mode(path: str | Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)

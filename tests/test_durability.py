@@ -1,0 +1,141 @@
+"""Losing nothing: kill -9 of the supervisor or of a worker, one supervisor per store,
+the store's journal mode."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+
+import pytest
+
+from conftest import TASKS, HQEnv, file_lines, is_alive, ok, wait_for
+
+
+@pytest.mark.timeout(90)
+def test_kill9_supervisor_loses_no_acknowledged_job(hq: HQEnv) -> None:
+    sup = hq.supervisor(workers=2)
+    marker, release, log = hq.path("started"), hq.path("release"), hq.path("runs.log")
+    acked: list[int] = []
+    with sup.conn() as c:
+        for _ in range(2):  # one long job on each worker
+            acked.append(ok(c.request("submit", task=f"{TASKS}.block",
+                                      args={"marker": marker, "release": release}))["job"]["id"])
+        wait_for(lambda: len(file_lines(marker)) == 2, 10, "both long jobs to run")
+        acked += [j["id"] for j in ok(c.request(
+            "submit_many", task=f"{TASKS}.record",
+            args=[{"log": log, "tag": f"m{i}"} for i in range(40)]))["jobs"]]
+        for i in range(20):
+            acked.append(ok(c.request("submit", task=f"{TASKS}.record",
+                                      args={"log": log, "tag": f"s{i}"}))["job"]["id"])
+    assert len(set(acked)) == 62
+    workers = sup.worker_pids()
+    assert len(workers) == 2
+
+    sup.kill9()
+
+    # No orphan: every worker dies with the supervisor (pipe EOF / parent-death signal).
+    wait_for(lambda: not any(is_alive(pid) for pid in workers), 10, "the orphaned workers to exit")
+    wait_for(lambda: not sup.session(), 10, "no process left in the supervisor's session")
+    rows = {r["id"]: r["status"] for r in sup.db_query("SELECT id, status FROM jobs")}
+    assert set(acked) <= set(rows), f"acknowledged jobs missing from the store: {set(acked) - set(rows)}"
+    assert rows[acked[0]] == "running" and rows[acked[1]] == "running"
+
+    open(release, "w").close()
+    sup.start()
+    for job_id in acked:
+        assert sup.wait_job(job_id)["status"] == "completed"
+    statuses = {r["id"]: r["status"] for r in sup.db_query("SELECT id, status FROM jobs")}
+    assert all(statuses[i] == "completed" for i in acked), statuses
+    runs = [line.split()[0] for line in file_lines(log)]
+    assert len(runs) == 60, "a job that never started before the kill ran more than once"
+    assert sorted(runs) == sorted([f"m{i}" for i in range(40)] + [f"s{i}" for i in range(20)])
+    for long_job in acked[:2]:
+        assert sup.db_job(long_job)["attempts"] == 2, "the interrupted attempt counts"
+
+    assert sup.stop() == 0
+    wait_for(lambda: not sup.session(), 10, "no process left after a clean stop")
+
+
+@pytest.mark.timeout(60)
+def test_worker_killed_mid_job_is_retried(hq: HQEnv) -> None:
+    sup = hq.supervisor(workers=2)
+    marker, release = hq.path("started"), hq.path("release")
+    job = sup.submit("block", {"marker": marker, "release": release}, retries=2)
+    wait_for(lambda: file_lines(marker), 10, "the job to start")
+    victim = int(file_lines(marker)[0].split()[2])
+    assert victim in sup.worker_pids()
+
+    os.kill(victim, signal.SIGKILL)
+    open(release, "w").close()  # the next attempt may finish
+    done = sup.wait_job(job["id"])
+
+    assert done["status"] == "completed", done
+    assert done["attempts"] == 2
+    attempts = sup.get(job["id"])["attempt_log"]
+    assert attempts[0]["attempt"] == 1
+    assert attempts[0]["status"] == "retrying"
+    assert attempts[0]["error"]["type"] == "WorkerLost"
+    assert "SIGKILL" in attempts[0]["error"]["message"]
+    assert attempts[0]["worker_pid"] == victim
+    stored = sup.db_query("SELECT error FROM attempts WHERE job_id = ? AND attempt = 1", (job["id"],))
+    assert "SIGKILL" in stored[0]["error"]
+
+    replacements = wait_for(
+        lambda: (lambda p: p if len(p) == 2 and victim not in p else None)(sup.worker_pids()),
+        15, "a new worker to replace the killed one",
+    )
+    assert not is_alive(victim)
+    assert len(replacements) == 2
+
+
+@pytest.mark.timeout(60)
+def test_worker_killed_while_holding_jobs_charges_only_the_running_one(hq: HQEnv) -> None:
+    sup = hq.supervisor(workers=1)
+    marker, release, log = hq.path("started"), hq.path("release"), hq.path("runs.log")
+    sup.call("pause", "paused")
+    running = sup.submit("block", {"marker": marker, "release": release}, retries=0)
+    held = [sup.submit("record", {"log": log, "tag": f"h{i}"}, retries=0)["id"] for i in range(4)]
+    sup.call("resume", "paused")
+    wait_for(lambda: file_lines(marker), 10, "the long job to start")
+    victim = int(file_lines(marker)[0].split()[2])
+
+    os.kill(victim, signal.SIGKILL)
+    done = sup.wait_job(running["id"])
+    assert done["status"] == "failed" and done["attempts"] == 1
+    assert "SIGKILL" in done["error"]["message"]
+    # The jobs it held but had not started lose no attempt: they run on the new worker.
+    for job_id in held:
+        job = sup.wait_job(job_id)
+        assert job["status"] == "completed", job
+        assert job["attempts"] == 1
+    assert sorted(line.split()[0] for line in file_lines(log)) == ["h0", "h1", "h2", "h3"]
+    assert victim not in sup.wait_workers(1)
+
+
+@pytest.mark.timeout(30)
+def test_second_supervisor_on_same_store_refuses(hq: HQEnv) -> None:
+    first = hq.supervisor(workers=1)
+    cmd = [*first.command(), "--socket", hq.path("other.sock")]
+    result = subprocess.run(cmd, cwd=str(hq.dir), env=hq.env(), capture_output=True, text=True,
+                            timeout=20, start_new_session=True)
+    assert result.returncode == 1, result
+    output = result.stdout + result.stderr
+    assert os.path.abspath(first.store) in output, output
+    assert str(first.pid) in output, output
+    # The first one is undisturbed.
+    assert first.ping()["pid"] == first.pid
+    assert not os.path.exists(hq.path("other.sock"))
+
+
+@pytest.mark.timeout(30)
+def test_store_is_in_wal_mode(hq: HQEnv) -> None:
+    sup = hq.supervisor(workers=1)
+    sup.wait_job(sup.submit("noop")["id"])
+    conn = sqlite3.connect(str(sup.store))
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+    assert sup.integrity() == "ok"

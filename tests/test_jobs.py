@@ -1,0 +1,224 @@
+"""One job's way: submit, run, result; failures, retries, delays, priorities, keys, abort."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from conftest import TASKS, Conn, HQEnv, Supervisor, error_code, file_lines, ok, wait_for
+
+
+@pytest.mark.timeout(30)
+def test_submit_wait_result(sup: Supervisor) -> None:
+    job = sup.submit("add", {"a": 2, "b": 3})
+    assert job["status"] == "pending" and job["attempts"] == 0
+    assert job["task"] == f"{TASKS}.add" and job["queue"] == "default"
+
+    done = sup.wait_job(job["id"])
+    assert done["status"] == "completed"
+    assert done["result"] == 5
+    assert done["error"] is None
+    assert done["attempts"] == 1
+    assert done["started_at"] >= done["created_at"] and done["finished_at"] >= done["started_at"]
+    assert done["worker_pid"] in sup.worker_pids()
+
+    row = sup.db_job(job["id"])
+    assert row["status"] == "completed" and row["result"] == "5" and row["attempts"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_failing_task_is_retried_then_fails_with_error(sup: Supervisor) -> None:
+    job = sup.submit("fail", {"message": "boom 42"}, retries=2)
+    assert job["max_attempts"] == 3
+
+    done = sup.wait_job(job["id"])
+    assert done["status"] == "failed"
+    assert done["attempts"] == 3
+    error = done["error"]
+    assert error["type"] == "ValueError"
+    assert error["message"] == "boom 42"
+    assert "Traceback" in error["traceback"] and "raise ValueError(message)" in error["traceback"]
+
+    row = sup.db_job(job["id"])
+    assert row["status"] == "failed" and row["attempts"] == 3
+    attempts = sup.db_query("SELECT attempt, status FROM attempts WHERE job_id = ? ORDER BY attempt",
+                            (job["id"],))
+    assert [tuple(a) for a in attempts] == [(1, "retrying"), (2, "retrying"), (3, "failed")]
+
+
+@pytest.mark.timeout(30)
+def test_permanent_fails_after_one_attempt(sup: Supervisor) -> None:
+    job = sup.submit("permanent", {"message": "bad image"}, retries=5)
+    done = sup.wait_job(job["id"])
+    assert done["status"] == "failed"
+    assert done["attempts"] == 1
+    assert done["error"]["type"] == "Permanent"
+    assert done["error"]["message"] == "bad image"
+    assert sup.db_job(job["id"])["attempts"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_non_serializable_result_fails_clearly(sup: Supervisor) -> None:
+    job = sup.submit("unserializable", retries=3)
+    done = sup.wait_job(job["id"])
+    assert done["status"] == "failed"
+    assert done["attempts"] == 1, "a result that cannot be stored will not be fixed by a retry"
+    message = done["error"]["message"]
+    assert "JSON" in message and "unserializable" in message, message
+    assert done["result"] is None
+
+
+@pytest.mark.timeout(30)
+def test_unknown_task_is_refused(sup: Supervisor) -> None:
+    reply = sup.request("submit", task=f"{TASKS}.nope", args={})
+    assert error_code(reply) == "unknown_task"
+    assert "nope" in reply["error"]["message"]
+    assert sup.db_query("SELECT COUNT(*) FROM jobs")[0][0] == 0
+
+
+@pytest.mark.timeout(30)
+def test_delayed_job_waits_for_its_time(sup: Supervisor) -> None:
+    job = sup.submit("add", {"a": 1, "b": 1}, delay=1)
+    assert job["run_at"] >= job["created_at"] + 0.99
+    assert sup.get(job["id"])["status"] == "pending"
+    stats = sup.call("stats", "stats")
+    assert stats["scheduled"] == 1 and stats["pending"] == 0
+
+    done = sup.wait_job(job["id"], timeout=10)
+    assert done["status"] == "completed" and done["result"] == 2
+    assert done["started_at"] >= job["run_at"], "the job started before its run_at"
+    assert time.time() >= job["run_at"]
+
+
+@pytest.mark.timeout(30)
+def test_priority_order(hq: HQEnv) -> None:
+    sup = hq.supervisor(workers=1)
+    log = hq.path("order.log")
+    assert sup.call("pause", "paused") == ["*"]
+    # (tag, priority) in submit order; equal priorities run in submit order.
+    plan = [("a", 0), ("b", 5), ("c", -3), ("d", 5), ("e", 10), ("f", 0)]
+    ids = [sup.submit("record", {"log": log, "tag": tag}, priority=prio)["id"] for tag, prio in plan]
+    assert sup.call("resume", "paused") == []
+    for job_id in ids:
+        assert sup.wait_job(job_id)["status"] == "completed"
+    order = [line.split()[0] for line in file_lines(log)]
+    assert order == ["e", "b", "d", "a", "f", "c"]
+
+
+@pytest.mark.timeout(30)
+def test_idempotency_key_returns_the_same_job(sup: Supervisor) -> None:
+    with sup.conn() as c:
+        first = ok(c.request("submit", task=f"{TASKS}.add", args={"a": 1, "b": 2}, key="k1", delay=60))
+        second = ok(c.request("submit", task=f"{TASKS}.add", args={"a": 9, "b": 9}, key="k1", delay=60))
+    assert first["duplicate"] is False
+    assert second["duplicate"] is True
+    assert second["job"]["id"] == first["job"]["id"]
+    assert second["job"]["args"] == {"a": 1, "b": 2}
+    assert sup.db_query("SELECT COUNT(*) FROM jobs WHERE key = 'k1'")[0][0] == 1
+
+
+@pytest.mark.timeout(60)
+def test_idempotency_key_under_concurrent_submits(sup: Supervisor) -> None:
+    n = 30
+    conns = [Conn(sup.socket) for _ in range(n)]
+    barrier = threading.Barrier(n)
+    replies: list[dict] = [{} for _ in range(n)]
+
+    def submit(i: int) -> None:
+        barrier.wait()
+        replies[i] = conns[i].request("submit", task=f"{TASKS}.add", args={"a": i, "b": 0},
+                                      key="same-key", delay=60)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for c in conns:
+        c.close()
+
+    for r in replies:
+        ok(r)
+    ids = {r["job"]["id"] for r in replies}
+    assert len(ids) == 1, f"concurrent submits with one key made jobs {ids}"
+    assert sum(1 for r in replies if r["duplicate"] is False) == 1
+    assert sup.db_query("SELECT COUNT(*) FROM jobs WHERE key = 'same-key'")[0][0] == 1
+    assert sup.db_query("SELECT COUNT(*) FROM jobs")[0][0] == 1
+
+
+@pytest.mark.timeout(30)
+def test_abort_pending_job_cancels_at_once(sup: Supervisor) -> None:
+    job = sup.submit("add", {"a": 1, "b": 2}, delay=60)
+    aborted = sup.call("abort", "job", job=job["id"])
+    assert aborted["status"] == "cancelled"
+    assert sup.db_job(job["id"])["status"] == "cancelled"
+    assert sup.wait_job(job["id"], timeout=5)["status"] == "cancelled"
+    # Aborting again: it has already ended.
+    assert error_code(sup.request("abort", job=job["id"])) == "invalid_state"
+
+
+@pytest.mark.timeout(30)
+def test_abort_running_job_that_checks_aborted(hq: HQEnv, sup: Supervisor) -> None:
+    marker = hq.path("started")
+    job = sup.submit("abortable", {"marker": marker, "seconds": 20})
+    wait_for(lambda: file_lines(marker), 10, "the job to start")
+    worker_pid = int(file_lines(marker)[0].split()[2])
+
+    asked = time.monotonic()
+    reply = sup.call("abort", "job", job=job["id"])
+    assert reply["abort_requested"] is True
+    done = sup.wait_job(job["id"], timeout=15)
+    took = time.monotonic() - asked
+
+    assert done["status"] == "cancelled"
+    assert done["error"]["type"] == "Aborted"
+    assert took < 5, f"the task checks ctx.aborted every 10 ms, yet cancelling took {took:.1f} s"
+    # It stopped by itself: its worker was not killed.
+    assert worker_pid in sup.worker_pids()
+    row = sup.db_job(job["id"])
+    assert row["status"] == "cancelled" and row["abort_requested"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_new_jobs_run_after_a_scheduled_job_is_aborted(sup: Supervisor) -> None:
+    scheduled = sup.submit("add", {"a": 1, "b": 1}, delay=60)
+    assert sup.call("abort", "job", job=scheduled["id"])["status"] == "cancelled"
+    job = sup.submit("add", {"a": 2, "b": 3})
+    done = sup.wait_job(job["id"], timeout=5)
+    assert done["status"] == "completed" and done["result"] == 5
+
+
+@pytest.mark.timeout(30)
+def test_deadline_expires_a_job_that_could_not_start(sup: Supervisor) -> None:
+    job = sup.submit("add", {"a": 1, "b": 1}, delay=30, deadline=0.3)
+    done = sup.wait_job(job["id"], timeout=5)
+    assert done["status"] == "expired"
+    assert done["attempts"] == 0 and done["started_at"] is None
+    assert done["error"]["type"] == "Expired"
+    assert sup.db_job(job["id"])["status"] == "expired"
+    # The queue goes on.
+    after = sup.submit("add", {"a": 2, "b": 2})
+    assert sup.wait_job(after["id"], timeout=5)["result"] == 4
+
+
+@pytest.mark.timeout(30)
+def test_retry_of_an_aborted_scheduled_job_runs_it(sup: Supervisor) -> None:
+    job = sup.submit("add", {"a": 3, "b": 3}, delay=60)
+    assert sup.call("abort", "job", job=job["id"])["status"] == "cancelled"
+    assert sup.call("retry", "job", job=job["id"])["status"] in ("pending", "running", "completed")
+    done = sup.wait_job(job["id"], timeout=5)
+    assert done["status"] == "completed" and done["result"] == 6
+
+
+@pytest.mark.timeout(30)
+def test_time_limit_fails_the_attempt(hq: HQEnv, sup: Supervisor) -> None:
+    marker, release = hq.path("started"), hq.path("release")
+    job = sup.submit("block", {"marker": marker, "release": release, "seconds": 20},
+                     timeout=0.5, retries=0)
+    done = sup.wait_job(job["id"], timeout=10)
+    assert done["status"] == "failed"
+    assert done["error"]["type"] == "TimeLimit"
+    assert done["error"]["message"].startswith("time limit exceeded after 0.5 s")
+    assert done["finished_at"] - done["started_at"] < 5

@@ -1,0 +1,181 @@
+"""Signals to the supervisor: HUP (reload), TERM (drain), QUIT (fast stop)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+from conftest import HQEnv, error_code, file_lines, wait_for
+
+
+@pytest.mark.timeout(60)
+def test_hup_replaces_every_worker_without_losing_jobs(hq: HQEnv) -> None:
+    sup = hq.supervisor(workers=2)
+    old = sup.wait_workers(2)
+    marker, release, log = hq.path("started"), hq.path("release"), hq.path("runs.log")
+
+    running = sup.submit("block", {"marker": marker, "release": release})
+    wait_for(lambda: file_lines(marker), 10, "the long job to start")
+    # Short jobs queued behind it: the idle worker holds several when the HUP comes.
+    before = [sup.submit("record", {"log": log, "tag": f"before-{i}", "sleep": 0.05})["id"]
+              for i in range(12)]
+    sup.signal(signal.SIGHUP)
+    after = [sup.submit("record", {"log": log, "tag": f"after-{i}"})["id"] for i in range(12)]
+
+    # Fresh workers come while the old busy one still runs its job.
+    wait_for(lambda: len(sup.worker_pids() - old) == 2, 15, "two fresh workers")
+    assert sup.get(running["id"])["status"] == "running"
+
+    open(release, "w").close()
+    done = sup.wait_job(running["id"])
+    assert done["status"] == "completed", done
+    assert done["attempts"] == 1
+    assert done["result"]["released"] is True
+
+    for job_id in before + after:
+        job = sup.wait_job(job_id)
+        assert job["status"] == "completed", job
+        assert job["attempts"] == 1, job
+    runs = Counter(line.split()[0] for line in file_lines(log))
+    assert runs == Counter({f"{w}-{i}": 1 for w in ("before", "after") for i in range(12)})
+
+    new = sup.wait_workers(2)
+    assert not (new & old), f"old workers {new & old} survived the reload"
+    assert sup.status()["target_workers"] == 2
+    assert sup.db_query("SELECT COUNT(*) FROM jobs WHERE status != 'completed'")[0][0] == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_sigterm_drains_running_job_then_exits_0(hq: HQEnv, sig: int) -> None:
+    sup = hq.supervisor(workers=2, grace=20)
+    marker, release = hq.path("started"), hq.path("release")
+    job = sup.submit("block", {"marker": marker, "release": release})
+    wait_for(lambda: file_lines(marker), 10, "the job to start")
+
+    sup.signal(sig)
+    wait_for(lambda: sup.status()["state"] == "draining", 5, "status to say draining")
+    assert sup.ping()["state"] == "draining"
+    reply = sup.request("submit", task="hqtasks.add", args={"a": 1, "b": 2})
+    assert error_code(reply) == "draining"
+    assert sup.proc.poll() is None, "the supervisor left before its running job ended"
+
+    open(release, "w").close()
+    assert sup.wait_exit(15) == 0
+
+    row = sup.db_job(job["id"])
+    assert row["status"] == "completed"
+    assert row["attempts"] == 1
+    assert sup.db_query("SELECT COUNT(*) FROM jobs")[0][0] == 1, "the refused submit was stored"
+    wait_for(lambda: not sup.session(), 5, "every worker to exit with the supervisor")
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_past_grace_puts_job_back_uncharged(hq: HQEnv) -> None:
+    grace = 1.5
+    sup = hq.supervisor(workers=1, grace=grace)
+    marker, release = hq.path("started"), hq.path("release")
+    job = sup.submit("block", {"marker": marker, "release": release, "seconds": 60})
+    wait_for(lambda: file_lines(marker), 10, "the job to start")
+
+    sent = time.monotonic()
+    sup.signal(signal.SIGTERM)
+    assert sup.wait_exit(grace + 10) == 0
+    took = time.monotonic() - sent
+    assert grace * 0.9 <= took <= grace + 5, f"exited {took:.2f} s after SIGTERM (grace {grace} s)"
+
+    row = sup.db_job(job["id"])
+    assert row["status"] == "pending"
+    assert row["attempts"] == 0, "an attempt stopped by the drain must not be charged"
+    wait_for(lambda: not sup.session(), 5, "every worker to exit with the supervisor")
+
+    open(release, "w").close()
+    sup.start()
+    done = sup.wait_job(job["id"])
+    assert done["status"] == "completed"
+    assert done["attempts"] == 1
+    assert len(file_lines(marker)) == 2
+
+
+@pytest.mark.timeout(60)
+def test_sigquit_stops_fast_and_requeues(hq: HQEnv) -> None:
+    sup = hq.supervisor(workers=1, grace=30)
+    marker, release = hq.path("started"), hq.path("release")
+    job = sup.submit("block", {"marker": marker, "release": release, "seconds": 60})
+    wait_for(lambda: file_lines(marker), 10, "the job to start")
+
+    sent = time.monotonic()
+    sup.signal(signal.SIGQUIT)
+    assert sup.wait_exit(10) == 0
+    assert time.monotonic() - sent < 5, "SIGQUIT waited as if it were a drain"
+
+    row = sup.db_job(job["id"])
+    assert row["status"] == "pending"
+    wait_for(lambda: not sup.session(), 5, "every worker to exit with the supervisor")
+
+    open(release, "w").close()
+    sup.start()
+    assert sup.wait_job(job["id"])["status"] == "completed"
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_gives_back_held_jobs_without_starting_them(hq: HQEnv) -> None:
+    sup = hq.supervisor(workers=1, grace=20)
+    marker, release, log = hq.path("started"), hq.path("release"), hq.path("runs.log")
+    # Paused, then resumed: the one worker takes the long job and holds the rest.
+    sup.call("pause", "paused")
+    long_job = sup.submit("block", {"marker": marker, "release": release})
+    held = [sup.submit("record", {"log": log, "tag": f"h{i}"})["id"] for i in range(4)]
+    sup.call("resume", "paused")
+    wait_for(lambda: file_lines(marker), 10, "the long job to start")
+
+    sup.signal(signal.SIGTERM)
+    wait_for(lambda: sup.status()["state"] == "draining", 5, "status to say draining")
+    open(release, "w").close()
+    assert sup.wait_exit(15) == 0
+
+    assert sup.db_job(long_job["id"])["status"] == "completed"
+    for job_id in held:
+        row = sup.db_job(job_id)
+        assert (row["status"], row["attempts"]) == ("pending", 0), dict(row)
+    assert file_lines(log) == [], "a job started during the drain"
+
+    sup.start()
+    for job_id in held:
+        done = sup.wait_job(job_id)
+        assert done["status"] == "completed" and done["attempts"] == 1
+    assert sorted(line.split()[0] for line in file_lines(log)) == ["h0", "h1", "h2", "h3"]
+
+
+@pytest.mark.timeout(60)
+def test_hup_loads_new_task_code_and_refuses_a_broken_module(hq: HQEnv) -> None:
+    sup = hq.supervisor(workers=2)
+    old = sup.wait_workers(2)
+    source = hq.tasks_path.read_text()
+
+    hq.tasks_path.write_text(source + "\n\n@hostqueue.task\ndef added(ctx):\n    return 'new code'\n")
+    sup.signal(signal.SIGHUP)
+    wait_for(lambda: sup.request("submit", task="hqtasks.added", delay=3600)["ok"], 10,
+             "the new task to be known")
+    job = sup.submit("added")
+    assert sup.wait_job(job["id"])["result"] == "new code"
+    # Fresh workers, done importing (so that breaking the file below cannot reach them).
+    st = wait_for(lambda: (lambda st: st if len(st["workers"]) == 2 and all(
+        w["state"] == "idle" and w["pid"] not in old for w in st["workers"]) else None)(sup.status()),
+        10, "two fresh idle workers")
+    fresh = {w["pid"] for w in st["workers"]}
+    assert sup.worker_pids() == fresh
+
+    hq.tasks_path.write_text(source + "\n\nthis is not python (\n")
+    sup.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in sup.log_text(), 10, "the reload to be refused in the log")
+    reply = sup.request("reload")
+    assert reply["ok"] is False and reply["error"]["code"] == "bad_request"
+    assert "hqtasks" in reply["error"]["message"]
+    # The running tasks and workers stay.
+    assert sup.worker_pids() == fresh
+    assert sup.wait_job(sup.submit("added")["id"])["result"] == "new code"
+    assert sup.wait_job(sup.submit("add", {"a": 1, "b": 2})["id"])["result"] == 3
