@@ -84,7 +84,7 @@ class Actions:
                     )
                 if deadline is not None:
                     self.sup.deadlines.push(deadline, job_id)
-                self.sup._enqueue(job_id, queue, priority, run_at, t)
+                self.sup._enqueue(job_id, queue, spec.name, priority, run_at, t)
             if deadline is not None:
                 self.sup._arm_deadline_timer()
             self.sup.counters["submitted"] += len(rows)
@@ -191,7 +191,7 @@ class Actions:
             job["deadline"],
         )
         await self.sup.committer.barrier()
-        self.sup._enqueue(job_id, job["queue"], job["priority"], now, time.time())
+        self.sup._enqueue(job_id, job["queue"], job["task"], job["priority"], now, time.time())
         return await self.committed_job(job_id) or job
 
     def set_paused(

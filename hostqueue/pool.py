@@ -134,6 +134,8 @@ class WorkerHandle:
     killed_for: str | None = None
     kill_error: dict[str, Any] | None = None
     running_job: int = 0
+    idle_since: float | None = None
+    rss_now: int | None = None
     state_at_exit: WorkerState = WorkerState.STARTING
 
     def send(self, message: dict[str, Any]) -> None:

@@ -29,26 +29,31 @@ def unpack_id(packed: int) -> int:
     return packed & _ID_MASK
 
 
+Lane = tuple[str, str]  # (queue, task): limits apply per queue and per task
+
+
 class ReadyIndex:
+    """Ready jobs in lanes, one per (queue, task), each a heap of packed keys."""
+
     def __init__(self) -> None:
-        self.queues: dict[str, list[int]] = {}
+        self.lanes: dict[Lane, list[int]] = {}
         # Entries taken out other than by popping (abort, expiry), as id -> how
         # many: skipped when they reach the top of their heap. The caller only
         # discards a job that it knows is in this index (not delayed, not claimed).
         self.removed: dict[int, int] = {}
         self.count = 0
 
-    def push(self, queue: str, priority: int, job_id: int) -> None:
-        heap = self.queues.get(queue)
+    def push(self, lane: Lane, priority: int, job_id: int) -> None:
+        heap = self.lanes.get(lane)
         if heap is None:
-            heap = self.queues[queue] = []
+            heap = self.lanes[lane] = []
         heapq.heappush(heap, pack(priority, job_id))
         self.count += 1
 
-    def bulk_load(self, packed_by_queue: dict[str, list[int]]) -> None:
+    def bulk_load(self, packed_by_lane: dict[Lane, list[int]]) -> None:
         """Take lists of packed keys (the lists become the heaps)."""
-        for queue, packed in packed_by_queue.items():
-            heap = self.queues.setdefault(queue, [])
+        for lane, packed in packed_by_lane.items():
+            heap = self.lanes.setdefault(lane, [])
             heap.extend(packed)
             heapq.heapify(heap)
             self.count += len(packed)
@@ -58,7 +63,9 @@ class ReadyIndex:
         self.removed[job_id] = self.removed.get(job_id, 0) + 1
         self.count -= 1
 
-    def _clean_top(self, heap: list[int]) -> None:
+    def top(self, lane: Lane) -> int | None:
+        """The lane's next packed key, or None when it is empty."""
+        heap = self.lanes[lane]
         removed = self.removed
         while heap and removed and unpack_id(heap[0]) in removed:
             job_id = unpack_id(heapq.heappop(heap))
@@ -66,32 +73,31 @@ class ReadyIndex:
                 del removed[job_id]
             else:
                 removed[job_id] -= 1
+        return heap[0] if heap else None
 
-    def pop(self, paused: frozenset[str] | set[str]) -> tuple[str, int] | None:
-        """The next job to run across queues that are not paused: (queue, job id)."""
-        if "*" in paused:
-            return None
-        best_queue = None
-        best = 0
-        for queue, heap in self.queues.items():
-            if not heap or queue in paused:
-                continue
-            self._clean_top(heap)
-            if heap and (best_queue is None or heap[0] < best):
-                best_queue, best = queue, heap[0]
-        if best_queue is None:
-            return None
-        heapq.heappop(self.queues[best_queue])
+    def pop(self, lane: Lane) -> int:
+        """The packed key of the lane's next job (call top() first: it must not be empty)."""
         self.count -= 1
-        return best_queue, unpack_id(best)
+        return heapq.heappop(self.lanes[lane])
+
+    def push_back(self, lane: Lane, packed: int) -> None:
+        """Return a popped entry (its claim did not happen)."""
+        heapq.heappush(self.lanes.setdefault(lane, []), packed)
+        self.count += 1
 
     def available(self, paused: frozenset[str] | set[str]) -> int:
-        """How many jobs could start now (an upper bound: lazily removed ids count)."""
+        """How many jobs wait in queues that are not paused (a hint: limits may hold them)."""
         if "*" in paused:
             return 0
         if not paused:
             return self.count
-        return sum(len(h) for q, h in self.queues.items() if q not in paused)
+        return sum(len(h) for (q, _), h in self.lanes.items() if q not in paused)
+
+    def waiting_by_queue(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (queue, _), heap in self.lanes.items():
+            out[queue] = out.get(queue, 0) + len(heap)
+        return out
 
     def __len__(self) -> int:
         return self.count

@@ -52,6 +52,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("durability", str, "normal", "HOSTQUEUE_DURABILITY", "'normal' (WAL, synchronous=NORMAL) or 'full' (fsync every commit)", "store.durability"),
     Setting("max_line", int, DEFAULT_MAX_LINE, "HOSTQUEUE_MAX_LINE", "longest request line the socket accepts, in bytes", "socket.max_line"),
     Setting("log_level", str, "info", "HOSTQUEUE_LOG_LEVEL", "debug, info, warning or error", "logging.level"),
+    Setting("workers_min", int, None, "HOSTQUEUE_WORKERS_MIN", "autoscale: fewest workers (with workers_max)", "workers.min"),
+    Setting("workers_max", int, None, "HOSTQUEUE_WORKERS_MAX", "autoscale: most workers; the pool grows while jobs wait", "workers.max"),
+    Setting("idle_timeout", float, 60.0, "HOSTQUEUE_IDLE_TIMEOUT", "autoscale: seconds a worker stays idle before the pool shrinks", "workers.idle_timeout"),
+    Setting("max_jobs_per_worker", int, None, "HOSTQUEUE_MAX_JOBS_PER_WORKER", "replace a worker after this many jobs", "workers.max_jobs"),
+    Setting("max_memory_per_worker", int, None, "HOSTQUEUE_MAX_MEMORY_PER_WORKER", "replace a worker whose RSS exceeds this many MB after a job", "workers.max_memory"),
+    Setting("socket_group", str, None, "HOSTQUEUE_SOCKET_GROUP", "group allowed to use the socket (mode 0660)", "socket.group"),
     Setting("retention_completed", float, 86400.0, "HOSTQUEUE_RETENTION_COMPLETED", "seconds a completed job is kept (0: forever)", "retention.completed"),
     Setting("retention_failed", float, 7 * 86400.0, "HOSTQUEUE_RETENTION_FAILED", "seconds a failed job is kept (0: forever)", "retention.failed"),
     Setting("retention_cancelled", float, 86400.0, "HOSTQUEUE_RETENTION_CANCELLED", "seconds a cancelled job is kept (0: forever)", "retention.cancelled"),
@@ -74,6 +80,15 @@ class SupervisorConfig:
     durability: str = "normal"
     max_line: int = DEFAULT_MAX_LINE
     log_level: str = "info"
+    workers_min: int | None = None
+    workers_max: int | None = None
+    idle_timeout: float = 60.0
+    max_jobs_per_worker: int | None = None
+    max_memory_per_worker: int | None = None
+    socket_group: str | None = None
+    queues: dict[str, Any] = field(default_factory=dict)
+    limits: dict[str, Any] = field(default_factory=dict)
+    schedules: dict[str, Any] = field(default_factory=dict)
     retention_completed: float = 86400.0
     retention_failed: float = 7 * 86400.0
     retention_cancelled: float = 86400.0
@@ -105,6 +120,34 @@ class SupervisorConfig:
             raise SettingsError(f"durability must be 'normal' or 'full', got {self.durability!r}")
         if self.max_line < 1024:
             raise SettingsError(f"max_line must be at least 1024 bytes, got {self.max_line}")
+        if (self.workers_min is None) != (self.workers_max is None):
+            raise SettingsError("workers.min and workers.max go together (autoscale); give both or neither")
+        if self.workers_min is not None and self.workers_max is not None:
+            if not 0 <= self.workers_min <= self.workers_max <= MAX_WORKERS:
+                raise SettingsError(
+                    f"autoscale needs 0 <= workers.min <= workers.max <= {MAX_WORKERS}, got {self.workers_min} and {self.workers_max}"
+                )
+        if self.idle_timeout <= 0:
+            raise SettingsError(f"workers.idle_timeout must be > 0 seconds, got {self.idle_timeout}")
+        if self.max_jobs_per_worker is not None and self.max_jobs_per_worker < 1:
+            raise SettingsError(f"workers.max_jobs must be >= 1, got {self.max_jobs_per_worker}")
+        if self.max_memory_per_worker is not None and self.max_memory_per_worker < 16:
+            raise SettingsError(f"workers.max_memory must be at least 16 (MB), got {self.max_memory_per_worker}")
+        if self.socket_group is not None:
+            import grp
+
+            try:
+                grp.getgrnam(self.socket_group)
+            except KeyError:
+                raise SettingsError(f"socket.group {self.socket_group!r} is not a group on this system") from None
+        from .schedules import ScheduleError, parse as parse_schedules
+        from .shaping import ShapingConfig, ShapingError
+
+        try:
+            ShapingConfig.parse(self.queues, self.limits)
+            parse_schedules(self.schedules)
+        except (ShapingError, ScheduleError) as exc:
+            raise SettingsError(str(exc)) from None
         for state in ("completed", "failed", "cancelled", "expired"):
             if getattr(self, f"retention_{state}") < 0:
                 raise SettingsError(f"retention_{state} must be >= 0 seconds (0 keeps forever)")
@@ -133,15 +176,42 @@ def read_config_file(path: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for section, table in data.items():
         if not isinstance(table, dict):
-            raise SettingsError(f"{path}: '{section}' must be a table like [{section}]")
+            raise SettingsError(f"{path}{_line_of(path, '', section)}: '{section}' must be a table like [{section}]")
+        if section in TABLE_SECTIONS:
+            values[section] = table
+            continue
         for key, value in table.items():
             dotted = f"{section}.{key}"
             setting = by_key.get(dotted)
+            where = f"{path}{_line_of(path, section, key)}: '{dotted}'"
             if setting is None:
-                known = ", ".join(sorted(by_key))
-                raise SettingsError(f"{path}: unknown key '{dotted}'; known keys: {known}")
-            values[setting.name] = _coerce(setting, value, f"{path}: '{dotted}'")
+                known = ", ".join(sorted(by_key) + [f"[{t}...]" for t in TABLE_SECTIONS])
+                raise SettingsError(f"{where} is not a known key; known keys: {known}")
+            values[setting.name] = _coerce(setting, value, where)
     return values
+
+
+# Sections that are tables of named entries, checked by their own modules.
+TABLE_SECTIONS = ("queues", "limits", "schedules")
+
+
+def _line_of(path: str, section: str, key: str) -> str:
+    """' line N' where key is assigned in [section] of the file, to point at the error."""
+    current = ""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                text = line.strip()
+                if text.startswith("[") and "]" in text:
+                    current = text.strip("[]").strip()
+                    if not section and current.split(".")[0] == key:
+                        return f" line {number}"
+                    continue
+                if current == section and (text.startswith(key + " ") or text.startswith(key + "=")):
+                    return f" line {number}"
+    except OSError:
+        pass
+    return ""
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list of strings"}
@@ -181,7 +251,14 @@ def from_environment(config: str | None = None, **flags: Any) -> SupervisorConfi
                 values[s.name] = s.type(raw)
         except ValueError:
             raise SettingsError(f"${s.env} must be {_TYPE_NAMES[s.type]}, got {raw!r}") from None
-    return SupervisorConfig(**values, config_path=config_path, flags=given).validate()
+    try:
+        return SupervisorConfig(**values, config_path=config_path, flags=given).validate()
+    except SettingsError as exc:
+        if config_path and str(exc).startswith(("queues.", "limits.", "schedules.")):
+            key = str(exc).split(" ")[0].rstrip(":")
+            section = key.rsplit(".", 1)[0].replace('"', "")
+            raise SettingsError(f"{config_path}{_line_of(config_path, section, key.rsplit('.', 1)[-1])}: {exc}") from None
+        raise
 
 
 def reread(config: SupervisorConfig) -> SupervisorConfig:

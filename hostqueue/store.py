@@ -221,7 +221,7 @@ def job_row_to_dict(row: tuple[Any, ...] | sqlite3.Row) -> dict[str, Any]:
 
 @dataclass
 class PendingSet:
-    ready: dict[str, list[int]] = field(default_factory=dict)  # queue -> packed keys
+    ready: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # lane -> packed keys
     delayed: list[tuple[float, int]] = field(default_factory=list)
     deadlines: list[tuple[float, int]] = field(default_factory=list)
     keys: dict[str, int] = field(default_factory=dict)
@@ -375,17 +375,18 @@ class Store:
         def load(conn: sqlite3.Connection) -> PendingSet:
             out = PendingSet()
             cursor = conn.execute(
-                "SELECT id, queue, priority, run_at, deadline, key FROM jobs WHERE status = 'pending'"
+                "SELECT id, queue, task, priority, run_at, deadline, key FROM jobs"
+                " WHERE status = 'pending'"
             )
             while True:
                 rows = cursor.fetchmany(10_000)
                 if not rows:
                     return out
-                for job_id, queue, priority, run_at, deadline, key in rows:
+                for job_id, queue, task, priority, run_at, deadline, key in rows:
                     if run_at <= now:
-                        heap = out.ready.get(queue)
+                        heap = out.ready.get((queue, task))
                         if heap is None:
-                            heap = out.ready[queue] = []
+                            heap = out.ready[(queue, task)] = []
                         heap.append(pack(priority, job_id))
                     else:
                         out.delayed.append((run_at, job_id))

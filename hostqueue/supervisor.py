@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import os
 import random
 import signal
@@ -38,7 +39,8 @@ from .errors import ProtocolError
 from .events import EventHub
 from .pool import RunningJob, Spawner, WorkerHandle, describe_exit
 from .actions import ABORT_GRACE, Actions
-from .readyindex import Payload, ReadyIndex, TimedHeap, pack
+from .shaping import Shaper, ShapingConfig
+from .readyindex import Lane, Payload, ReadyIndex, TimedHeap, pack, unpack_id
 from .settings import SupervisorConfig
 from .states import JobStatus, SupervisorState, WorkerState
 from .store import Store, StoreError, StoreLock, StoreLocked
@@ -102,6 +104,9 @@ class Supervisor:
         self._sampler: asyncio.TimerHandle | None = None
         self._spawn_timer: asyncio.TimerHandle | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
+        self._limit_timer: asyncio.TimerHandle | None = None
+        self._limit_timer_at = 0.0
+        self._limit_wake = math.inf
         self._retention_timer: asyncio.TimerHandle | None = None
         self._retention_at = 0.0
         self._retention_sweeping = False
@@ -117,6 +122,10 @@ class Supervisor:
         self.stopped: asyncio.Future[int]
         self.notifier = sdnotify.Notifier.from_environment()
         self.actions = Actions(self)
+        self.shaper = Shaper(ShapingConfig.parse(config.queues, config.limits))
+        self.autoscale = config.workers_min is not None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_timer_at = 0.0
 
     # == start and stop =========================================================
 
@@ -209,6 +218,9 @@ class Supervisor:
             self.target = self.config.workers
         else:
             self.target = int(settings.get("workers", os.cpu_count() or 2))
+        if self.autoscale:
+            assert self.config.workers_min is not None and self.config.workers_max is not None
+            self.target = min(max(self.target, self.config.workers_min), self.config.workers_max)
         self.paused = set(settings.get("paused", []))
         pending = await self.store.load_pending(now, pack)
         self.ready.bulk_load(pending.ready)
@@ -271,7 +283,7 @@ class Supervisor:
         self.notifier.notify("STOPPING=1\nSTATUS=draining")
         busy = sum(1 for w in self.workers.values() if w.jobs)
         log.info("draining: %d jobs running on %d workers, grace %.1f s", len(self.running), busy, grace)
-        for timer in (self._delay_timer, self._deadline_timer, self._spawn_timer, self._retention_timer):
+        for timer in (self._delay_timer, self._deadline_timer, self._spawn_timer, self._retention_timer, self._limit_timer):
             if timer is not None:
                 timer.cancel()
         for worker in list(self.workers.values()):
@@ -306,8 +318,12 @@ class Supervisor:
 
     # == the pool ================================================================
 
-    def scale(self, n: int) -> int:
+    def scale(self, n: int, manual: bool = True) -> int:
+        """Set the pool's target size; a manual size turns autoscale off until reload."""
         previous = self.target
+        if manual and self.autoscale:
+            self.autoscale = False
+            log.info("autoscale off until reload: the pool size was set by hand")
         self.target = n
         self.committer.add("save_setting", Store.setting_params("workers", n))
         if n != previous:
@@ -332,6 +348,12 @@ class Supervisor:
         self.notifier.notify("RELOADING=1")
         self.config = config
         self.tasks = tasks
+        self.shaper.apply(ShapingConfig.parse(config.queues, config.limits))
+        self.shaper.recount((rj.queue, rj.task) for rj in self.running.values())
+        self.autoscale = config.workers_min is not None
+        if self.autoscale:
+            assert config.workers_min is not None and config.workers_max is not None
+            self.target = min(max(self.target, config.workers_min), config.workers_max)
         # The pool keeps its size (scaled at run time, perhaps) unless the file names one.
         file_workers = settings.read_config_file(config.config_path).get("workers") if config.config_path else None
         if file_workers is not None and file_workers != self.target:
@@ -410,10 +432,11 @@ class Supervisor:
     def _on_worker_message(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         kind = message.get("t")
         if kind == "done":
-            self._on_outcomes(worker, message["o"])
+            self._on_outcomes(worker, message)
         elif kind == "ready":
             if worker.state is WorkerState.STARTING:
                 worker.state = WorkerState.IDLE
+                self._became_idle(worker)
                 self.spawn_failures = 0
                 self.pool_error = None
                 self._wake_dispatch()
@@ -431,6 +454,7 @@ class Supervisor:
             now = time.time()
             for rj in list(worker.jobs.values()):
                 self.running.pop(rj.id, None)
+                self._job_left_worker(rj)
                 started = rj.id == worker.running_job
                 if killed_for == "drain" or not started:
                     self._requeue_uncharged(rj)
@@ -470,59 +494,176 @@ class Supervisor:
             return
         idle = [w for w in self.workers.values() if w.state is WorkerState.IDLE and w.transport]
         if not idle:
+            self._autoscale_grow()
             return
-        # The count is a hint for batch sizes; pop() is the truth.
+        # The count is a hint for batch sizes; _next_job() is the truth.
         available = max(self.ready.available(self.paused), 1)
         per_worker = max(1, min(self.config.prefetch, -(-available // len(idle))))
         now = time.time()
+        now_m = time.monotonic()
+        self._limit_wake = math.inf
         for worker in idle:
-            picked: list[int] = []
+            picked: list[tuple[Lane, int]] = []
             for _ in range(per_worker):
-                item = self.ready.pop(self.paused)
-                if item is None:
+                taken = self._next_job(now_m)
+                if taken is None:
                     break
-                picked.append(item[1])
+                picked.append(taken)
             if not picked:
                 break
             worker.state = WorkerState.BUSY
-            missing = [i for i in picked if i not in self.payloads]
-            if missing:
-                self.claiming.update(picked)
+            ids = [unpack_id(packed) for _, packed in picked]
+            if any(i not in self.payloads for i in ids):
+                self.claiming.update(ids)
                 self.loop.create_task(self._fetch_and_send(worker, picked))
             else:
-                self._send_jobs(worker, picked, now)
+                self._send_jobs(worker, ids, now)
+        if self._limit_wake < math.inf:
+            self._arm_limit_timer(self._limit_wake)
+        if self.ready.count:
+            self._autoscale_grow()
         self._update_title()
 
-    async def _fetch_and_send(self, worker: WorkerHandle, ids: list[int]) -> None:
+    def _next_job(self, now_m: float) -> tuple[Lane, int] | None:
+        """Take the next job that may start now, across lanes, under pauses and limits."""
+        if "*" in self.paused:
+            return None
+        shaper = self.shaper
+        best_lane = None
+        best_key: tuple[float, float, int] | None = None
+        for lane in self.ready.lanes:
+            if lane[0] in self.paused:
+                continue
+            top = self.ready.top(lane)
+            if top is None:
+                continue
+            free = shaper.free_at(lane, now_m)
+            if free > now_m:
+                if free < self._limit_wake:
+                    self._limit_wake = free
+                continue
+            key = shaper.order_key(lane, top)
+            if best_key is None or key < best_key:
+                best_lane, best_key = lane, key
+        if best_lane is None:
+            return None
+        shaper.started(best_lane, now_m)
+        return best_lane, self.ready.pop(best_lane)
+
+    def _arm_limit_timer(self, at: float) -> None:
+        """Wake dispatch when a rate-limited lane may start again (monotonic time)."""
+        if self._limit_timer is not None:
+            if self._limit_timer_at <= at:
+                return
+            self._limit_timer.cancel()
+        self._limit_timer_at = at
+        self._limit_timer = self.loop.call_later(max(0.0, at - time.monotonic()), self._limit_timer_fired)
+
+    def _limit_timer_fired(self) -> None:
+        self._limit_timer = None
+        self._wake_dispatch()
+
+    def _maybe_recycle(self, worker: WorkerHandle) -> None:
+        """Replace a worker that did its share of jobs or grew too big (checked after jobs)."""
+        if worker.state is not WorkerState.BUSY and worker.state is not WorkerState.IDLE:
+            return
+        reason = None
+        limit_jobs = self.config.max_jobs_per_worker
+        limit_mb = self.config.max_memory_per_worker
+        if limit_jobs is not None and worker.jobs_done >= limit_jobs:
+            reason = f"it ran {worker.jobs_done} jobs (max_jobs {limit_jobs})"
+        elif limit_mb is not None and worker.rss_now is not None and worker.rss_now > limit_mb * 1024 * 1024:
+            reason = f"its memory is {worker.rss_now / 1048576:.0f} MB (max_memory {limit_mb} MB)"
+        if reason is not None:
+            log.info("recycling worker %d: %s", worker.pid, reason)
+            self.counters["recycled"] += 1
+            self._retire(worker, drop_queued=True)
+            self._manage_workers()
+
+    def _became_idle(self, worker: WorkerHandle) -> None:
+        worker.idle_since = time.monotonic()
+        if self.autoscale and self.config.workers_min is not None and self.target > self.config.workers_min:
+            self._arm_idle_timer(worker.idle_since + self.config.idle_timeout)
+
+    def _arm_idle_timer(self, at: float) -> None:
+        if self._idle_timer is not None:
+            if self._idle_timer_at <= at:
+                return
+            self._idle_timer.cancel()
+        self._idle_timer_at = at
+        self._idle_timer = self.loop.call_later(max(0.0, at - time.monotonic()), self._autoscale_shrink)
+
+    def _autoscale_shrink(self) -> None:
+        """Retire workers idle for idle_timeout, down to workers.min."""
+        self._idle_timer = None
+        if not self.autoscale or self.state is not SupervisorState.RUNNING or self.config.workers_min is None:
+            return
+        now = time.monotonic()
+        earliest = math.inf
+        for worker in sorted(self.workers.values(), key=lambda w: w.idle_since or 0.0):
+            if self.target <= self.config.workers_min:
+                break
+            if worker.state is not WorkerState.IDLE or worker.idle_since is None:
+                continue
+            due = worker.idle_since + self.config.idle_timeout
+            if due <= now:
+                log.info("autoscale: worker %d idle for %.0f s; shrinking to %d", worker.pid, now - worker.idle_since, self.target - 1)
+                self.scale(self.target - 1, manual=False)
+            else:
+                earliest = min(earliest, due)
+        if earliest < math.inf and self.target > self.config.workers_min:
+            self._arm_idle_timer(earliest)
+
+    def _autoscale_grow(self) -> None:
+        """Jobs wait and no worker is idle: one more worker, up to workers.max."""
+        if not self.autoscale or self.config.workers_max is None or self.target >= self.config.workers_max:
+            return
+        if any(w.state is WorkerState.STARTING for w in self.workers.values()):
+            return  # one at a time: the next grows when this one is ready
+        if self.ready.available(self.paused) <= 0:
+            return
+        log.info("autoscale: jobs wait and every worker is busy; growing to %d", self.target + 1)
+        self.scale(self.target + 1, manual=False)
+
+    def _job_left_worker(self, rj: RunningJob) -> None:
+        """A held job is done with its worker (finished, failed, returned): free its limits."""
+        self.shaper.finished((rj.queue, rj.task))
+        self._wake_dispatch()
+
+    async def _fetch_and_send(self, worker: WorkerHandle, picked: list[tuple[Lane, int]]) -> None:
+        """Jobs without a cached payload (loaded at start, or beyond the cache): read, then send."""
+        ids = [unpack_id(packed) for _, packed in picked]
         try:
             await self.committer.barrier()
             rows = await self.store.jobs_for_dispatch(ids)
         except StoreError as exc:
             log.error("cannot read jobs to dispatch: %s", exc)
-            rows = {}
-        for job_id in ids:
+            rows = None
+        sendable = []
+        for lane, packed in picked:
+            job_id = unpack_id(packed)
             self.claiming.discard(job_id)
-            row = rows.get(job_id)
-            if row is None or job_id in self.recent_finals:
+            row = rows.get(job_id) if rows is not None else None
+            aborted = job_id in self.recent_finals
+            if rows is None or worker.state is not WorkerState.BUSY or worker.exit_status is not None:
+                # Not claimed after all: back where it was, unless it ended meanwhile.
+                self.shaper.finished(lane)
+                if not aborted:
+                    self.ready.push_back(lane, packed)
+                continue
+            if row is None or aborted:
+                self.shaper.finished(lane)  # it ended (or vanished) while we read
                 continue
             self.payloads[job_id] = Payload(
                 row.task, row.queue, row.args, row.attempts, row.max_attempts, row.timeout,
                 row.priority, row.run_id, row.key, row.created_at, row.run_at, row.deadline,
             )
-        ids = [i for i in ids if i in self.payloads]
-        if worker.state is not WorkerState.BUSY or worker.exit_status is not None:
-            for job_id in ids:
-                p = self.payloads[job_id]
-                self.ready.push(p.queue, p.priority, job_id)
-            if worker.state is WorkerState.BUSY:
-                worker.state = WorkerState.IDLE
-            self._wake_dispatch()
-            return
-        if ids:
-            self._send_jobs(worker, ids, time.time())
-        elif not worker.jobs:
+            sendable.append(job_id)
+        if sendable:
+            self._send_jobs(worker, sendable, time.time())
+        elif worker.state is WorkerState.BUSY and not worker.jobs:
             worker.state = WorkerState.IDLE
-            self._wake_dispatch()
+        self._wake_dispatch()
 
     def _send_jobs(self, worker: WorkerHandle, ids: list[int], now: float) -> None:
         messages = []
@@ -561,13 +702,17 @@ class Supervisor:
 
     # == outcomes =================================================================
 
-    def _on_outcomes(self, worker: WorkerHandle, outcomes: list[dict[str, Any]]) -> None:
+    def _on_outcomes(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
+        outcomes: list[dict[str, Any]] = message["o"]
+        if message.get("mem") is not None:
+            worker.rss_now = message["mem"]
         now = time.time()
         for o in outcomes:
             rj = worker.jobs.pop(o["id"], None)
             if rj is None:
                 continue
             self.running.pop(rj.id, None)
+            self._job_left_worker(rj)
             worker.jobs_done += 1
             if o.get("p") is not None:
                 rj.progress, rj.progress_message = o["p"], o.get("pm")
@@ -583,8 +728,10 @@ class Supervisor:
                 self._finish(rj, JobStatus.FAILED, None, o.get("e"), now, attempt_started=o.get("st"))
             else:
                 self._fail_attempt(rj, o.get("e"), now, delay=o.get("d"), attempt_started=o.get("st"))
+        self._maybe_recycle(worker)
         if not worker.jobs and worker.state is WorkerState.BUSY:
             worker.state = WorkerState.IDLE
+            self._became_idle(worker)
             self._wake_dispatch()
             self._update_title()
 
@@ -665,11 +812,13 @@ class Supervisor:
             rj.task, rj.queue, rj.args, attempts, rj.max_attempts, rj.timeout, rj.priority,
             rj.run_id, rj.key, rj.created_at, run_at, rj.deadline,
         )
-        self._enqueue(rj.id, rj.queue, rj.priority, run_at, time.time())
+        self._enqueue(rj.id, rj.queue, rj.task, rj.priority, run_at, time.time())
 
-    def _enqueue(self, job_id: int, queue: str, priority: int, run_at: float, now: float) -> None:
+    def _enqueue(
+        self, job_id: int, queue: str, task: str, priority: int, run_at: float, now: float
+    ) -> None:
         if run_at <= now:
-            self.ready.push(queue, priority, job_id)
+            self.ready.push((queue, task), priority, job_id)
             self._wake_dispatch()
         else:
             self.delayed.push(run_at, job_id)
@@ -696,7 +845,7 @@ class Supervisor:
             for job_id in due:
                 p = self.payloads.get(job_id)
                 if p is not None:
-                    self.ready.push(p.queue, p.priority, job_id)
+                    self.ready.push((p.queue, p.task), p.priority, job_id)
             if missing:
                 self.loop.create_task(self._promote_unknown(missing))
             self._wake_dispatch()
@@ -712,7 +861,7 @@ class Supervisor:
                 or job_id in self.running or job_id in self.recent_finals
             ):
                 continue
-            self.ready.push(job["queue"], job["priority"], job_id)
+            self.ready.push((job["queue"], job["task"]), job["priority"], job_id)
         self._wake_dispatch()
 
     def _arm_deadline_timer(self) -> None:

@@ -71,6 +71,11 @@ class PeakMemory:
             self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
         except OSError:
             self._status = self._clear = -1
+        try:
+            self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._statm = -1
+        self._page = os.sysconf("SC_PAGE_SIZE")
         self.reset()
 
     def reset(self) -> None:
@@ -79,6 +84,11 @@ class PeakMemory:
                 os.write(self._clear, b"5")
             except OSError:
                 self._clear = -1
+
+    def current(self) -> int | None:
+        if self._statm < 0:
+            return None
+        return int(os.pread(self._statm, 128, 0).split()[1]) * self._page
 
     def read(self) -> int | None:
         if self._status < 0:
@@ -129,7 +139,8 @@ class Worker:
     def flush_outbox(self) -> None:
         if self.outbox:
             batch, self.outbox = self.outbox, []
-            self.send({"t": "done", "o": batch})
+            # Current RSS rides along, so the supervisor can recycle a bloated worker.
+            self.send({"t": "done", "o": batch, "mem": self.peak.current()})
 
     def read_loop(self) -> None:
         while True:
