@@ -38,6 +38,7 @@ class Actions:
         args_list: list[dict[str, Any]],
         options: dict[str, Any],
         on_done: Callable[[list[dict[str, Any]] | None, BaseException | None], None],
+        extra: list[tuple[str, tuple[Any, ...]]] | None = None,
     ) -> None:
         """Add jobs; on_done(jobs, None) after COMMIT, or on_done(None, error)."""
         now = time.time()
@@ -100,7 +101,7 @@ class Actions:
                 del self.sup.keys[key]
             on_done(None, exc)
 
-        self.sup.committer.add_submit(rows, committed, failed)
+        self.sup.committer.add_submit(rows, committed, failed, extra)
 
     async def committed_job(
         self, job_id: int) -> dict[str, Any] | None:
@@ -236,6 +237,13 @@ class Actions:
             "running_jobs": len(self.sup.running),
             "ready_jobs": self.sup.ready.available(set()),
             "pool_error": self.sup.pool_error,
+            "autoscale": (
+                {"min": self.sup.config.workers_min, "max": self.sup.config.workers_max,
+                 "idle_timeout": self.sup.config.idle_timeout}
+                if self.sup.autoscale else None
+            ),
+            "shaping": self.sup.shaper.describe(),
+            "waiting_by_queue": self.sup.ready.waiting_by_queue(),
             "store_error": self.sup.committer.last_error,
             "counters": dict(self.sup.counters),
         }

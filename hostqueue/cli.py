@@ -25,6 +25,7 @@ from hostqueue.display import (
     format_jobs,
     format_paused,
     format_progress,
+    format_schedules,
     format_stats,
     format_status,
     shown_status,
@@ -316,6 +317,33 @@ def status(socket: str | None, as_json: bool) -> None:
     """
     st = _client(socket).status()
     _emit(st, as_json, lambda: format_status(st))
+
+
+@cli.group()
+@socket_option
+@click.pass_context
+def schedule(ctx: click.Context, socket: str | None) -> None:
+    """Recurring schedules (cron) the supervisor runs.
+
+    \b
+    Example:
+        hostqueue schedule list
+    """
+    ctx.obj = socket
+
+
+@schedule.command("list")
+@json_option
+@click.pass_obj
+def schedule_list(socket: str | None, as_json: bool) -> None:
+    """List schedules with their cron expression, last and next run.
+
+    \b
+    Example:
+        hostqueue schedule list --json | jq '.[].next_run'
+    """
+    data = _client(socket).request("schedules")["schedules"]
+    _emit(data, as_json, lambda: format_schedules(data))
 
 
 @ctl.command()

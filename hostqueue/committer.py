@@ -22,7 +22,8 @@ from .store import Store, StoreError, WriteBatch
 
 log = logging.getLogger("hostqueue.store")
 
-SUBMIT_KINDS = frozenset({"add_job"})
+# Written only together with the jobs they submit: refused with them.
+SUBMIT_KINDS = frozenset({"add_job", "save_schedule"})
 
 
 class GroupCommitter:
@@ -53,10 +54,14 @@ class GroupCommitter:
         rows: list[tuple[Any, ...]],
         on_commit: Callable[[], None],
         on_failure: Callable[[BaseException], None],
+        extra: list[tuple[str, tuple[Any, ...]]] | None = None,
     ) -> None:
-        """Add new jobs; exactly one of the callbacks runs, after the transaction ends."""
+        """Add new jobs (and writes that stand or fall with them); exactly one of the
+        callbacks runs, after the transaction ends."""
         for row in rows:
             self.batch.add("add_job", row)
+        for kind, params in extra or ():
+            self.batch.add(kind, params)
         self.batch.submits.append((on_commit, on_failure))
         self._schedule()
 

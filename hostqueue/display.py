@@ -198,7 +198,7 @@ def format_job(job: Mapping[str, Any]) -> str:
     skip = set(_JOB_FIELDS) | {"error", "max_attempts", "progress_message", "attempt_log"}
     for name, value in job.items():  # fields a newer server adds
         if name not in skip:
-            lines.append((name, orjson.dumps(value).decode()))
+            lines.append((name, value if isinstance(value, str) else orjson.dumps(value).decode()))
     width = max(len(n) for n, _ in lines) + 1
     out = [f"{(n + ':').ljust(width)} {t}" for n, t in lines]
     attempts = job.get("attempt_log") or []
@@ -299,3 +299,14 @@ class ProgressLine:
             self.stream.write("\r\x1b[2K")
             self.stream.flush()
             self.shown = False
+
+
+def format_schedules(schedules: list[dict[str, Any]]) -> str:
+    if not schedules:
+        return "no schedules (add [schedules.NAME] to the configuration, or @task(cron=...))"
+    rows = [
+        (s["name"], s["task"], s["cron"], s["timezone"], s["misfire"],
+         format_time(s["last_run"]), s["last_job"], format_time(s["next_run"]))
+        for s in schedules
+    ]
+    return format_table(("NAME", "TASK", "CRON", "TZ", "MISFIRE", "LAST RUN", "LAST JOB", "NEXT RUN"), rows)

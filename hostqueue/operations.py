@@ -241,6 +241,8 @@ class Operations:
         if job is None:
             raise ProtocolError("not_found", f"no job has id {job_id}")
         job["attempt_log"] = await self.supervisor.store.attempts_of(job_id)
+        if job["status"] == "pending":
+            job["waiting"] = self.supervisor.why_waiting(job)
         return {"job": job}
 
     def op_list(self, conn: "Connection", req: dict[str, Any]) -> Reply:
@@ -391,6 +393,9 @@ class Operations:
         sup = self.supervisor
         await sup.committer.barrier()
         return {"stats": await sup.store.count_by_state(time.time(), run_id)}
+
+    def op_schedules(self, conn: "Connection", req: dict[str, Any]) -> Reply:
+        return {"schedules": self.supervisor.scheduler.describe()}
 
     def op_scale(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         n = _field(req, "n", int, required=True)

@@ -128,3 +128,128 @@ def plan_start(spec: ScheduleSpec, stored: ScheduleState | None, now: float) -> 
         return stored, False
     missed = ScheduleState(spec.next_after(now), stored.last_run, stored.last_job, spec.cron, spec.timezone)
     return missed, spec.misfire == "run_once"
+
+
+class Scheduler:
+    """Runs the schedules inside the supervisor: one loop timer for the earliest due time."""
+
+    def __init__(self, sup: Any) -> None:
+        self.sup = sup
+        self.specs: dict[str, ScheduleSpec] = {}
+        self.states: dict[str, ScheduleState] = {}
+        self._timer: Any = None
+        self._timer_at = 0.0
+
+    @staticmethod
+    def configured(config_table: dict[str, Any], tasks: dict[str, Any]) -> list[ScheduleSpec]:
+        """The file's schedules, then one per task declared with ``cron=`` (named after it)."""
+        specs = parse(config_table)
+        names = {s.name for s in specs}
+        for name, task in sorted(tasks.items()):
+            if task.cron and name not in names:
+                specs.append(check(ScheduleSpec(name=name, task=name, cron=task.cron,
+                                                timezone=task.cron_timezone), f"task {name}"))
+        return specs
+
+    async def start(self, specs: list[ScheduleSpec], now: float) -> None:
+        """Plan every schedule from what the store kept; submit missed runs by policy."""
+        stored = await self.sup.store.load_schedules()
+        known = self.states  # on reload, memory is ahead of the store
+        self.specs = {s.name: s for s in specs}
+        self.states = {}
+        for spec in specs:
+            row = stored.get(spec.name)
+            previous = known.get(spec.name) or (
+                ScheduleState(row[0], row[1], row[2], row[3], row[4]) if row else None
+            )
+            state, run_now = plan_start(spec, previous, now)
+            self.states[spec.name] = state
+            if run_now:
+                self.sup_log("schedule %s missed runs while stopped: running once now (misfire run_once)", spec.name)
+                self._fire(spec, now)
+            elif previous is not None and previous.next_run <= now:
+                self.sup_log("schedule %s missed runs while stopped: skipped (misfire skip)", spec.name)
+                self._save(spec, state)
+            elif previous is None or previous.cron != spec.cron or previous.timezone != spec.timezone:
+                self._save(spec, state)
+        self.arm()
+
+    def sup_log(self, msg: str, *args: Any) -> None:
+        import logging
+
+        logging.getLogger("hostqueue.schedules").info(msg, *args)
+
+    def _save(self, spec: ScheduleSpec, state: ScheduleState) -> None:
+        self.sup.committer.add("save_schedule", self._row(spec, state))
+
+    @staticmethod
+    def _row(spec: ScheduleSpec, state: ScheduleState) -> tuple[Any, ...]:
+        return (spec.name, state.next_run, state.last_run, state.last_job, spec.cron, spec.timezone)
+
+    def arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.states or self.sup.state.value != "running":
+            return
+        import time
+
+        due = min(s.next_run for s in self.states.values())
+        self._timer_at = due
+        self._timer = self.sup.loop.call_later(max(0.0, due - time.time()), self._due)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _due(self) -> None:
+        import time
+
+        self._timer = None
+        now = time.time()
+        for name, state in list(self.states.items()):
+            if state.next_run <= now:
+                self._fire(self.specs[name], now)
+        self.arm()
+
+    def _fire(self, spec: ScheduleSpec, now: float) -> None:
+        """Submit one job and move the schedule on, in one transaction."""
+        import logging
+
+        log = logging.getLogger("hostqueue.schedules")
+        task = self.sup.tasks.get(spec.task)
+        old = self.states[spec.name]
+        new = ScheduleState(spec.next_after(now), now, old.last_job, spec.cron, spec.timezone)
+        self.states[spec.name] = new
+        if task is None:
+            log.error("schedule %s names task %s, which no task module registers; skipped", spec.name, spec.task)
+            self._save(spec, new)
+            return
+
+        def done(jobs: list[dict[str, Any]] | None, error: BaseException | None) -> None:
+            if error is not None:
+                log.error("schedule %s could not submit its job (%s); trying again in 5 s", spec.name, error)
+                if self.states.get(spec.name) is new:
+                    self.states[spec.name] = ScheduleState(now + 5.0, old.last_run, old.last_job, spec.cron, spec.timezone)
+                    self.arm()
+            elif jobs:
+                new.last_job = jobs[0]["id"]
+
+        # The job's id is known before the commit: the saved row names it.
+        job_id = self.sup.next_id
+        row = (spec.name, new.next_run, new.last_run, job_id, spec.cron, spec.timezone)
+        opts = {"queue": spec.queue, "priority": spec.priority}
+        self.sup.actions.submit_jobs(task, [dict(spec.args)], opts, done, extra=[("save_schedule", row)])
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for name, spec in sorted(self.specs.items()):
+            state = self.states.get(name)
+            out.append({
+                **spec.describe(),
+                "next_run": state.next_run if state else None,
+                "last_run": state.last_run if state else None,
+                "last_job": state.last_job if state else None,
+            })
+        return out

@@ -103,6 +103,19 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE finished_at IS NOT NULL;
         """,
     ),
+    (
+        "recurring schedules",
+        """
+        CREATE TABLE schedules (
+            name     TEXT PRIMARY KEY,
+            next_run REAL NOT NULL,
+            last_run REAL,
+            last_job INTEGER,
+            cron     TEXT NOT NULL,
+            timezone TEXT NOT NULL
+        ) WITHOUT ROWID;
+        """,
+    ),
 ]
 
 # The statements a WriteBatch can carry, by intention.
@@ -146,6 +159,10 @@ WRITES: dict[str, str] = {
     "forget_jobs": "DELETE FROM jobs WHERE id = ?",
     "forget_attempts": "DELETE FROM attempts WHERE job_id = ?",
     "save_setting": "INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)",
+    "save_schedule": (
+        "INSERT OR REPLACE INTO schedules (name, next_run, last_run, last_job, cron, timezone)"
+        " VALUES (?, ?, ?, ?, ?, ?)"
+    ),
 }
 
 
@@ -408,6 +425,19 @@ class Store:
         def load(conn: sqlite3.Connection) -> dict[str, Any]:
             rows = conn.execute("SELECT name, value FROM settings").fetchall()
             return {name: orjson.loads(value) for name, value in rows}
+
+        return await self._run(load)
+
+    async def load_schedules(self) -> dict[str, tuple[float, float | None, int | None, str, str]]:
+        """name -> (next_run, last_run, last_job, cron, timezone) as last committed."""
+
+        def load(conn: sqlite3.Connection) -> dict[str, tuple[float, float | None, int | None, str, str]]:
+            return {
+                r[0]: (r[1], r[2], r[3], r[4], r[5])
+                for r in conn.execute(
+                    "SELECT name, next_run, last_run, last_job, cron, timezone FROM schedules"
+                )
+            }
 
         return await self._run(load)
 

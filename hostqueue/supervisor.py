@@ -39,6 +39,7 @@ from .errors import ProtocolError
 from .events import EventHub
 from .pool import RunningJob, Spawner, WorkerHandle, describe_exit
 from .actions import ABORT_GRACE, Actions
+from .schedules import Scheduler
 from .shaping import Shaper, ShapingConfig
 from .readyindex import Lane, Payload, ReadyIndex, TimedHeap, pack, unpack_id
 from .settings import SupervisorConfig
@@ -124,6 +125,7 @@ class Supervisor:
         self.actions = Actions(self)
         self.shaper = Shaper(ShapingConfig.parse(config.queues, config.limits))
         self.autoscale = config.workers_min is not None
+        self.scheduler = Scheduler(self)
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_timer_at = 0.0
 
@@ -182,6 +184,7 @@ class Supervisor:
         self._arm_delay_timer()
         self._arm_deadline_timer()
         self.loop.create_task(self._rearm_retention())
+        await self.scheduler.start(Scheduler.configured(self.config.schedules, self.tasks), time.time())
         self._wake_dispatch()
         self._update_title()
         log.info(
@@ -283,6 +286,7 @@ class Supervisor:
         self.notifier.notify("STOPPING=1\nSTATUS=draining")
         busy = sum(1 for w in self.workers.values() if w.jobs)
         log.info("draining: %d jobs running on %d workers, grace %.1f s", len(self.running), busy, grace)
+        self.scheduler.stop()
         for timer in (self._delay_timer, self._deadline_timer, self._spawn_timer, self._retention_timer, self._limit_timer):
             if timer is not None:
                 timer.cancel()
@@ -343,8 +347,11 @@ class Supervisor:
                 setattr(config, name, getattr(self.config, name))
         try:
             tasks = registry.load_task_modules(config.tasks)
+            schedules = Scheduler.configured(config.schedules, tasks)
         except registry.TaskModuleError as exc:
             raise ProtocolError("bad_request", f"reload refused, the running tasks stay: {exc}") from None
+        except ValueError as exc:
+            raise ProtocolError("bad_request", f"reload refused, the running configuration stays: {exc}") from None
         self.notifier.notify("RELOADING=1")
         self.config = config
         self.tasks = tasks
@@ -370,6 +377,7 @@ class Supervisor:
             self._retention_timer.cancel()
             self._retention_timer = None
         self.loop.create_task(self._rearm_retention())
+        self.loop.create_task(self.scheduler.start(schedules, time.time()))
         log.info("reloaded: %d tasks, replacing %d workers", len(tasks), len(old))
         self.notifier.notify("READY=1")
         return {"workers": self.target, "tasks": sorted(tasks)}
@@ -624,6 +632,26 @@ class Supervisor:
             return
         log.info("autoscale: jobs wait and every worker is busy; growing to %d", self.target + 1)
         self.scale(self.target + 1, manual=False)
+
+    def why_waiting(self, job: dict[str, Any]) -> str:
+        """Why a pending job has not started, in words (for `job show`)."""
+        now = time.time()
+        queue, task = job["queue"], job["task"]
+        if job["run_at"] > now:
+            return f"scheduled: may start in {job['run_at'] - now:.1f} s"
+        if "*" in self.paused or queue in self.paused:
+            return f"queue {queue} is paused (hostqueue ctl resume {queue})"
+        limited = self.shaper.why_waiting((queue, task), time.monotonic())
+        if limited:
+            return limited
+        if job["id"] in self.claiming:
+            return "being handed to a worker"
+        idle = sum(1 for w in self.workers.values() if w.state is WorkerState.IDLE)
+        if not self.workers or self.target == 0:
+            return "no workers (hostqueue ctl scale N)"
+        if not idle:
+            return f"every worker is busy ({len(self.workers)} workers); {self.ready.available(self.paused)} jobs ready"
+        return "ready: a worker takes it next"
 
     def _job_left_worker(self, rj: RunningJob) -> None:
         """A held job is done with its worker (finished, failed, returned): free its limits."""
