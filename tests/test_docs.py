@@ -210,3 +210,19 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def test_every_setting_is_in_the_configuration_reference() -> None:
+    from hostqueue.settings import SETTINGS, TABLE_SECTIONS
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [s.toml for s in SETTINGS if f"`{s.toml}`" not in doc or f"`{s.env}`" not in doc]
+    missing += [t for t in TABLE_SECTIONS if f"[{t}" not in doc]
+    assert not missing, f"docs/configuration.md does not document: {missing}"
+
+
+def test_the_example_configuration_is_valid(tmp_path) -> None:
+    from hostqueue.settings import read_config_file
+
+    values = read_config_file(str(ROOT / "docs" / "hostqueue.example.toml"))
+    assert values["workers"] == 4 and "queues" in values and "schedules" in values
