@@ -70,7 +70,7 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.peer = peer_credentials(transport.get_extra_info("socket"))
-        if self.peer is not None and not self.server.allowed(self.peer[1]):
+        if self.peer is not None and not self.server.allowed(self.peer[1], self.peer[2]):
             self.write(
                 {"id": None, "ok": False, "error": ProtocolError(
                     "forbidden",
@@ -211,12 +211,39 @@ class ControlServer:
         self.server: asyncio.AbstractServer | None = None
         self.connections: set[Connection] = set()
         self.uid = os.getuid()
+        self.activated = False  # the socket came from systemd (socket activation)
+        self.group_gid: int | None = None
 
-    def allowed(self, uid: int) -> bool:
-        return uid == self.uid or uid == 0
+    def allowed(self, uid: int, gid: int | None = None) -> bool:
+        if uid == self.uid or uid == 0:
+            return True
+        if self.group_gid is None:
+            return False
+        if gid == self.group_gid:
+            return True
+        import pwd
 
-    async def start(self) -> None:
+        try:
+            name = pwd.getpwuid(uid).pw_name
+            import grp
+
+            return name in grp.getgrgid(self.group_gid).gr_mem
+        except KeyError:
+            return False
+
+    async def start(self, group: str | None = None, inherited: list[int] | None = None) -> None:
         loop = asyncio.get_running_loop()
+        if inherited:
+            # Socket activation: systemd listens, and clients that connect while
+            # we restart wait in its backlog instead of failing.
+            sock = socket.socket(fileno=inherited[0])
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                raise OSError("the socket passed by systemd (LISTEN_FDS) is not a Unix stream socket")
+            sock.setblocking(False)
+            self.activated = True
+            self.path = sock.getsockname() or self.path
+            self.server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
+            return
         self._remove_stale_socket()
         old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
         try:
@@ -225,7 +252,14 @@ class ControlServer:
             )
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        if group is not None:
+            import grp
+
+            self.group_gid = grp.getgrnam(group).gr_gid
+            os.chown(self.path, -1, self.group_gid)
+            os.chmod(self.path, 0o660)
+        else:
+            os.chmod(self.path, 0o600)
 
     def _remove_stale_socket(self) -> None:
         try:
@@ -255,6 +289,8 @@ class ControlServer:
             except asyncio.TimeoutError:
                 pass
             self.server = None
+        if self.activated:
+            return  # systemd owns the socket file
         try:
             os.unlink(self.path)
         except FileNotFoundError:

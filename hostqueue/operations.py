@@ -394,6 +394,12 @@ class Operations:
         await sup.committer.barrier()
         return {"stats": await sup.store.count_by_state(time.time(), run_id)}
 
+    def op_metrics(self, conn: "Connection", req: dict[str, Any]) -> Reply:
+        return self._metrics()
+
+    async def _metrics(self) -> dict[str, Any]:
+        return {"metrics": await self.supervisor.metrics_text()}
+
     def op_schedules(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         return {"schedules": self.supervisor.scheduler.describe()}
 

@@ -38,3 +38,28 @@ class Notifier:
             self._sock.sendto(message.encode(), self._target)
         except OSError as exc:
             log.debug("sd_notify to %s failed: %s", self.address, exc)
+
+
+def watchdog_interval() -> float | None:
+    """Half the watchdog period systemd asked for (WATCHDOG_USEC), or None."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 1e6 / 2
+    except ValueError:
+        return None
+
+
+def listen_fds() -> list[int]:
+    """Descriptors passed by socket activation (LISTEN_FDS, from 3), if they are for us."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our workers
+    return list(range(3, 3 + count))

@@ -57,6 +57,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("idle_timeout", float, 60.0, "HOSTQUEUE_IDLE_TIMEOUT", "autoscale: seconds a worker stays idle before the pool shrinks", "workers.idle_timeout"),
     Setting("max_jobs_per_worker", int, None, "HOSTQUEUE_MAX_JOBS_PER_WORKER", "replace a worker after this many jobs", "workers.max_jobs"),
     Setting("max_memory_per_worker", int, None, "HOSTQUEUE_MAX_MEMORY_PER_WORKER", "replace a worker whose RSS exceeds this many MB after a job", "workers.max_memory"),
+    Setting("metrics_port", int, None, "HOSTQUEUE_METRICS_PORT", "serve Prometheus metrics over HTTP on this port (off by default)", "metrics.port"),
+    Setting("metrics_host", str, "127.0.0.1", "HOSTQUEUE_METRICS_HOST", "address for --metrics-port (loopback by default)", "metrics.host"),
+    Setting("log_format", str, "text", "HOSTQUEUE_LOG_FORMAT", "'text' (human) or 'json' (one object a line, for log shippers)", "logging.format"),
     Setting("socket_group", str, None, "HOSTQUEUE_SOCKET_GROUP", "group allowed to use the socket (mode 0660)", "socket.group"),
     Setting("retention_completed", float, 86400.0, "HOSTQUEUE_RETENTION_COMPLETED", "seconds a completed job is kept (0: forever)", "retention.completed"),
     Setting("retention_failed", float, 7 * 86400.0, "HOSTQUEUE_RETENTION_FAILED", "seconds a failed job is kept (0: forever)", "retention.failed"),
@@ -86,6 +89,9 @@ class SupervisorConfig:
     max_jobs_per_worker: int | None = None
     max_memory_per_worker: int | None = None
     socket_group: str | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    log_format: str = "text"
     queues: dict[str, Any] = field(default_factory=dict)
     limits: dict[str, Any] = field(default_factory=dict)
     schedules: dict[str, Any] = field(default_factory=dict)
@@ -127,6 +133,10 @@ class SupervisorConfig:
                 raise SettingsError(
                     f"autoscale needs 0 <= workers.min <= workers.max <= {MAX_WORKERS}, got {self.workers_min} and {self.workers_max}"
                 )
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise SettingsError(f"metrics.port must be between 1 and 65535, got {self.metrics_port}")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"logging.format must be 'text' or 'json', got {self.log_format!r}")
         if self.idle_timeout <= 0:
             raise SettingsError(f"workers.idle_timeout must be > 0 seconds, got {self.idle_timeout}")
         if self.max_jobs_per_worker is not None and self.max_jobs_per_worker < 1:

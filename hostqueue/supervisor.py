@@ -39,6 +39,8 @@ from .errors import ProtocolError
 from .events import EventHub
 from .pool import RunningJob, Spawner, WorkerHandle, describe_exit
 from .actions import ABORT_GRACE, Actions
+from .metrics import Histogram, MetricsServer, render
+from .reaper import ZombieReaper, block_sigchld
 from .schedules import Scheduler
 from .shaping import Shaper, ShapingConfig
 from .readyindex import Lane, Payload, ReadyIndex, TimedHeap, pack, unpack_id
@@ -126,6 +128,9 @@ class Supervisor:
         self.shaper = Shaper(ShapingConfig.parse(config.queues, config.limits))
         self.autoscale = config.workers_min is not None
         self.scheduler = Scheduler(self)
+        self.reaper: ZombieReaper | None = None
+        self.runtime = Histogram()
+        self.metrics_server: MetricsServer | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_timer_at = 0.0
 
@@ -171,7 +176,7 @@ class Supervisor:
         )
         self.control = ControlServer(self, self.config.socket_path, self.config.max_line)
         try:
-            await self.control.start()
+            await self.control.start(self.config.socket_group, sdnotify.listen_fds())
         except OSError as exc:
             log.error("cannot listen on %s: %s", self.config.socket_path, exc)
             await self.store.close()
@@ -179,6 +184,16 @@ class Supervisor:
             return 1
         for sig in SIGNALS:
             self.loop.add_signal_handler(sig, self._record_signal, sig)
+        if self.config.metrics_port is not None:
+            self.metrics_server = MetricsServer(self.metrics_text, self.config.metrics_host, self.config.metrics_port)
+            try:
+                await self.metrics_server.start()
+            except OSError as exc:
+                log.error("cannot serve metrics on %s:%d: %s", self.config.metrics_host, self.config.metrics_port, exc)
+                self.metrics_server = None
+        if os.getpid() == 1:
+            self.reaper = ZombieReaper(self.loop, lambda pid: pid in self.workers)
+            self.reaper.start()
         self.state = SupervisorState.RUNNING
         self._manage_workers()
         self._arm_delay_timer()
@@ -193,12 +208,17 @@ class Supervisor:
             len(self.tasks), len(self.ready),
         )
         self.notifier.notify(f"READY=1\nSTATUS=serving with {self.target} workers\nMAINPID={os.getpid()}")
+        interval = sdnotify.watchdog_interval()
+        if interval is not None and self.notifier.enabled:
+            self._watchdog(interval)
         try:
             code = await self.stopped
         finally:
             for sig in SIGNALS:
                 self.loop.remove_signal_handler(sig)
             await self.control.stop()
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
             await self.committer.wait_idle()
             await self.store.close()
             self.board.close()
@@ -231,6 +251,18 @@ class Supervisor:
         self.deadlines.bulk_load(pending.deadlines)
         self.keys = pending.keys
         del pending
+
+    async def metrics_text(self) -> str:
+        await self.committer.barrier()
+        stats = await self.store.count_by_state(time.time())
+        return render(self, stats, await self.store.file_size())
+
+    def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 from the event loop itself: a stuck loop stops pinging and systemd acts.
+        (A timer that exists only because the operator asked for the watchdog.)"""
+        self.notifier.notify("WATCHDOG=1")
+        if not self.stopped.done():
+            self.loop.call_later(interval, self._watchdog, interval)
 
     def _record_signal(self, signum: int) -> None:
         # Only record; the loop acts on it (no work in handler context).
@@ -283,7 +315,8 @@ class Supervisor:
         if self.state is not SupervisorState.RUNNING:
             return
         self.state = SupervisorState.DRAINING
-        self.notifier.notify("STOPPING=1\nSTATUS=draining")
+        extend = int((grace + 10) * 1e6)
+        self.notifier.notify(f"STOPPING=1\nSTATUS=draining: {len(self.running)} jobs running\nEXTEND_TIMEOUT_USEC={extend}")
         busy = sum(1 for w in self.workers.values() if w.jobs)
         log.info("draining: %d jobs running on %d workers, grace %.1f s", len(self.running), busy, grace)
         self.scheduler.stop()
@@ -787,6 +820,7 @@ class Supervisor:
             )
         self._forget(rj.id, rj.key, status)
         self.counters[status.value] += 1
+        self.runtime.observe(max(0.0, now - (attempt_started or rj.claimed_at)))
         if status is JobStatus.FAILED and error is not None:
             log.warning("job %d %s failed: %s: %s", rj.id, rj.task, error.get("type"), error.get("message"))
         self._announce_after_commit(rj.id, status.value)
@@ -827,6 +861,7 @@ class Supervisor:
              attempt_started or rj.claimed_at, now, rj.cpu_seconds, rj.peak_rss),
         )
         self.counters["retried"] += 1
+        self.runtime.observe(max(0.0, now - (attempt_started or rj.claimed_at)))
         self._make_pending(rj, rj.attempt, run_at)
         self._announce_after_commit(rj.id, "retrying")
 
@@ -1057,6 +1092,10 @@ class Supervisor:
         if title != self._title:
             self._title = title
             set_title(title)
+            if self.notifier.enabled:
+                self.notifier.notify(
+                    f"STATUS={len(self.workers)} workers, {busy} busy, {self.ready.count} jobs ready{state}"
+                )
 
     def _time_limit_overdue(self, worker: WorkerHandle, rj: RunningJob, ran: float) -> None:
         if worker.killed_for is not None:
@@ -1089,11 +1128,35 @@ def set_title(title: str) -> None:
         pass
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Human-readable by default; JSON lines on request; under systemd's journal
+    (JOURNAL_STREAM set) no timestamp of our own, since the journal adds one."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    elif os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
 
 
 def raise_fd_limit(wanted: int = 65536) -> None:
@@ -1111,10 +1174,12 @@ def raise_fd_limit(wanted: int = 65536) -> None:
 
 def run_supervisor(config: SupervisorConfig) -> int:
     """Run a supervisor until it stops; return the process exit code."""
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     raise_fd_limit()
     import uvloop
 
+    if os.getpid() == 1:
+        block_sigchld()  # before any thread starts: see reaper.py
     supervisor = Supervisor(config)
     set_title(f"hostqueue supervisor {os.path.abspath(config.store)} [starting]")
     return int(uvloop.run(supervisor.run()))

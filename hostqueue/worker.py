@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
 
     set_parent_death_signal()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})  # blocked in a PID-1 supervisor
     if opts.parent and os.getppid() != opts.parent:
         return 1  # the supervisor died before we could ask to die with it
     # TERM: finish what we hold, then exit. INT: a terminal's Ctrl-C reaches the
