@@ -195,21 +195,33 @@ def test_every_error_code_is_documented() -> None:
     assert not missing, f"error codes not in docs/protocol.md: {missing}"
 
 
+CONFIG_MD = ROOT / "docs" / "configuration.md"
+_SETTINGS_BLOCK = re.compile(r"(<!-- settings:[^\n]*-->\n).*?(\n<!-- /settings -->)", re.S)
+
+
+def generate_configuration_md() -> str:
+    from hostqueue.settings import reference_table
+
+    return _SETTINGS_BLOCK.sub(lambda m: m.group(1) + reference_table() + m.group(2), CONFIG_MD.read_text())
+
+
 def main(argv: list[str]) -> int:
-    text = generate_cli_md()
+    outputs = {CLI_MD: generate_cli_md(), CONFIG_MD: generate_configuration_md()}
     if "--check" in argv:
-        if CLI_MD.exists() and CLI_MD.read_text() == text:
-            return 0
-        print(f"{CLI_MD.relative_to(ROOT)} is out of date: run python3 tests/test_docs.py",
-              file=sys.stderr)
-        return 1
-    CLI_MD.write_text(text)
-    print(f"wrote {CLI_MD.relative_to(ROOT)}")
+        stale = [p for p, text in outputs.items() if not p.exists() or p.read_text() != text]
+        for p in stale:
+            print(f"{p.relative_to(ROOT)} is out of date: run python3 tests/test_docs.py", file=sys.stderr)
+        return 1 if stale else 0
+    for p, text in outputs.items():
+        p.write_text(text)
+        print(f"wrote {p.relative_to(ROOT)}")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def test_the_settings_table_is_current() -> None:
+    assert CONFIG_MD.read_text() == generate_configuration_md(), (
+        "docs/configuration.md's settings table is out of date: run python3 tests/test_docs.py"
+    )
 
 
 def test_every_setting_is_in_the_configuration_reference() -> None:
@@ -226,3 +238,7 @@ def test_the_example_configuration_is_valid(tmp_path) -> None:
 
     values = read_config_file(str(ROOT / "docs" / "hostqueue.example.toml"))
     assert values["workers"] == 4 and "queues" in values and "schedules" in values
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
