@@ -127,8 +127,9 @@ class GroupCommitter:
                 on_failure(exc)
             except Exception:  # noqa: BLE001
                 log.exception("error in a submit-failure callback")
-        kept = [op for op in batch.ops if op[0] not in SUBMIT_KINDS]
+        kept = [op for op in batch.ops if op[0] not in SUBMIT_KINDS and op[0] != "skip"]
         self.batch.ops[:0] = kept
+        self.batch.claims.clear()  # positions moved: later finishes stay separate writes
         self.batch.after_commit[:0] = batch.after_commit
 
     @property

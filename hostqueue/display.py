@@ -29,11 +29,14 @@ __all__ = [
     "format_jobs",
     "format_paused",
     "format_progress",
+    "format_rate",
+    "format_rss",
     "format_stats",
     "format_status",
     "format_table",
     "format_time",
     "shown_status",
+    "truncate",
 ]
 
 STAT_COLUMNS = ("pending", "scheduled", "running", "completed", "failed", "cancelled", "expired")
@@ -72,6 +75,29 @@ def format_duration(seconds: float | None) -> str:
     if s < 86400:
         return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
     return f"{int(s // 86400)}d{int(s % 86400 // 3600):02d}h"
+
+
+def format_rss(rss: float | None) -> str:
+    """Resident memory in MB (one decimal), or "-"."""
+    return "-" if rss is None else f"{rss / 1048576:.1f}"
+
+
+def format_rate(per_second: float | None) -> str:
+    """A rate of events: "12.3/s", "1.2k/s", or "-" when unknown."""
+    if per_second is None:
+        return "-"
+    if per_second >= 10000:
+        return f"{per_second / 1000:.0f}k/s"
+    if per_second >= 1000:
+        return f"{per_second / 1000:.1f}k/s"
+    return f"{per_second:.1f}/s"
+
+
+def truncate(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, with "…" where it was cut."""
+    if width <= 0:
+        return ""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def format_time(ts: float | None) -> str:

@@ -134,6 +134,12 @@ WRITES: dict[str, str] = {
         " progress = COALESCE(?, progress), progress_message = COALESCE(?, progress_message),"
         " cpu_seconds = ?, peak_rss = ? WHERE id = ?"
     ),
+    # A claim and the finish of the same attempt in one batch: one UPDATE, not two.
+    "claim_finish": (
+        "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ?,"
+        " progress = COALESCE(?, progress), progress_message = COALESCE(?, progress_message),"
+        " cpu_seconds = ?, peak_rss = ?, attempts = ?, started_at = ?, worker_pid = ? WHERE id = ?"
+    ),
     "retry_later": (
         "UPDATE jobs SET status = 'pending', run_at = ?, error = ?, worker_pid = NULL"
         " WHERE id = ?"
@@ -180,7 +186,20 @@ class WriteBatch:
         default_factory=list
     )
 
+    # job id -> position of its claim in ops, while the claim is still unflushed
+    claims: dict[int, int] = field(default_factory=dict)
+
     def add(self, kind: str, params: tuple[Any, ...]) -> None:
+        if kind == "claim":
+            self.claims[params[-1]] = len(self.ops)
+        elif kind == "finish":
+            pos = self.claims.pop(params[-1], None)
+            if pos is not None:
+                # attempts, started_at, worker_pid of the claim join the finish.
+                attempt, started, pid, _ = self.ops[pos][1]
+                self.ops[pos] = ("skip", ())
+                self.ops.append(("claim_finish", params[:-1] + (attempt, started, pid, params[-1])))
+                return
         self.ops.append((kind, params))
 
     def __len__(self) -> int:
@@ -339,7 +358,9 @@ class Store:
                     j = i + 1
                     while j < n and ops[j][0] == kind:
                         j += 1
-                    if j - i == 1:
+                    if kind == "skip":
+                        pass
+                    elif j - i == 1:
                         conn.execute(WRITES[kind], ops[i][1])
                     else:
                         conn.executemany(WRITES[kind], [p for _, p in ops[i:j]])

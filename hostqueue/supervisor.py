@@ -126,6 +126,7 @@ class Supervisor:
         self.notifier = sdnotify.Notifier.from_environment()
         self.actions = Actions(self)
         self.shaper = Shaper(ShapingConfig.parse(config.queues, config.limits))
+        self.retention = config.retention()
         self.autoscale = config.workers_min is not None
         self.scheduler = Scheduler(self)
         self.reaper: ZombieReaper | None = None
@@ -387,6 +388,7 @@ class Supervisor:
             raise ProtocolError("bad_request", f"reload refused, the running configuration stays: {exc}") from None
         self.notifier.notify("RELOADING=1")
         self.config = config
+        self.retention = config.retention()
         self.tasks = tasks
         self.shaper.apply(ShapingConfig.parse(config.queues, config.limits))
         self.shaper.recount((rj.queue, rj.task) for rj in self.running.values())
@@ -829,7 +831,7 @@ class Supervisor:
         if key is not None and self.keys.get(key) == job_id:
             del self.keys[key]
         self.payloads.pop(job_id, None)
-        keep = self.config.retention().get(status.value)
+        keep = self.retention.get(status.value)
         if keep is not None:
             self._arm_retention(time.time() + keep)
         self.recent_finals[job_id] = status.value
