@@ -248,4 +248,22 @@ class Actions:
             "counters": dict(self.sup.counters),
         }
 
-
+    def why_waiting(self, job: dict[str, Any]) -> str:
+        """Why a pending job has not started, in words (for `job show`)."""
+        now = time.time()
+        queue, task = job["queue"], job["task"]
+        if job["run_at"] > now:
+            return f"scheduled: may start in {job['run_at'] - now:.1f} s"
+        if "*" in self.sup.paused or queue in self.sup.paused:
+            return f"queue {queue} is paused (hostqueue ctl resume {queue})"
+        limited = self.sup.shaper.why_waiting((queue, task), time.monotonic())
+        if limited:
+            return limited
+        if job["id"] in self.sup.claiming:
+            return "being handed to a worker"
+        idle = sum(1 for w in self.sup.workers.values() if w.state is WorkerState.IDLE)
+        if not self.sup.workers or self.sup.target == 0:
+            return "no workers (hostqueue ctl scale N)"
+        if not idle:
+            return f"every worker is busy ({len(self.sup.workers)} workers); {self.sup.ready.available(self.sup.paused)} jobs ready"
+        return "ready: a worker takes it next"

@@ -174,7 +174,8 @@ def _setting_options(f: F) -> F:
     """The options of `run`, from the settings table (which also names the env vars and
     the configuration file's keys)."""
     metavars = {"store": "PATH", "socket": "PATH", "tasks": "MODULE", "max_line": "BYTES"}
-    choices = {"durability": ("normal", "full"), "log_level": ("debug", "info", "warning", "error")}
+    choices = {"durability": ("normal", "full"), "log_level": ("debug", "info", "warning", "error"),
+               "log_format": ("text", "json")}
     for s in reversed(settings.SETTINGS):
         text = "How much to log" if s.name == "log_level" else s.help[0].upper() + s.help[1:]
         if s.type is list:
@@ -296,7 +297,8 @@ def _parse_args(args_json: str | None) -> dict[str, Any] | None:
 @socket_option
 @click.pass_context
 def ctl(ctx: click.Context, socket: str | None) -> None:
-    """Control a running supervisor: status, stats, scaling, pausing, reload, stop, watch.
+    """Control a running supervisor: status, stats, scaling, pausing, reload, stop, watch,
+    top, metrics.
 
     \b
     Example:
@@ -478,6 +480,83 @@ def watch(socket: str | None, job_id: int | None, queue: str | None, task: str |
                        else format_event(event, tasks, task_of))
     except KeyboardInterrupt:
         pass  # the usual way to end a watch
+
+
+@ctl.command()
+@click.option("--once", is_flag=True, help="Print one frame as plain text and exit (for scripts): "
+              "the frame after one interval of events, so rates and ETAs are measured.")
+@click.option("--interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              metavar="S", help="Seconds between refreshes of status and queue counts "
+              "(with --once: seconds of events to measure; 0 prints at once).")
+@json_option
+@click.pass_obj
+def top(socket: str | None, once: bool, interval: float, as_json: bool) -> None:
+    """A live view of the supervisor, like htop: workers with their job's progress, ETA,
+    CPU and memory, queue depths and throughput. Keys: q (or Ctrl-C) quits, space refreshes.
+
+    \b
+    Examples:
+        hostqueue ctl top
+        hostqueue ctl top --once --interval 2
+    """
+    from hostqueue import top as top_view
+
+    if once or as_json:
+        model = top_view.run_once(socket, interval)
+        if as_json:
+            print_json(model.snapshot())
+        else:
+            click.echo(top_view.plain(top_view.render(model, socket=Client(socket).socket_path)))
+        return
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise click.UsageError("the live view needs a terminal; use --once (or --json) in scripts")
+    click.get_current_context().exit(top_view.run_live(socket, max(0.1, interval)))
+
+
+@ctl.command()
+@json_option
+@click.pass_obj
+def metrics(socket: str | None, as_json: bool) -> None:
+    """Print the supervisor's metrics in Prometheus text format (what --metrics-port
+    serves over HTTP); with --json, one object per sample.
+
+    \b
+    Examples:
+        hostqueue ctl metrics
+        hostqueue ctl metrics | grep '^hostqueue_jobs{'
+    """
+    text = _client(socket).request("metrics")["metrics"]
+    if as_json:
+        print_json(parse_prometheus(text))
+    else:
+        click.echo(text, nl=not text.endswith("\n"))
+
+
+def parse_prometheus(text: str) -> list[dict[str, Any]]:
+    """Samples of Prometheus text format: ``[{"name", "labels": {..}, "value"}]``."""
+    samples = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, rest = head.partition("{")
+        labels: dict[str, str] = {}
+        rest = rest.rstrip("}")
+        while rest:
+            key, _, rest = rest.partition('="')
+            chars = []
+            i = 0
+            while i < len(rest) and rest[i] != '"':
+                if rest[i] == "\\" and i + 1 < len(rest):
+                    i += 1
+                    chars.append({"n": "\n"}.get(rest[i], rest[i]))
+                else:
+                    chars.append(rest[i])
+                i += 1
+            labels[key.strip(", ")] = "".join(chars)
+            rest = rest[i + 1:].lstrip(",")
+        samples.append({"name": name, "labels": labels, "value": float(value)})
+    return samples
 
 
 # -- job

@@ -242,7 +242,7 @@ class Operations:
             raise ProtocolError("not_found", f"no job has id {job_id}")
         job["attempt_log"] = await self.supervisor.store.attempts_of(job_id)
         if job["status"] == "pending":
-            job["waiting"] = self.supervisor.why_waiting(job)
+            job["waiting"] = self.supervisor.actions.why_waiting(job)
         return {"job": job}
 
     def op_list(self, conn: "Connection", req: dict[str, Any]) -> Reply:

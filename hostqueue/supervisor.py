@@ -39,7 +39,12 @@ from .errors import ProtocolError
 from .events import EventHub
 from .pool import RunningJob, Spawner, WorkerHandle, describe_exit
 from .actions import ABORT_GRACE, Actions
+from .announce import Announcer
+from .autoscale import PoolSizer
+from .logs import setup_logging
 from .metrics import Histogram, MetricsServer, render
+from .retention import Retention
+from .sampler import ProgressSampler
 from .reaper import ZombieReaper, block_sigchld
 from .schedules import Scheduler
 from .shaping import Shaper, ShapingConfig
@@ -52,12 +57,6 @@ from .worker import EXIT_BOOT_ERROR
 log = logging.getLogger("hostqueue.supervisor")
 
 RECENT_FINALS = 20_000  # final states remembered to answer races without a read
-PROGRESS_SAMPLE_INTERVAL = 0.1  # DESIGN: at least every 250 ms while a job runs
-PROGRESS_PERSIST_INTERVAL = 1.0
-# After the soft limit (TimeLimit raised in the task) a job gets this long to
-# clean up before its worker is killed.
-TIME_LIMIT_GRACE = 2.0
-RETENTION_BATCH = 500  # rows deleted per transaction, so dispatch never waits long
 SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP,
 )
@@ -104,18 +103,11 @@ class Supervisor:
         self._delay_timer_at = 0.0
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._deadline_timer_at = 0.0
-        self._sampler: asyncio.TimerHandle | None = None
         self._spawn_timer: asyncio.TimerHandle | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
         self._limit_timer: asyncio.TimerHandle | None = None
         self._limit_timer_at = 0.0
         self._limit_wake = math.inf
-        self._retention_timer: asyncio.TimerHandle | None = None
-        self._retention_at = 0.0
-        self._retention_sweeping = False
-        self._last_progress_write = 0.0
-        self._announce: dict[int, str] = {}
-        self._announce_armed = False
         self._title = ""
         self.loop: asyncio.AbstractEventLoop
         self.committer: GroupCommitter
@@ -132,8 +124,10 @@ class Supervisor:
         self.reaper: ZombieReaper | None = None
         self.runtime = Histogram()
         self.metrics_server: MetricsServer | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._idle_timer_at = 0.0
+        self.retention_sweeper = Retention(self)
+        self.sampler = ProgressSampler(self)
+        self.announcer = Announcer(self)
+        self.sizer = PoolSizer(self)
 
     # == start and stop =========================================================
 
@@ -199,7 +193,7 @@ class Supervisor:
         self._manage_workers()
         self._arm_delay_timer()
         self._arm_deadline_timer()
-        self.loop.create_task(self._rearm_retention())
+        self.loop.create_task(self.retention_sweeper.rearm())
         await self.scheduler.start(Scheduler.configured(self.config.schedules, self.tasks), time.time())
         self._wake_dispatch()
         self._update_title()
@@ -321,7 +315,7 @@ class Supervisor:
         busy = sum(1 for w in self.workers.values() if w.jobs)
         log.info("draining: %d jobs running on %d workers, grace %.1f s", len(self.running), busy, grace)
         self.scheduler.stop()
-        for timer in (self._delay_timer, self._deadline_timer, self._spawn_timer, self._retention_timer, self._limit_timer):
+        for timer in (self._delay_timer, self._deadline_timer, self._spawn_timer, self.retention_sweeper.timer, self._limit_timer):
             if timer is not None:
                 timer.cancel()
         for worker in list(self.workers.values()):
@@ -349,8 +343,7 @@ class Supervisor:
         if self.state is SupervisorState.DRAINING and not self.workers and not self.stopped.done():
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
-            if self._sampler is not None:
-                self._sampler.cancel()
+            self.sampler.stop()
             self.state = SupervisorState.STOPPED
             self.stopped.set_result(0)
 
@@ -408,10 +401,8 @@ class Supervisor:
         self.spawn_blocked_until = 0.0
         self.pool_error = None
         self._manage_workers()
-        if self._retention_timer is not None:
-            self._retention_timer.cancel()
-            self._retention_timer = None
-        self.loop.create_task(self._rearm_retention())
+        self.retention_sweeper.cancel()
+        self.loop.create_task(self.retention_sweeper.rearm())
         self.loop.create_task(self.scheduler.start(schedules, time.time()))
         log.info("reloaded: %d tasks, replacing %d workers", len(tasks), len(old))
         self.notifier.notify("READY=1")
@@ -479,7 +470,7 @@ class Supervisor:
         elif kind == "ready":
             if worker.state is WorkerState.STARTING:
                 worker.state = WorkerState.IDLE
-                self._became_idle(worker)
+                self.sizer.became_idle(worker)
                 self.spawn_failures = 0
                 self.pool_error = None
                 self._wake_dispatch()
@@ -537,7 +528,7 @@ class Supervisor:
             return
         idle = [w for w in self.workers.values() if w.state is WorkerState.IDLE and w.transport]
         if not idle:
-            self._autoscale_grow()
+            self.sizer.grow()
             return
         # The count is a hint for batch sizes; _next_job() is the truth.
         available = max(self.ready.available(self.paused), 1)
@@ -564,7 +555,7 @@ class Supervisor:
         if self._limit_wake < math.inf:
             self._arm_limit_timer(self._limit_wake)
         if self.ready.count:
-            self._autoscale_grow()
+            self.sizer.grow()
         self._update_title()
 
     def _next_job(self, now_m: float) -> tuple[Lane, int] | None:
@@ -605,88 +596,6 @@ class Supervisor:
     def _limit_timer_fired(self) -> None:
         self._limit_timer = None
         self._wake_dispatch()
-
-    def _maybe_recycle(self, worker: WorkerHandle) -> None:
-        """Replace a worker that did its share of jobs or grew too big (checked after jobs)."""
-        if worker.state is not WorkerState.BUSY and worker.state is not WorkerState.IDLE:
-            return
-        reason = None
-        limit_jobs = self.config.max_jobs_per_worker
-        limit_mb = self.config.max_memory_per_worker
-        if limit_jobs is not None and worker.jobs_done >= limit_jobs:
-            reason = f"it ran {worker.jobs_done} jobs (max_jobs {limit_jobs})"
-        elif limit_mb is not None and worker.rss_now is not None and worker.rss_now > limit_mb * 1024 * 1024:
-            reason = f"its memory is {worker.rss_now / 1048576:.0f} MB (max_memory {limit_mb} MB)"
-        if reason is not None:
-            log.info("recycling worker %d: %s", worker.pid, reason)
-            self.counters["recycled"] += 1
-            self._retire(worker, drop_queued=True)
-            self._manage_workers()
-
-    def _became_idle(self, worker: WorkerHandle) -> None:
-        worker.idle_since = time.monotonic()
-        if self.autoscale and self.config.workers_min is not None and self.target > self.config.workers_min:
-            self._arm_idle_timer(worker.idle_since + self.config.idle_timeout)
-
-    def _arm_idle_timer(self, at: float) -> None:
-        if self._idle_timer is not None:
-            if self._idle_timer_at <= at:
-                return
-            self._idle_timer.cancel()
-        self._idle_timer_at = at
-        self._idle_timer = self.loop.call_later(max(0.0, at - time.monotonic()), self._autoscale_shrink)
-
-    def _autoscale_shrink(self) -> None:
-        """Retire workers idle for idle_timeout, down to workers.min."""
-        self._idle_timer = None
-        if not self.autoscale or self.state is not SupervisorState.RUNNING or self.config.workers_min is None:
-            return
-        now = time.monotonic()
-        earliest = math.inf
-        for worker in sorted(self.workers.values(), key=lambda w: w.idle_since or 0.0):
-            if self.target <= self.config.workers_min:
-                break
-            if worker.state is not WorkerState.IDLE or worker.idle_since is None:
-                continue
-            due = worker.idle_since + self.config.idle_timeout
-            if due <= now:
-                log.info("autoscale: worker %d idle for %.0f s; shrinking to %d", worker.pid, now - worker.idle_since, self.target - 1)
-                self.scale(self.target - 1, manual=False)
-            else:
-                earliest = min(earliest, due)
-        if earliest < math.inf and self.target > self.config.workers_min:
-            self._arm_idle_timer(earliest)
-
-    def _autoscale_grow(self) -> None:
-        """Jobs wait and no worker is idle: one more worker, up to workers.max."""
-        if not self.autoscale or self.config.workers_max is None or self.target >= self.config.workers_max:
-            return
-        if any(w.state is WorkerState.STARTING for w in self.workers.values()):
-            return  # one at a time: the next grows when this one is ready
-        if self.ready.available(self.paused) <= 0:
-            return
-        log.info("autoscale: jobs wait and every worker is busy; growing to %d", self.target + 1)
-        self.scale(self.target + 1, manual=False)
-
-    def why_waiting(self, job: dict[str, Any]) -> str:
-        """Why a pending job has not started, in words (for `job show`)."""
-        now = time.time()
-        queue, task = job["queue"], job["task"]
-        if job["run_at"] > now:
-            return f"scheduled: may start in {job['run_at'] - now:.1f} s"
-        if "*" in self.paused or queue in self.paused:
-            return f"queue {queue} is paused (hostqueue ctl resume {queue})"
-        limited = self.shaper.why_waiting((queue, task), time.monotonic())
-        if limited:
-            return limited
-        if job["id"] in self.claiming:
-            return "being handed to a worker"
-        idle = sum(1 for w in self.workers.values() if w.state is WorkerState.IDLE)
-        if not self.workers or self.target == 0:
-            return "no workers (hostqueue ctl scale N)"
-        if not idle:
-            return f"every worker is busy ({len(self.workers)} workers); {self.ready.available(self.paused)} jobs ready"
-        return "ready: a worker takes it next"
 
     def _job_left_worker(self, rj: RunningJob) -> None:
         """A held job is done with its worker (finished, failed, returned): free its limits."""
@@ -760,8 +669,7 @@ class Supervisor:
                 )
         self.counters["started"] += len(ids)
         worker.send({"t": "run", "jobs": messages})
-        if self._sampler is None:
-            self._sampler = self.loop.call_later(PROGRESS_SAMPLE_INTERVAL, self._sample_progress)
+        self.sampler.start()
 
     # == outcomes =================================================================
 
@@ -791,10 +699,10 @@ class Supervisor:
                 self._finish(rj, JobStatus.FAILED, None, o.get("e"), now, attempt_started=o.get("st"))
             else:
                 self._fail_attempt(rj, o.get("e"), now, delay=o.get("d"), attempt_started=o.get("st"))
-        self._maybe_recycle(worker)
+        self.sizer.maybe_recycle(worker)
         if not worker.jobs and worker.state is WorkerState.BUSY:
             worker.state = WorkerState.IDLE
-            self._became_idle(worker)
+            self.sizer.became_idle(worker)
             self._wake_dispatch()
             self._update_title()
 
@@ -825,7 +733,7 @@ class Supervisor:
         self.runtime.observe(max(0.0, now - (attempt_started or rj.claimed_at)))
         if status is JobStatus.FAILED and error is not None:
             log.warning("job %d %s failed: %s: %s", rj.id, rj.task, error.get("type"), error.get("message"))
-        self._announce_after_commit(rj.id, status.value)
+        self.announcer.after_commit(rj.id, status.value)
 
     def _forget(self, job_id: int, key: str | None, status: JobStatus) -> None:
         if key is not None and self.keys.get(key) == job_id:
@@ -833,7 +741,7 @@ class Supervisor:
         self.payloads.pop(job_id, None)
         keep = self.retention.get(status.value)
         if keep is not None:
-            self._arm_retention(time.time() + keep)
+            self.retention_sweeper.arm(time.time() + keep)
         self.recent_finals[job_id] = status.value
         if len(self.recent_finals) > RECENT_FINALS:
             self.recent_finals.popitem(last=False)
@@ -865,7 +773,7 @@ class Supervisor:
         self.counters["retried"] += 1
         self.runtime.observe(max(0.0, now - (attempt_started or rj.claimed_at)))
         self._make_pending(rj, rj.attempt, run_at)
-        self._announce_after_commit(rj.id, "retrying")
+        self.announcer.after_commit(rj.id, "retrying")
 
     def _requeue_uncharged(self, rj: RunningJob) -> None:
         """Back to pending as if the attempt never started (drain, worker retired)."""
@@ -961,128 +869,7 @@ class Supervisor:
         self.committer.add("cancel_pending", (status.value, now, error_json(error), job_id))
         self._forget(job_id, key, status)
         self.counters[status.value] += 1
-        self._announce_after_commit(job_id, status.value)
-
-    def _arm_retention(self, when: float) -> None:
-        """One timer for the earliest moment a finished job is due for deletion."""
-        if self.state is not SupervisorState.RUNNING or self._retention_sweeping:
-            return
-        if self._retention_timer is not None:
-            if self._retention_at <= when:
-                return
-            self._retention_timer.cancel()
-        self._retention_at = when
-        self._retention_timer = self.loop.call_later(
-            max(0.0, when - time.time()), lambda: self.loop.create_task(self._sweep_retention())
-        )
-
-    async def _sweep_retention(self) -> None:
-        """Delete finished jobs past their retention, a batch per transaction."""
-        self._retention_timer = None
-        self._retention_sweeping = True
-        deleted = 0
-        try:
-            while self.state is SupervisorState.RUNNING:
-                now = time.time()
-                cutoffs = {state: now - keep for state, keep in self.config.retention().items()}
-                ids = await self.store.expired_finished(cutoffs, RETENTION_BATCH)
-                for job_id in ids:
-                    self.committer.add("forget_attempts", (job_id,))
-                    self.committer.add("forget_jobs", (job_id,))
-                await self.committer.barrier()
-                deleted += len(ids)
-                if len(ids) < RETENTION_BATCH:
-                    break
-        except StoreError as exc:
-            log.error("retention sweep failed: %s", exc)
-        finally:
-            self._retention_sweeping = False
-        if deleted:
-            log.info("retention: deleted %d finished jobs", deleted)
-        await self._rearm_retention()
-
-    async def _rearm_retention(self) -> None:
-        retention = self.config.retention()
-        if not retention:
-            return
-        try:
-            oldest = await self.store.oldest_finished(list(retention))
-        except StoreError as exc:
-            log.error("cannot read finished jobs for retention: %s", exc)
-            return
-        if oldest:
-            self._arm_retention(min(oldest[s] + retention[s] for s in oldest))
-
-    def _sample_progress(self) -> None:
-        self._sampler = None
-        if not self.running:
-            return
-        now = time.time()
-        for worker in self.workers.values():
-            if not worker.jobs or worker.slot < 0:
-                continue
-            reading = self.board.read(worker.slot)
-            if reading is None or not reading.job_id:
-                continue
-            rj = worker.jobs.get(reading.job_id)
-            if rj is None:
-                continue
-            if rj.timeout and now - reading.started > rj.timeout + TIME_LIMIT_GRACE:
-                self._time_limit_overdue(worker, rj, now - reading.started)
-                continue
-            if reading.fraction is None or reading.seq == rj.board_seq:
-                continue
-            rj.board_seq = reading.seq
-            rj.progress, rj.progress_message = reading.fraction, reading.message
-            rj.progress_dirty = True
-            if self.events.wants(rj.id):
-                self.events.publish(
-                    {"event": "progress", "job_id": rj.id, "progress": rj.progress,
-                     "message": rj.progress_message},
-                    rj.queue, rj.task, rj.run_id,
-                )
-        if now - self._last_progress_write >= PROGRESS_PERSIST_INTERVAL:
-            self._last_progress_write = now
-            for rj in self.running.values():
-                if rj.progress_dirty:
-                    rj.progress_dirty = False
-                    self.committer.add("record_progress", (rj.progress, rj.progress_message, rj.id))
-        self._sampler = self.loop.call_later(PROGRESS_SAMPLE_INTERVAL, self._sample_progress)
-
-    # == announcing committed changes =============================================
-
-    def _announce_after_commit(self, job_id: int, event: str) -> None:
-        if job_id not in self.waiters and not self.events.wants(job_id):
-            return
-        self._announce[job_id] = event
-        if not self._announce_armed:
-            self._announce_armed = True
-            self.committer.after_commit(self._start_announce)
-
-    def _start_announce(self) -> None:
-        self._announce_armed = False
-        pending, self._announce = self._announce, {}
-        self.loop.create_task(self._deliver_announcements(pending))
-
-    async def _deliver_announcements(self, pending: dict[int, str]) -> None:
-        try:
-            jobs = await self.store.get_jobs(pending)
-        except StoreError as exc:
-            log.error("cannot read finished jobs to announce them: %s", exc)
-            return
-        for job_id, event in pending.items():
-            job = jobs.get(job_id)
-            if job is None:
-                continue
-            if job["status"] in ("completed", "failed", "cancelled", "expired"):
-                event = job["status"]
-                for fut in self.waiters.pop(job_id, ()):
-                    if not fut.done():
-                        fut.set_result(job)
-            self.events.publish(
-                {"event": event, "job_id": job_id, "job": job},
-                job["queue"], job["task"], job["run_id"],
-            )
+        self.announcer.after_commit(job_id, status.value)
 
     def _update_title(self) -> None:
         busy = sum(1 for w in self.workers.values() if w.jobs)
@@ -1099,21 +886,6 @@ class Supervisor:
                     f"STATUS={len(self.workers)} workers, {busy} busy, {self.ready.count} jobs ready{state}"
                 )
 
-    def _time_limit_overdue(self, worker: WorkerHandle, rj: RunningJob, ran: float) -> None:
-        if worker.killed_for is not None:
-            return
-        log.warning(
-            "job %d %s ignored its time limit of %g s (ran %.1f s): replacing worker %d",
-            rj.id, rj.task, rj.timeout, ran, worker.pid,
-        )
-        worker.killed_for = "timeout"
-        worker.kill_error = {
-            "type": "TimeLimit",
-            "message": f"time limit exceeded after {rj.timeout:g} s; the worker was killed",
-            "traceback": None,
-        }
-        worker.kill(signal.SIGKILL)
-
     def _abort_overdue(self, worker: WorkerHandle, job_id: int) -> None:
         if job_id in worker.jobs and worker.exit_status is None:
             log.warning("job %d ignored its abort for %.0f s: replacing worker %d", job_id, ABORT_GRACE, worker.pid)
@@ -1128,37 +900,6 @@ def set_title(title: str) -> None:
         setproctitle.setproctitle(title)
     except ImportError:  # pragma: no cover
         pass
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": record.created,
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "pid": record.process,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry).decode()
-
-
-def setup_logging(level: str, fmt: str = "text") -> None:
-    """Human-readable by default; JSON lines on request; under systemd's journal
-    (JOURNAL_STREAM set) no timestamp of our own, since the journal adds one."""
-    handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    elif os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def raise_fd_limit(wanted: int = 65536) -> None:

@@ -1,0 +1,57 @@
+"""Announcing committed changes: waiters (`wait`) and watchers (`watch`) hear of a
+job's new state only after it is committed, with the job as the store has it.
+One read per commit for all the jobs anybody listens to; nothing when nobody does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from .store import StoreError
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+log = logging.getLogger("hostqueue.supervisor")
+
+
+class Announcer:
+    def __init__(self, sup: "Supervisor") -> None:
+        self.sup = sup
+        self.pending: dict[int, str] = {}
+        self.armed = False
+
+    def after_commit(self, job_id: int, event: str) -> None:
+        if job_id not in self.sup.waiters and not self.sup.events.wants(job_id):
+            return
+        self.pending[job_id] = event
+        if not self.armed:
+            self.armed = True
+            self.sup.committer.after_commit(self._start)
+
+    def _start(self) -> None:
+        self.armed = False
+        pending, self.pending = self.pending, {}
+        self.sup.loop.create_task(self._deliver(pending))
+
+    async def _deliver(self, pending: dict[int, str]) -> None:
+        try:
+            jobs = await self.sup.store.get_jobs(pending)
+        except StoreError as exc:
+            log.error("cannot read finished jobs to announce them: %s", exc)
+            return
+        for job_id, event in pending.items():
+            job = jobs.get(job_id)
+            if job is None:
+                continue
+            if job["status"] in ("completed", "failed", "cancelled", "expired"):
+                event = job["status"]
+                for fut in self.sup.waiters.pop(job_id, ()):
+                    if not fut.done():
+                        fut.set_result(job)
+            self.sup.events.publish(
+                {"event": event, "job_id": job_id, "job": job},
+                job["queue"], job["task"], job["run_id"],
+            )
+
