@@ -129,8 +129,11 @@ class Actions:
             status = self.sup.recent_finals.get(job_id, job["status"])
             raise ProtocolError("invalid_state", f"job {job_id} has already ended ({status}); nothing to abort")
         elif job["status"] == "pending":
-            self.sup._cancel_pending(job_id, JobStatus.CANCELLED, now,
-                                 {"type": "Aborted", "message": "aborted before it started", "traceback": None})
+            self.sup._cancel_pending(
+                job_id, JobStatus.CANCELLED, now,
+                {"type": "Aborted", "message": "aborted before it started", "traceback": None},
+                lane=(job["queue"], job["task"]),
+            )
         return await self.committed_job(job_id) or job
 
     def _request_abort(

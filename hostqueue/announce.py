@@ -1,6 +1,7 @@
-"""Announcing committed changes: waiters (`wait`) and watchers (`watch`) hear of a
-job's new state only after it is committed, with the job as the store has it.
+"""Announcing committed final states: waiters (`wait`) and watchers (`watch`) hear
+that a job ended only after that is committed, with the job as the store has it.
 One read per commit for all the jobs anybody listens to; nothing when nobody does.
+(Events that are not final, `started`, `retrying`, `progress`, go out at once.)
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ class GroupCommitter:
         self.commits = 0
         self.failures = 0
         self.last_error: str | None = None
+        # Set while a failed transaction waits to be retried: new submits are
+        # refused at once instead of waiting for a store that cannot take them.
+        self.failing = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -103,8 +106,12 @@ class GroupCommitter:
                     self._carry_over(batch, exc)
                     self._retry_delay = min(max(self._retry_delay * 2, 0.1), 5.0)
                     log.error("%s; retrying in %.1f s", exc, self._retry_delay)
+                    self.failing = bool(self.batch.ops)
                     await asyncio.sleep(self._retry_delay)
                     continue
+                if self.failing or self.last_error:
+                    log.warning("the store takes writes again")
+                self.failing = False
                 self._retry_delay = 0.0
                 self.last_error = None
                 self.commits += 1

@@ -233,6 +233,10 @@ class ControlServer:
 
     async def start(self, group: str | None = None, inherited: list[int] | None = None) -> None:
         loop = asyncio.get_running_loop()
+        if group is not None:
+            import grp
+
+            self.group_gid = grp.getgrnam(group).gr_gid
         if inherited:
             # Socket activation: systemd listens, and clients that connect while
             # we restart wait in its backlog instead of failing.
@@ -252,10 +256,7 @@ class ControlServer:
             )
         finally:
             os.umask(old_umask)
-        if group is not None:
-            import grp
-
-            self.group_gid = grp.getgrnam(group).gr_gid
+        if self.group_gid is not None:
             os.chown(self.path, -1, self.group_gid)
             os.chmod(self.path, 0o660)
         else:

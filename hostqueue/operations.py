@@ -159,6 +159,13 @@ class Operations:
     def _check_accepting(self) -> None:
         if self.supervisor.state is not SupervisorState.RUNNING:
             raise ProtocolError("draining", "the supervisor is shutting down and takes no new jobs; submit again after it restarts")
+        committer = self.supervisor.committer
+        if committer.failing:
+            raise ProtocolError(
+                "store_error",
+                f"the store cannot take writes now ({committer.last_error}); nothing was stored;"
+                " it is retried every few seconds: submit again once space or permissions are back",
+            )
 
     def op_submit(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         self._check_accepting()

@@ -178,12 +178,14 @@ class Spawner:
         on_message: Callable[[WorkerHandle, dict[str, Any]], None],
         on_exit: Callable[[WorkerHandle], None],
         log_level: str = "info",
+        log_format: str = "text",
     ) -> None:
         self.loop = loop
         self.board = board
         self.on_message = on_message
         self.on_exit = on_exit
         self.log_level = log_level
+        self.log_format = log_format
         self._numbers = 0
 
     def spawn_worker(self, task_modules: tuple[str, ...]) -> WorkerHandle:
@@ -199,6 +201,7 @@ class Spawner:
             "--number", str(number),
             "--parent", str(os.getpid()),
             "--log-level", self.log_level,
+            "--log-format", self.log_format,
         ]
         for module in task_modules:
             cmd += ["--tasks", module]

@@ -41,6 +41,9 @@ class ReadyIndex:
         # many: skipped when they reach the top of their heap. The caller only
         # discards a job that it knows is in this index (not delayed, not claimed).
         self.removed: dict[int, int] = {}
+        # How many of each lane's heap entries are such removed ones, so counts
+        # per lane stay exact (None: a discard whose lane was not known).
+        self.lane_removed: dict[Lane | None, int] = {}
         self.count = 0
 
     def push(self, lane: Lane, priority: int, job_id: int) -> None:
@@ -58,9 +61,10 @@ class ReadyIndex:
             heapq.heapify(heap)
             self.count += len(packed)
 
-    def discard(self, job_id: int) -> None:
-        """Forget a ready job lazily."""
+    def discard(self, job_id: int, lane: Lane | None = None) -> None:
+        """Forget a ready job lazily (give its lane when known, for exact counts per lane)."""
         self.removed[job_id] = self.removed.get(job_id, 0) + 1
+        self.lane_removed[lane] = self.lane_removed.get(lane, 0) + 1
         self.count -= 1
 
     def top(self, lane: Lane) -> int | None:
@@ -73,7 +77,14 @@ class ReadyIndex:
                 del removed[job_id]
             else:
                 removed[job_id] -= 1
+            key = lane if self.lane_removed.get(lane) else None
+            if self.lane_removed.get(key):
+                self.lane_removed[key] -= 1
         return heap[0] if heap else None
+
+    def size(self, lane: Lane) -> int:
+        """Jobs waiting in the lane (exact when discards named their lane)."""
+        return max(0, len(self.lanes.get(lane, ())) - self.lane_removed.get(lane, 0))
 
     def pop(self, lane: Lane) -> int:
         """The packed key of the lane's next job (call top() first: it must not be empty)."""
@@ -91,12 +102,14 @@ class ReadyIndex:
             return 0
         if not paused:
             return self.count
-        return sum(len(h) for (q, _), h in self.lanes.items() if q not in paused)
+        return sum(self.size(lane) for lane in self.lanes if lane[0] not in paused)
 
     def waiting_by_queue(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for (queue, _), heap in self.lanes.items():
-            out[queue] = out.get(queue, 0) + len(heap)
+        for lane in self.lanes:
+            n = self.size(lane)
+            if n:
+                out[lane[0]] = out.get(lane[0], 0) + n
         return out
 
     def __len__(self) -> int:
@@ -106,48 +119,44 @@ class ReadyIndex:
 class TimedHeap:
     """(when, job id) pairs, earliest first; the owner arms one loop timer for ``next_due``.
 
-    Membership is exact (``job_id in heap``), so discarding a job that is not
-    here does nothing.
+    Membership is exact (``job_id in heap``): a job is in at one time, its latest
+    push. Entries left behind by discard() or a later push are skipped lazily.
     """
 
     def __init__(self) -> None:
         self.heap: list[tuple[float, int]] = []
-        self.members: set[int] = set()
-        self.removed: set[int] = set()
+        self.members: dict[int, float] = {}
 
     def push(self, when: float, job_id: int) -> None:
         if job_id in self.members:
             raise ValueError(f"job {job_id} is already timed")
-        self.removed.discard(job_id)
         heapq.heappush(self.heap, (when, job_id))
-        self.members.add(job_id)
+        self.members[job_id] = when
 
     def discard(self, job_id: int) -> bool:
-        if job_id not in self.members:
-            return False
-        self.members.remove(job_id)
-        self.removed.add(job_id)
-        return True
+        return self.members.pop(job_id, None) is not None
 
     def __contains__(self, job_id: int) -> bool:
         return job_id in self.members
 
+    def _stale(self, entry: tuple[float, int]) -> bool:
+        return self.members.get(entry[1]) != entry[0]
+
     def next_due(self) -> float | None:
         heap = self.heap
-        while heap and heap[0][1] in self.removed:
-            self.removed.discard(heapq.heappop(heap)[1])
+        while heap and self._stale(heap[0]):
+            heapq.heappop(heap)
         return heap[0][0] if heap else None
 
     def pop_due(self, now: float) -> list[int]:
         out = []
         heap = self.heap
         while heap and heap[0][0] <= now:
-            _, job_id = heapq.heappop(heap)
-            if job_id in self.removed:
-                self.removed.discard(job_id)
+            entry = heapq.heappop(heap)
+            if self._stale(entry):
                 continue
-            self.members.discard(job_id)
-            out.append(job_id)
+            del self.members[entry[1]]
+            out.append(entry[1])
         return out
 
     def __len__(self) -> int:
@@ -156,7 +165,7 @@ class TimedHeap:
     def bulk_load(self, pairs: list[tuple[float, int]]) -> None:
         self.heap.extend(pairs)
         heapq.heapify(self.heap)
-        self.members.update(job_id for _, job_id in pairs)
+        self.members.update((job_id, when) for when, job_id in pairs)
 
 
 @dataclass(slots=True)

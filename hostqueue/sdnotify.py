@@ -21,7 +21,10 @@ class Notifier:
             if address.startswith("@"):
                 address = "\0" + address[1:]  # abstract namespace
             self._target = address
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a notify socket that stops reading must never stall the loop.
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
 
     @classmethod
     def from_environment(cls) -> "Notifier":
@@ -36,6 +39,8 @@ class Notifier:
             return
         try:
             self._sock.sendto(message.encode(), self._target)
+        except BlockingIOError:
+            log.warning("sd_notify: %s is not reading; dropped %r", self.address, message.split("\n")[0])
         except OSError as exc:
             log.debug("sd_notify to %s failed: %s", self.address, exc)
 

@@ -6,6 +6,7 @@ Precedence: command-line flag, then environment variable, then the default.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,23 +206,58 @@ def read_config_file(path: str) -> dict[str, Any]:
 TABLE_SECTIONS = ("queues", "limits", "schedules")
 
 
+def _normal(header: str) -> str:
+    """`limits."app.send"` and `limits.app.send` name the same table here."""
+    return header.replace('"', "").replace("'", "").replace(" ", "")
+
+
 def _line_of(path: str, section: str, key: str) -> str:
-    """' line N' where key is assigned in [section] of the file, to point at the error."""
+    """' line N' where key is assigned in [section] of the file (or the section's
+    header when the key is not there), to point at the error."""
     current = ""
+    header_line = 0
+    want = _normal(section)
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, 1):
                 text = line.strip()
                 if text.startswith("[") and "]" in text:
-                    current = text.strip("[]").strip()
+                    current = _normal(text.strip("[]"))
                     if not section and current.split(".")[0] == key:
                         return f" line {number}"
+                    if current == want:
+                        header_line = number
                     continue
-                if current == section and (text.startswith(key + " ") or text.startswith(key + "=")):
+                if current == want and (text.startswith(key + " ") or text.startswith(key + "=")):
                     return f" line {number}"
     except OSError:
         pass
-    return ""
+    return f" line {header_line}" if header_line else ""
+
+
+_UNKNOWN = re.compile(r"unknown key\(s\) ([^,;\s]+)")
+
+
+def _error_place(message: str) -> tuple[str, str]:
+    """(section, key) named at the start of a queues/limits/schedules error message."""
+    if message.startswith('limits."'):
+        end = message.index('"', len('limits."'))
+        section = message[: end + 1]
+        rest = message[end + 1 :]
+    else:
+        head = message.split(" ")[0].rstrip(":")
+        section, _, key = head.rpartition(".")
+        rest = message[len(head):]
+        if rest.startswith(":"):  # "queues.default: unknown key(s) burst"
+            section, rest = head, rest
+        else:
+            return section, key
+    unknown = _UNKNOWN.search(rest)
+    if unknown:
+        return section, unknown.group(1)
+    if rest.startswith("."):
+        return section, rest[1:].split(" ")[0]
+    return section, ""
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list of strings"}
@@ -265,9 +301,8 @@ def from_environment(config: str | None = None, **flags: Any) -> SupervisorConfi
         return SupervisorConfig(**values, config_path=config_path, flags=given).validate()
     except SettingsError as exc:
         if config_path and str(exc).startswith(("queues.", "limits.", "schedules.")):
-            key = str(exc).split(" ")[0].rstrip(":")
-            section = key.rsplit(".", 1)[0].replace('"', "")
-            raise SettingsError(f"{config_path}{_line_of(config_path, section, key.rsplit('.', 1)[-1])}: {exc}") from None
+            section, key = _error_place(str(exc))
+            raise SettingsError(f"{config_path}{_line_of(config_path, section, key)}: {exc}") from None
         raise
 
 

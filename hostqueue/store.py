@@ -116,6 +116,31 @@ MIGRATIONS: list[tuple[str, str]] = [
         ) WITHOUT ROWID;
         """,
     ),
+    (
+        "attempts as an append-only history (a retried job keeps its earlier errors)",
+        """
+        CREATE TABLE attempts_log (
+            seq         INTEGER PRIMARY KEY,
+            job_id      INTEGER NOT NULL,
+            attempt     INTEGER NOT NULL,
+            status      TEXT    NOT NULL,
+            error       TEXT,
+            worker_pid  INTEGER,
+            started_at  REAL,
+            finished_at REAL,
+            cpu_seconds REAL,
+            peak_rss    INTEGER
+        );
+        INSERT INTO attempts_log (job_id, attempt, status, error, worker_pid, started_at,
+                                  finished_at, cpu_seconds, peak_rss)
+            SELECT job_id, attempt, status, error, worker_pid, started_at, finished_at,
+                   cpu_seconds, peak_rss
+            FROM attempts ORDER BY job_id, attempt;
+        DROP TABLE attempts;
+        ALTER TABLE attempts_log RENAME TO attempts;
+        CREATE INDEX attempts_job ON attempts (job_id);
+        """,
+    ),
 ]
 
 # The statements a WriteBatch can carry, by intention.
@@ -159,7 +184,7 @@ WRITES: dict[str, str] = {
     ),
     "record_progress": "UPDATE jobs SET progress = ?, progress_message = ? WHERE id = ?",
     "record_attempt": (
-        "INSERT OR REPLACE INTO attempts (job_id, attempt, status, error, worker_pid,"
+        "INSERT INTO attempts (job_id, attempt, status, error, worker_pid,"
         " started_at, finished_at, cpu_seconds, peak_rss) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
     ),
     "forget_jobs": "DELETE FROM jobs WHERE id = ?",
@@ -656,7 +681,7 @@ class Store:
         def fetch(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
             return conn.execute(
                 "SELECT attempt, status, error, worker_pid, started_at, finished_at,"
-                " cpu_seconds, peak_rss FROM attempts WHERE job_id = ? ORDER BY attempt",
+                " cpu_seconds, peak_rss FROM attempts WHERE job_id = ? ORDER BY seq",
                 (job_id,),
             ).fetchall()
 

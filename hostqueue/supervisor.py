@@ -57,6 +57,10 @@ from .worker import EXIT_BOOT_ERROR
 log = logging.getLogger("hostqueue.supervisor")
 
 RECENT_FINALS = 20_000  # final states remembered to answer races without a read
+# A worker is handed at most this much expected work at once: many fast jobs in
+# one pipe message, but a slow job alone, so others stay free for idle workers
+# (and for autoscale to see them wait). Tasks not yet measured count as slow.
+PREFETCH_WINDOW = 0.005
 SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP,
 )
@@ -123,6 +127,7 @@ class Supervisor:
         self.scheduler = Scheduler(self)
         self.reaper: ZombieReaper | None = None
         self.runtime = Histogram()
+        self.task_runtime: dict[str, float] = {}  # moving average of each task's run time
         self.metrics_server: MetricsServer | None = None
         self.retention_sweeper = Retention(self)
         self.sampler = ProgressSampler(self)
@@ -167,7 +172,7 @@ class Supervisor:
         self.board = Board()
         self.spawner = Spawner(
             self.loop, self.board, self._on_worker_message, self._on_worker_exit,
-            self.config.log_level,
+            self.config.log_level, self.config.log_format,
         )
         self.control = ControlServer(self, self.config.socket_path, self.config.max_line)
         try:
@@ -536,13 +541,21 @@ class Supervisor:
         now = time.time()
         now_m = time.monotonic()
         self._limit_wake = math.inf
+        max_jobs = self.config.max_jobs_per_worker
         for worker in idle:
             picked: list[tuple[Lane, int]] = []
-            for _ in range(per_worker):
+            budget = per_worker
+            if max_jobs is not None:  # recycle on time: no more than it may still run
+                budget = min(budget, max(1, max_jobs - worker.jobs_done - len(worker.jobs)))
+            expected = 0.0
+            for _ in range(budget):
                 taken = self._next_job(now_m)
                 if taken is None:
                     break
                 picked.append(taken)
+                expected += self.task_runtime.get(taken[0][1], PREFETCH_WINDOW)
+                if expected >= PREFETCH_WINDOW:
+                    break
             if not picked:
                 break
             worker.state = WorkerState.BUSY
@@ -688,6 +701,10 @@ class Supervisor:
             if o.get("p") is not None:
                 rj.progress, rj.progress_message = o["p"], o.get("pm")
             rj.cpu_seconds, rj.peak_rss = o.get("cpu"), o.get("rss")
+            if o.get("ft") is not None and o.get("st") is not None:
+                took = max(0.0, o["ft"] - o["st"])
+                avg = self.task_runtime.get(rj.task)
+                self.task_runtime[rj.task] = took if avg is None else avg * 0.8 + took * 0.2
             status = o["s"]
             if status == "ok":
                 self._finish(rj, JobStatus.COMPLETED, o.get("r"), None, now)
@@ -773,7 +790,13 @@ class Supervisor:
         self.counters["retried"] += 1
         self.runtime.observe(max(0.0, now - (attempt_started or rj.claimed_at)))
         self._make_pending(rj, rj.attempt, run_at)
-        self.announcer.after_commit(rj.id, "retrying")
+        if self.events.wants(rj.id):
+            # Not final: told at once, in order with `started`, from what we know.
+            job = rj.to_dict()
+            job.update(status="pending", run_at=run_at, error=error, started_at=None,
+                       worker_pid=None, finished_at=None)
+            self.events.publish({"event": "retrying", "job_id": rj.id, "job": job},
+                                rj.queue, rj.task, rj.run_id)
 
     def _requeue_uncharged(self, rj: RunningJob) -> None:
         """Back to pending as if the attempt never started (drain, worker retired)."""
@@ -858,13 +881,18 @@ class Supervisor:
                                  {"type": "Expired", "message": "deadline passed before the job could start", "traceback": None})
         self._arm_deadline_timer()
 
-    def _cancel_pending(self, job_id: int, status: JobStatus, now: float, error: dict[str, Any] | None) -> None:
+    def _cancel_pending(
+        self, job_id: int, status: JobStatus, now: float, error: dict[str, Any] | None,
+        lane: Lane | None = None,
+    ) -> None:
         """A pending job ends without running (abort, deadline)."""
+        payload = self.payloads.get(job_id)
+        if lane is None and payload is not None:
+            lane = (payload.queue, payload.task)
         # It is either delayed or ready (the caller checked it is not running).
         if not self.delayed.discard(job_id):
-            self.ready.discard(job_id)
+            self.ready.discard(job_id, lane)
         self.deadlines.discard(job_id)
-        payload = self.payloads.get(job_id)
         key = payload.key if payload else next((k for k, v in self.keys.items() if v == job_id), None)
         self.committer.add("cancel_pending", (status.value, now, error_json(error), job_id))
         self._forget(job_id, key, status)

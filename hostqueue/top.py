@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from hostqueue.client import FINAL_EVENTS, Client
 from hostqueue.display import (
@@ -338,6 +338,9 @@ def _header(model: TopModel, st: Mapping[str, Any], now: float, socket: str) -> 
         out.append((model.error or "waiting for the supervisor's status…", WARN if model.error else None))
         return out
     state = str(st.get("state"))
+    if model.error and model.refreshed is not None:
+        seen = time.strftime("%H:%M:%S", time.localtime(model.refreshed))
+        state = f"NOT ANSWERING (figures of {seen})"
     title = (f"hostqueue top  supervisor {st.get('pid')}  {state}  "
              f"up {format_duration(st.get('uptime'))}  {st.get('socket') or socket}")
     out = [(f"{title}  {clock}", TITLE)]
@@ -503,7 +506,7 @@ class Screen:
         self.saved: list[Any] | None = None
         self.old_handlers: dict[int, Any] = {}
 
-    def __enter__(self) -> "Screen":
+    def __enter__(self) -> Self:
         self._enter_mode()
         for sig, handler in ((signal.SIGWINCH, self._on_winch), (signal.SIGTERM, self._on_exit),
                              (signal.SIGHUP, self._on_exit), (signal.SIGTSTP, self._on_tstp),
@@ -593,7 +596,7 @@ def run_once(socket: str | None, interval: float) -> TopModel:
         if interval > 0:
             watcher.start()
             watcher.subscribed.wait(REQUEST_TIMEOUT)
-            time.sleep(interval)  # noqa: the frame covers one interval of events
+            time.sleep(interval)  # the frame covers one interval of events
             watcher.stop()
         refresh(client, model)
         if model.error:

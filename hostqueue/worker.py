@@ -126,7 +126,8 @@ class Worker:
         self.cond = threading.Condition()
         self.send_lock = threading.Lock()
         self.outbox: list[dict[str, Any]] = []
-        self.outbox_since = 0.0
+        self.out_lock = threading.Lock()
+        self.outbox_waiting = threading.Event()
         self.peak = PeakMemory()
 
     # -- pipe ---------------------------------------------------------------
@@ -137,10 +138,30 @@ class Worker:
             self.sock.sendall(data)
 
     def flush_outbox(self) -> None:
-        if self.outbox:
-            batch, self.outbox = self.outbox, []
-            # Current RSS rides along, so the supervisor can recycle a bloated worker.
-            self.send({"t": "done", "o": batch, "mem": self.peak.current()})
+        with self.out_lock:
+            if self.outbox:
+                batch, self.outbox = self.outbox, []
+                # Current RSS rides along, so the supervisor can recycle a bloated worker.
+                self.send({"t": "done", "o": batch, "mem": self.peak.current()})
+
+    def add_outcome(self, outcome: dict[str, Any]) -> None:
+        """Outcomes of fast jobs share a message; none waits longer than OUTBOX_MAX_AGE,
+        even when the next job is slow: the flusher thread sends it."""
+        with self.out_lock:
+            self.outbox.append(outcome)
+            first = len(self.outbox) == 1
+            full = len(self.outbox) >= OUTBOX_MAX
+        if full or not self.jobs:
+            self.flush_outbox()
+        elif first:
+            self.outbox_waiting.set()
+
+    def flush_loop(self) -> None:
+        while True:
+            self.outbox_waiting.wait()
+            self.outbox_waiting.clear()
+            time.sleep(OUTBOX_MAX_AGE)
+            self.flush_outbox()
 
     def read_loop(self) -> None:
         while True:
@@ -178,11 +199,7 @@ class Worker:
             while not self.jobs:
                 if self.stopping:
                     return None
-                if self.outbox:
-                    break
                 self.cond.wait()
-            if not self.jobs:
-                return {}
             return self.jobs.popleft()
 
     def run_forever(self) -> None:
@@ -192,19 +209,7 @@ class Worker:
             if job is None:
                 self.flush_outbox()
                 return
-            if not job:  # woke with outcomes to send and nothing to run
-                self.flush_outbox()
-                continue
-            outcome = self.run_job(job)
-            if not self.outbox:
-                self.outbox_since = time.monotonic()
-            self.outbox.append(outcome)
-            if (
-                not self.jobs
-                or len(self.outbox) >= OUTBOX_MAX
-                or time.monotonic() - self.outbox_since >= OUTBOX_MAX_AGE
-            ):
-                self.flush_outbox()
+            self.add_outcome(self.run_job(job))
             if not self.jobs:
                 set_title(f"hostqueue worker {self.number} [idle]")
 
@@ -304,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, default=0)
     parser.add_argument("--tasks", action="append", default=[])
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-format", default="text")
     opts = parser.parse_args(argv)
 
     set_parent_death_signal()
@@ -314,11 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     # whole group; the supervisor decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _raise_time_limit)
-    logging.basicConfig(
-        level=opts.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s worker {opts.number} [{os.getpid()}] %(message)s",
-        stream=sys.stderr,
-    )
+    from .logs import setup_logging
+
+    setup_logging(opts.log_level, opts.log_format, prefix=f"worker {opts.number} [{os.getpid()}] ")
     sock = socket.socket(fileno=opts.fd)
     sock.setblocking(True)
     slot = SlotWriter(opts.board_fd, opts.slot) if opts.board_fd >= 0 else None
@@ -338,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     reader = threading.Thread(target=worker.read_loop, name="pipe-reader", daemon=True)
     reader.start()
+    threading.Thread(target=worker.flush_loop, name="outbox-flusher", daemon=True).start()
     worker.send({"t": "ready", "pid": os.getpid()})
     worker.run_forever()
     return 0

@@ -151,6 +151,101 @@ TASKS_SOURCE = textwrap.dedent(
         if runs <= fail_times:
             raise ValueError(f"flaky: run {runs} fails")
         return {"runs": runs}
+
+
+    # --- tasks of tests/test_lifecycle.py
+
+    @hostqueue.task(retries=2, backoff_base=0.2, backoff_factor=2, backoff_cap=10)
+    def backoff_fail(ctx):
+        raise ValueError(f"backoff: attempt {ctx.attempt} fails")
+
+
+    @hostqueue.task(retries=1, backoff_base=5, backoff_cap=60)
+    def retry_later(ctx, delay=0.5):
+        """Ask for a retry in `delay` s (the task's own backoff would wait >= 3.75 s)."""
+        raise hostqueue.Retry(f"not yet (attempt {ctx.attempt})", delay=delay)
+
+
+    @hostqueue.task(retries=3, backoff_base=60, backoff_cap=600)
+    def retry_once(ctx, delay=5.0):
+        """Retry in `delay` s at the first attempt; succeed from the second."""
+        if ctx.attempt < 2:
+            raise hostqueue.Retry("come back later", delay=delay)
+        return {"attempt": ctx.attempt}
+
+
+    @hostqueue.task(retries=2, **FAST)
+    def fail_numbered(ctx):
+        raise ValueError(f"failure of attempt {ctx.attempt}")
+
+
+    @hostqueue.task
+    def sleeper(ctx, seconds=5.0):
+        time.sleep(seconds)
+        return "woke"
+
+
+    @hostqueue.task
+    def stubborn(ctx, marker, catch="base", seconds=30.0):
+        """Ignore the time limit: catch TimeLimit (as BaseException or by name), keep sleeping."""
+        caught = BaseException if catch == "base" else hostqueue.TimeLimit
+        _append(marker, f"{ctx.job_id} {ctx.attempt} {os.getpid()} started")
+        try:
+            time.sleep(seconds)
+        except caught as exc:
+            _append(marker, f"{ctx.job_id} {ctx.attempt} {os.getpid()} caught {type(exc).__name__}")
+            time.sleep(seconds)
+        return "survived"
+
+
+    @hostqueue.task(retries=1, **FAST)
+    def exit_code(ctx, code=3):
+        os._exit(code)
+
+
+    @hostqueue.task(retries=1, **FAST)
+    def segfault(ctx):
+        import signal
+        os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(10)
+
+
+    @hostqueue.task
+    def allocate(ctx, size=50_000_000, sleep=0.1):
+        """Hold `size` bytes, every page touched, for `sleep` seconds."""
+        data = bytearray(size)
+        for i in range(0, size, 4096):
+            data[i] = 1
+        time.sleep(sleep)
+        return len(data)
+
+
+    @hostqueue.task
+    def burn(ctx, seconds=0.2):
+        """Busy-loop for `seconds` of wall time."""
+        end = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+        return n
+
+
+    @hostqueue.task(retries=2)
+    def retry_now(ctx):
+        """Ask for an immediate retry every time (Retry(delay=0))."""
+        raise hostqueue.Retry(f"again after attempt {ctx.attempt}", delay=0)
+
+
+    # --- tasks of tests/test_recycling.py
+
+    _HOARD = []  # what `hoard` keeps: it stays in the worker after the job
+
+
+    @hostqueue.task
+    def hoard(ctx, mb=100):
+        """Allocate `mb` MB (every page written) and keep it in a module-level list."""
+        _HOARD.append(b"\\x01" * (mb * 1024 * 1024))
+        return {"pid": os.getpid(), "held_mb": sum(len(b) for b in _HOARD) // (1024 * 1024)}
     '''
 )
 
