@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "task", "JobContext", "Retry", "Permanent", "Aborted", "TimeLimit",
-    "Client", "AsyncClient", "JobHandle", "AsyncJobHandle",
+    "Client", "AsyncClient", "JobHandle", "AsyncJobHandle", "Supervisor",
     "HostqueueError", "ProtocolError", "SupervisorUnavailable", "JobFailed",
     "__version__",
 ]
@@ -36,11 +36,13 @@ __all__ = [
 if TYPE_CHECKING:
     from .aclient import AsyncClient, AsyncJobHandle
     from .client import Client, JobHandle
+    from .embed import Supervisor
 
 # Where each client name lives (loaded on first use).
 _CLIENT_NAMES = {
     "Client": "client", "JobHandle": "client",
     "AsyncClient": "aclient", "AsyncJobHandle": "aclient",
+    "Supervisor": "embed",
 }
 
 

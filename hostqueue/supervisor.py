@@ -75,8 +75,11 @@ def lost_error(message: str) -> dict[str, Any]:
 
 
 class Supervisor:
-    def __init__(self, config: SupervisorConfig) -> None:
+    def __init__(self, config: SupervisorConfig, embedded: bool = False) -> None:
         self.config = config
+        # Embedded in someone else's program (hostqueue.Supervisor): no signal
+        # handlers, no process title, no sd_notify, no PID-1 duties.
+        self.embedded = embedded
         self.state = SupervisorState.STARTING
         self.started = time.time()
         self.store = Store(config.store, config.durability)
@@ -119,8 +122,9 @@ class Supervisor:
         self.spawner: Spawner
         self.control: Any = None
         self.stopped: asyncio.Future[int]
-        self.notifier = sdnotify.Notifier.from_environment()
+        self.notifier = sdnotify.Notifier(None) if embedded else sdnotify.Notifier.from_environment()
         self.actions = Actions(self)
+        self.ready_event = asyncio.Event()  # set once the socket answers and workers start
         self.shaper = Shaper(ShapingConfig.parse(config.queues, config.limits))
         self.retention = config.retention()
         self.autoscale = config.workers_min is not None
@@ -176,13 +180,13 @@ class Supervisor:
         )
         self.control = ControlServer(self, self.config.socket_path, self.config.max_line)
         try:
-            await self.control.start(self.config.socket_group, sdnotify.listen_fds())
+            await self.control.start(self.config.socket_group, [] if self.embedded else sdnotify.listen_fds())
         except OSError as exc:
             log.error("cannot listen on %s: %s", self.config.socket_path, exc)
             await self.store.close()
             self.board.close()
             return 1
-        for sig in SIGNALS:
+        for sig in () if self.embedded else SIGNALS:
             self.loop.add_signal_handler(sig, self._record_signal, sig)
         if self.config.metrics_port is not None:
             self.metrics_server = MetricsServer(self.metrics_text, self.config.metrics_host, self.config.metrics_port)
@@ -191,7 +195,7 @@ class Supervisor:
             except OSError as exc:
                 log.error("cannot serve metrics on %s:%d: %s", self.config.metrics_host, self.config.metrics_port, exc)
                 self.metrics_server = None
-        if os.getpid() == 1:
+        if os.getpid() == 1 and not self.embedded:
             self.reaper = ZombieReaper(self.loop, lambda pid: pid in self.workers)
             self.reaper.start()
         self.state = SupervisorState.RUNNING
@@ -202,6 +206,7 @@ class Supervisor:
         await self.scheduler.start(Scheduler.configured(self.config.schedules, self.tasks), time.time())
         self._wake_dispatch()
         self._update_title()
+        self.ready_event.set()
         log.info(
             "hostqueue %s supervisor %d serving %s on %s with %d workers (%d tasks, %d jobs ready)",
             __version__, os.getpid(), self.config.store, self.config.socket_path, self.target,
@@ -214,7 +219,7 @@ class Supervisor:
         try:
             code = await self.stopped
         finally:
-            for sig in SIGNALS:
+            for sig in () if self.embedded else SIGNALS:
                 self.loop.remove_signal_handler(sig)
             await self.control.stop()
             if self.metrics_server is not None:
@@ -906,7 +911,7 @@ class Supervisor:
             f"hostqueue supervisor {os.path.abspath(self.config.store)}"
             f" [{len(self.workers)} workers, {busy} busy{state}]"
         )
-        if title != self._title:
+        if title != self._title and not self.embedded:
             self._title = title
             set_title(title)
             if self.notifier.enabled:
