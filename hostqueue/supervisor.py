@@ -48,7 +48,7 @@ from .sampler import ProgressSampler
 from .reaper import ZombieReaper, block_sigchld
 from .schedules import Scheduler
 from .shaping import Shaper, ShapingConfig
-from .readyindex import Lane, Payload, ReadyIndex, TimedHeap, pack, unpack_id
+from .readyindex import Lane, Payload, ReadyIndex, TimedHeap, unpack_id
 from .settings import SupervisorConfig
 from .states import JobStatus, SupervisorState, WorkerState
 from .store import Store, StoreError, StoreLock, StoreLocked
@@ -250,8 +250,10 @@ class Supervisor:
             assert self.config.workers_min is not None and self.config.workers_max is not None
             self.target = min(max(self.target, self.config.workers_min), self.config.workers_max)
         self.paused = set(settings.get("paused", []))
-        pending = await self.store.load_pending(now, pack)
+        pending = await self.store.load_pending(now)
         self.ready.bulk_load(pending.ready)
+        for lane, priority, job_id in pending.unordered:
+            self.ready.push(lane, priority, job_id)
         self.delayed.bulk_load(pending.delayed)
         self.deadlines.bulk_load(pending.deadlines)
         self.keys = pending.keys

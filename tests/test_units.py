@@ -11,6 +11,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from array import array
 
 from hostqueue import settings
 from hostqueue.readyindex import ReadyIndex, TimedHeap, pack, unpack_id
@@ -420,7 +421,8 @@ def test_readyindex_orders_by_priority_then_id() -> None:
 def test_readyindex_discard_push_back_and_bulk_load() -> None:
     r = ReadyIndex()
     a, b = ("a", "t"), ("b", "t")
-    r.bulk_load({a: [pack(0, 3), pack(0, 1)], b: [pack(1, 2)]})
+    # per lane and priority, ids in increasing order (as the store's scan yields them)
+    r.bulk_load({a: {0: array("q", [1, 3])}, b: {1: array("q", [2])}})
     assert len(r) == 3
     r.push(a, 0, 4)
     r.discard(1)
@@ -678,3 +680,22 @@ def test_table_errors_name_key_and_line(tmp_path: Path, clean_env: pytest.Monkey
     message = str(info.value)
     assert key in message, message
     assert f"{path} line {line}:" in message, f"no line {line} in: {message}"
+
+
+def test_readyindex_keeps_order_with_out_of_order_returns_and_compaction() -> None:
+    """Ids mostly arrive in order (array) but retries come back older (side heap): the
+    order is always priority first, then id; compaction of a long array keeps it."""
+    r = ReadyIndex()
+    lane = ("q", "t")
+    for job_id in range(1, 10_001):
+        r.push(lane, 0, job_id)
+    taken = [unpack_id(r.pop(lane)) for _ in range(6000)]  # forces compaction
+    assert taken == list(range(1, 6001))
+    r.push(lane, 0, 17)  # a retry of an old job
+    r.push(lane, 5, 9000)  # higher priority, already queued at 0 too: a different entry
+    r.push(lane, 0, 20_000)
+    assert unpack_id(r.pop(lane)) == 9000
+    assert unpack_id(r.pop(lane)) == 17
+    rest = drain(r, lane)
+    assert rest == list(range(6001, 10_001)) + [20_000]
+    assert len(r) == 0
