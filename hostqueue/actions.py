@@ -151,14 +151,21 @@ class Actions:
 
     async def wait_job(
         self, job_id: int, timeout: float | None) -> dict[str, Any]:
-        fut: asyncio.Future[dict[str, Any]] = self.sup.loop.create_future()
-        self.sup.waiters.setdefault(job_id, []).append(fut)
+        sup = self.sup
+        fut: asyncio.Future[dict[str, Any]] = sup.loop.create_future()
+        sup.waiters.setdefault(job_id, []).append(fut)
         try:
-            job = await self.committed_job(job_id)
-            if job is None:
-                raise ProtocolError("not_found", f"no job has id {job_id}")
-            if job["status"] in ("completed", "failed", "cancelled", "expired"):
-                return job
+            unfinished = job_id not in sup.recent_finals and (
+                job_id in sup.running or job_id in sup.claiming or job_id in sup.payloads
+            )
+            if not unfinished:  # else known from memory: no need to read the store first
+                job = await self.committed_job(job_id)
+                if job is None:
+                    raise ProtocolError("not_found", f"no job has id {job_id}")
+                if job["status"] in ("completed", "failed", "cancelled", "expired"):
+                    return job
+            if timeout is None:
+                return await fut
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout)
             except asyncio.TimeoutError:

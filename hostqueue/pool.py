@@ -89,6 +89,7 @@ class RunningJob:
             "started_at": self.claimed_at, "finished_at": None, "run_at": self.run_at,
             "deadline": self.deadline, "timeout": self.timeout,
             "abort_requested": self.abort_requested, "worker_pid": self.worker_pid,
+            "cpu_seconds": None, "peak_rss": None,
         }
 
 

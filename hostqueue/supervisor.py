@@ -757,7 +757,16 @@ class Supervisor:
         self.runtime.observe(max(0.0, now - (attempt_started or rj.claimed_at)))
         if status is JobStatus.FAILED and error is not None:
             log.warning("job %d %s failed: %s: %s", rj.id, rj.task, error.get("type"), error.get("message"))
-        self.announcer.after_commit(rj.id, status.value)
+        if rj.id in self.waiters or self.events.wants(rj.id):
+            # The store keeps an earlier attempt's progress when this one reported
+            # none: only then is the row worth reading back.
+            job = None
+            if rj.progress is not None or rj.attempt == 1:
+                job = rj.to_dict()
+                job.update(status=status.value, finished_at=now, error=error,
+                           result=orjson.loads(result) if result is not None else None,
+                           cpu_seconds=rj.cpu_seconds, peak_rss=rj.peak_rss)
+            self.announcer.after_commit(rj.id, status.value, job)
 
     def _forget(self, job_id: int, key: str | None, status: JobStatus) -> None:
         if key is not None and self.keys.get(key) == job_id:
