@@ -8,7 +8,6 @@ passes idle_timeout. Nothing runs while nothing changes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .pool import WorkerHandle
 from .states import SupervisorState, WorkerState
+from .timers import EarliestTimer
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -26,8 +26,7 @@ log = logging.getLogger("hostqueue.supervisor")
 class PoolSizer:
     def __init__(self, sup: "Supervisor") -> None:
         self.sup = sup
-        self.idle_timer: asyncio.TimerHandle | None = None
-        self.idle_timer_at = 0.0
+        self.idle_timer = EarliestTimer(self.shrink, time.monotonic)
 
     def maybe_recycle(self, worker: WorkerHandle) -> None:
         """Replace a worker that did its share of jobs or grew too big (checked after jobs)."""
@@ -49,19 +48,10 @@ class PoolSizer:
     def became_idle(self, worker: WorkerHandle) -> None:
         worker.idle_since = time.monotonic()
         if self.sup.autoscale and self.sup.config.workers_min is not None and self.sup.target > self.sup.config.workers_min:
-            self._arm_idle_timer(worker.idle_since + self.sup.config.idle_timeout)
-
-    def _arm_idle_timer(self, at: float) -> None:
-        if self.idle_timer is not None:
-            if self.idle_timer_at <= at:
-                return
-            self.idle_timer.cancel()
-        self.idle_timer_at = at
-        self.idle_timer = self.sup.loop.call_later(max(0.0, at - time.monotonic()), self.shrink)
+            self.idle_timer.arm(worker.idle_since + self.sup.config.idle_timeout)
 
     def shrink(self) -> None:
         """Retire workers idle for idle_timeout, down to workers.min."""
-        self.idle_timer = None
         if not self.sup.autoscale or self.sup.state is not SupervisorState.RUNNING or self.sup.config.workers_min is None:
             return
         now = time.monotonic()
@@ -78,7 +68,7 @@ class PoolSizer:
             else:
                 earliest = min(earliest, due)
         if earliest < math.inf and self.sup.target > self.sup.config.workers_min:
-            self._arm_idle_timer(earliest)
+            self.idle_timer.arm(earliest)
 
     def grow(self) -> None:
         """Jobs wait and no worker is idle: one more worker, up to workers.max."""

@@ -7,13 +7,13 @@ RETENTION_BATCH rows through the group committer, so dispatch never waits long.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from .states import SupervisorState
 from .store import StoreError
+from .timers import EarliestTimer
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -26,31 +26,22 @@ RETENTION_BATCH = 500  # rows deleted per transaction
 class Retention:
     def __init__(self, sup: "Supervisor") -> None:
         self.sup = sup
-        self.timer: asyncio.TimerHandle | None = None
-        self.at = 0.0
+        self.timer = EarliestTimer(self._start_sweep)
         self.sweeping = False
 
+    def _start_sweep(self) -> None:
+        self.sup.loop.create_task(self.sweep())
+
     def cancel(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.timer.cancel()
 
     def arm(self, when: float) -> None:
         """One timer for the earliest moment a finished job is due for deletion."""
-        if self.sup.state is not SupervisorState.RUNNING or self.sweeping:
-            return
-        if self.timer is not None:
-            if self.at <= when:
-                return
-            self.timer.cancel()
-        self.at = when
-        self.timer = self.sup.loop.call_later(
-            max(0.0, when - time.time()), lambda: self.sup.loop.create_task(self.sweep())
-        )
+        if self.sup.state is SupervisorState.RUNNING and not self.sweeping:
+            self.timer.arm(when)
 
     async def sweep(self) -> None:
         """Delete finished jobs past their retention, a batch per transaction."""
-        self.timer = None
         self.sweeping = True
         deleted = 0
         try:

@@ -52,6 +52,7 @@ from .readyindex import Lane, Payload, ReadyIndex, TimedHeap, unpack_id
 from .settings import SupervisorConfig
 from .states import JobStatus, SupervisorState, WorkerState
 from .store import Store, StoreError, StoreLock, StoreLocked
+from .timers import EarliestTimer
 from .worker import EXIT_BOOT_ERROR
 
 log = logging.getLogger("hostqueue.supervisor")
@@ -106,14 +107,12 @@ class Supervisor:
         self.spawn_blocked_until = 0.0
         self.pool_error: str | None = None
         self._dispatch_scheduled = False
-        self._delay_timer: asyncio.TimerHandle | None = None
-        self._delay_timer_at = 0.0
-        self._deadline_timer: asyncio.TimerHandle | None = None
-        self._deadline_timer_at = 0.0
+        # One loop timer each for the earliest delayed job, deadline and rate-limit release.
+        self._delay_timer = EarliestTimer(self._delay_due)
+        self._deadline_timer = EarliestTimer(self._deadline_due)
+        self._limit_timer = EarliestTimer(self._wake_dispatch, time.monotonic)
         self._spawn_timer: asyncio.TimerHandle | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
-        self._limit_timer: asyncio.TimerHandle | None = None
-        self._limit_timer_at = 0.0
         self._limit_wake = math.inf
         self._title = ""
         self.loop: asyncio.AbstractEventLoop
@@ -143,6 +142,7 @@ class Supervisor:
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
         self.stopped = self.loop.create_future()
+
         try:
             self.lock.acquire()
         except StoreLocked as exc:
@@ -327,9 +327,11 @@ class Supervisor:
         busy = sum(1 for w in self.workers.values() if w.jobs)
         log.info("draining: %d jobs running on %d workers, grace %.1f s", len(self.running), busy, grace)
         self.scheduler.stop()
-        for timer in (self._delay_timer, self._deadline_timer, self._spawn_timer, self.retention_sweeper.timer, self._limit_timer):
-            if timer is not None:
-                timer.cancel()
+        for timer in (self._delay_timer, self._deadline_timer, self._limit_timer,
+                      self.retention_sweeper.timer, self.sizer.idle_timer):
+            timer.cancel()
+        if self._spawn_timer is not None:
+            self._spawn_timer.cancel()
         for worker in list(self.workers.values()):
             self._retire(worker, drop_queued=True)
         if grace <= 0:
@@ -573,7 +575,7 @@ class Supervisor:
             else:
                 self._send_jobs(worker, ids, now)
         if self._limit_wake < math.inf:
-            self._arm_limit_timer(self._limit_wake)
+            self._limit_timer.arm(self._limit_wake)  # a rate-limited lane may start then
         if self.ready.count:
             self.sizer.grow()
         self._update_title()
@@ -603,19 +605,6 @@ class Supervisor:
             return None
         shaper.started(best_lane, now_m)
         return best_lane, self.ready.pop(best_lane)
-
-    def _arm_limit_timer(self, at: float) -> None:
-        """Wake dispatch when a rate-limited lane may start again (monotonic time)."""
-        if self._limit_timer is not None:
-            if self._limit_timer_at <= at:
-                return
-            self._limit_timer.cancel()
-        self._limit_timer_at = at
-        self._limit_timer = self.loop.call_later(max(0.0, at - time.monotonic()), self._limit_timer_fired)
-
-    def _limit_timer_fired(self) -> None:
-        self._limit_timer = None
-        self._wake_dispatch()
 
     def _job_left_worker(self, rj: RunningJob) -> None:
         """A held job is done with its worker (finished, failed, returned): free its limits."""
@@ -840,17 +829,10 @@ class Supervisor:
 
     def _arm_delay_timer(self) -> None:
         due = self.delayed.next_due()
-        if due is None or self.state is not SupervisorState.RUNNING:
-            return
-        if self._delay_timer is not None:
-            if self._delay_timer_at <= due:
-                return
-            self._delay_timer.cancel()
-        self._delay_timer_at = due
-        self._delay_timer = self.loop.call_later(max(0.0, due - time.time()), self._delay_due)
+        if due is not None and self.state is SupervisorState.RUNNING:
+            self._delay_timer.arm(due)
 
     def _delay_due(self) -> None:
-        self._delay_timer = None
         due = self.delayed.pop_due(time.time())
         if due:
             missing = [i for i in due if i not in self.payloads]
@@ -878,17 +860,10 @@ class Supervisor:
 
     def _arm_deadline_timer(self) -> None:
         due = self.deadlines.next_due()
-        if due is None or self.state is not SupervisorState.RUNNING:
-            return
-        if self._deadline_timer is not None:
-            if self._deadline_timer_at <= due:
-                return
-            self._deadline_timer.cancel()
-        self._deadline_timer_at = due
-        self._deadline_timer = self.loop.call_later(max(0.0, due - time.time()), self._deadline_due)
+        if due is not None and self.state is SupervisorState.RUNNING:
+            self._deadline_timer.arm(due)
 
     def _deadline_due(self) -> None:
-        self._deadline_timer = None
         now = time.time()
         for job_id in self.deadlines.pop_due(now):
             if job_id in self.claiming or job_id in self.running:
