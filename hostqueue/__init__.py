@@ -22,27 +22,31 @@ from typing import TYPE_CHECKING, Any
 from .context import JobContext
 from .errors import HostqueueError, JobFailed, ProtocolError, SupervisorUnavailable
 from .exceptions import Aborted, Permanent, Retry, TimeLimit
+
 from .registry import task
 
 __version__ = "0.1.0"
 
 __all__ = [
     "task", "JobContext", "Retry", "Permanent", "Aborted", "TimeLimit",
-    "Client", "AsyncClient", "JobHandle", "AsyncJobHandle", "Supervisor",
-    "HostqueueError", "ProtocolError", "SupervisorUnavailable", "JobFailed",
+    "Client", "AsyncClient", "JobHandle", "AsyncJobHandle", "EventStream", "Supervisor",
+    "ImmediateClient", "ImmediateSupervisor",
+    "HostqueueError", "ProtocolError", "SupervisorUnavailable", "JobFailed", "SupervisorFailed",
     "__version__",
 ]
 
 if TYPE_CHECKING:
     from .aclient import AsyncClient, AsyncJobHandle
-    from .client import Client, JobHandle
-    from .embed import Supervisor
+    from .client import Client, EventStream, JobHandle
+    from .embed import Supervisor, SupervisorFailed
+    from .immediate import ImmediateClient, ImmediateSupervisor
 
 # Where each client name lives (loaded on first use).
 _CLIENT_NAMES = {
-    "Client": "client", "JobHandle": "client",
+    "Client": "client", "JobHandle": "client", "EventStream": "client",
     "AsyncClient": "aclient", "AsyncJobHandle": "aclient",
-    "Supervisor": "embed",
+    "Supervisor": "embed", "SupervisorFailed": "embed",
+    "ImmediateClient": "immediate", "ImmediateSupervisor": "immediate",
 }
 
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 import socket as _socket
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast
 
 import orjson
@@ -208,6 +209,32 @@ class Client:
     The connection opens on first use (or on ``with``); if it is lost, the calls
     that were waiting raise SupervisorUnavailable and the next call reconnects.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Client:
+        # HOSTQUEUE_IMMEDIATE=1 makes every Client an immediate one (hostqueue.immediate):
+        # jobs run inline, in this process, for unit tests of code that makes its own Client.
+        if cls is Client and os.environ.get("HOSTQUEUE_IMMEDIATE"):
+            from hostqueue import immediate
+
+            if immediate.enabled():
+                return object.__new__(immediate.ImmediateClient)
+        return object.__new__(cls)
+
+    @classmethod
+    def immediate(cls, tasks: Iterable[str | ModuleType] = (), *,
+                  supervisor: ImmediateSupervisor | None = None,
+                  timeout: float | None = None) -> ImmediateClient:
+        """A client whose jobs run inline, in this process, when submitted: for unit tests.
+
+        ``tasks``: task modules, as ``hostqueue run --tasks``; or ``supervisor``, an
+        ``hostqueue.immediate.ImmediateSupervisor`` to share between clients.
+        See hostqueue/immediate.py and docs/testing.md for what differs from production.
+        """
+        from hostqueue.immediate import ImmediateClient, ImmediateSupervisor
+
+        if supervisor is None:
+            supervisor = ImmediateSupervisor(tasks)
+        return ImmediateClient(timeout=timeout, supervisor=supervisor)
 
     def __init__(self, socket: str | None = None, timeout: float | None = None) -> None:
         self.socket_path = resolve_socket(socket)
@@ -656,6 +683,7 @@ _ASYNC_NAMES = ("AsyncClient", "AsyncEventStream", "AsyncJobHandle")
 
 if TYPE_CHECKING:
     from hostqueue.aclient import AsyncClient, AsyncEventStream, AsyncJobHandle
+    from hostqueue.immediate import ImmediateClient, ImmediateSupervisor
 
 
 def __getattr__(name: str) -> Any:

@@ -62,6 +62,7 @@ class Connection(asyncio.Protocol):
         self.tasks: set[asyncio.Future[Any]] = set()
         self.subscriptions: list[Any] = []
         self.peer: tuple[int, int, int] | None = None
+        self.eof = False
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -90,6 +91,25 @@ class Connection(asyncio.Protocol):
         for sub in self.subscriptions:
             self.ops.supervisor.events.unsubscribe(sub)
         self.subscriptions.clear()
+
+    def eof_received(self) -> bool:
+        """The client sent all it will send (`echo ... | socat`): answer what is
+        pending, then close; a line without its final newline still counts."""
+        self.eof = True
+        if self.buffer and not self.discarding:
+            line, self.buffer = bytes(self.buffer), bytearray()
+            self.handle_line(line)
+        if self._done():
+            return False  # nothing pending: let the transport close
+        return True
+
+    def _done(self) -> bool:
+        return not self.tasks and not any(s.job_id is not None for s in self.subscriptions)
+
+    def maybe_close(self) -> None:
+        """After the client's EOF, close once the last pending reply or stream ended."""
+        if self.eof and not self.closed and self._done() and self.transport is not None:
+            self.transport.close()
 
     def pause_writing(self) -> None:
         # The client is not reading its replies: stop taking its requests.
@@ -170,6 +190,12 @@ class Connection(asyncio.Protocol):
         self.tasks.discard(future)
         if self.closed or future.cancelled():
             return
+        try:
+            self._write_result(request_id, future)
+        finally:
+            self.maybe_close()
+
+    def _write_result(self, request_id: Any, future: asyncio.Future[Any]) -> None:
         exc = future.exception()
         if exc is None:
             result = future.result()

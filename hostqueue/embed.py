@@ -84,10 +84,20 @@ class Supervisor:
 
     # -- in a thread ------------------------------------------------------------------
 
+    def _check_tasks(self) -> None:
+        """Import the task modules here first, so a broken one is named in the error."""
+        from . import registry
+
+        try:
+            registry.load_task_modules(self.config.tasks)
+        except registry.TaskModuleError as exc:
+            raise SupervisorFailed(f"the supervisor cannot start: {exc}") from None
+
     def start(self, timeout: float = 30.0) -> "Supervisor":
         """Start on a background thread; return once the socket answers."""
         if self._thread is not None or self._task is not None:
             raise SupervisorFailed("this supervisor was already started")
+        self._check_tasks()
         self._thread = threading.Thread(target=self._run_thread, name="hostqueue-supervisor", daemon=True)
         self._thread.start()
         if not self._started.wait(timeout):
@@ -151,6 +161,7 @@ class Supervisor:
 
         if self._thread is not None or self._task is not None:
             raise SupervisorFailed("this supervisor was already started")
+        self._check_tasks()
         self._loop = asyncio.get_running_loop()
         self._core = Core(self.config, embedded=True)
         self._task = asyncio.ensure_future(self._core.run())

@@ -311,6 +311,7 @@ class Operations:
                 sup.events.unsubscribe(sub)
                 if sub in conn.subscriptions:
                     conn.subscriptions.remove(sub)
+                conn.maybe_close()
 
         sub.sink = sink
         sup.events.subscribe(sub)

@@ -12,7 +12,7 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, overload
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,8 +51,29 @@ class TaskModuleError(Exception):
     """A configured task module could not be imported."""
 
 
+@overload
+def task(func: F, /) -> F: ...
+
+
+@overload
+def task(
+    *,
+    name: str | None = None,
+    queue: str = DEFAULT_QUEUE,
+    retries: int = DEFAULT_RETRIES,
+    timeout: float | None = None,
+    priority: int = 0,
+    backoff_base: float = 1.0,
+    backoff_factor: float = 2.0,
+    backoff_cap: float = 300.0,
+    cron: str | None = None,
+    cron_timezone: str = "UTC",
+) -> Callable[[F], F]: ...
+
+
 def task(
     func: F | None = None,
+    /,
     *,
     name: str | None = None,
     queue: str = DEFAULT_QUEUE,
