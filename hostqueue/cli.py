@@ -276,7 +276,7 @@ def submit(task: str, args_json: str | None, socket: str | None, queue: str | No
 def _parse_args(args_json: str | None) -> dict[str, Any] | None:
     if args_json is None:
         return None
-    text = click.get_text_stream("stdin").read() if args_json == "-" else args_json
+    text = sys.stdin.read() if args_json == "-" else args_json
     try:
         args = orjson.loads(text)
     except orjson.JSONDecodeError as exc:

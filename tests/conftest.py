@@ -246,6 +246,71 @@ TASKS_SOURCE = textwrap.dedent(
         """Allocate `mb` MB (every page written) and keep it in a module-level list."""
         _HOARD.append(b"\\x01" * (mb * 1024 * 1024))
         return {"pid": os.getpid(), "held_mb": sum(len(b) for b in _HOARD) // (1024 * 1024)}
+
+
+    # --- tasks of tests/test_reliability.py, tests/test_store_faults.py, tests/test_fuzz.py
+
+    @hostqueue.task(retries=100, **FAST)
+    def runlog(ctx, log, token, sleep=0.003):
+        """Append "token job attempt pid" to `log` with one O_APPEND write (whole lines, never
+        interleaved, one per execution), then sleep. Many retries: a job may be interrupted
+        by several supervisor kills in a row."""
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{token} {ctx.job_id} {ctx.attempt} {os.getpid()}\\n".encode())
+        finally:
+            os.close(fd)
+        if sleep:
+            time.sleep(sleep)
+        return token
+
+
+    @hostqueue.task
+    def blob(ctx, data="", token=None):
+        """Take a big argument; return its length."""
+        return len(data)
+
+
+    def _vm_size():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmSize in /proc/self/status")
+
+
+    @hostqueue.task(retries=0)
+    def memhog(ctx, marker, headroom_mb=64, chunk_mb=4):
+        """Limit this process's address space (RLIMIT_AS) to what it uses plus `headroom_mb`,
+        then allocate until the limit stops it (MemoryError, or the worker dies)."""
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = _vm_size() + headroom_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        _append(marker, f"{ctx.job_id} {ctx.attempt} {os.getpid()} limit {limit}")
+        hoard = []
+        while True:
+            hoard.append(bytearray(chunk_mb * 1024 * 1024))
+
+
+    @hostqueue.task(retries=0)
+    def close_stdout(ctx, marker, text="written to a closed stdout"):
+        """Close file descriptor 1 under the worker, then print to it."""
+        _append(marker, f"{ctx.job_id} {ctx.attempt} {os.getpid()}")
+        os.close(1)
+        print(text, flush=True)
+        return "printed"
+
+
+    @hostqueue.task
+    def print_to(ctx, path, text):
+        """Open `path`, print `text` to stdout, close `path`: what lands in the file is only
+        what the task wrote to it (a stdout reusing a freed descriptor would leak into it)."""
+        with open(path, "w") as f:
+            print(text, flush=True)
+            f.write("file content\\n")
+        return {"pid": os.getpid()}
     '''
 )
 
