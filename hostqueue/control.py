@@ -257,7 +257,9 @@ class ControlServer:
         except KeyError:
             return False
 
-    async def start(self, group: str | None = None, inherited: list[int] | None = None) -> None:
+    async def start(
+        self, group: str | None = None, inherited: list[int] | None = None, mode: str | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         if group is not None:
             import grp
@@ -284,9 +286,7 @@ class ControlServer:
             os.umask(old_umask)
         if self.group_gid is not None:
             os.chown(self.path, -1, self.group_gid)
-            os.chmod(self.path, 0o660)
-        else:
-            os.chmod(self.path, 0o600)
+        os.chmod(self.path, int(mode, 8) if mode else 0o660 if self.group_gid is not None else 0o600)
 
     def _remove_stale_socket(self) -> None:
         try:

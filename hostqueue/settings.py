@@ -62,6 +62,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics_host", str, "127.0.0.1", "HOSTQUEUE_METRICS_HOST", "address for --metrics-port (loopback by default)", "metrics.host"),
     Setting("log_format", str, "text", "HOSTQUEUE_LOG_FORMAT", "'text' (human) or 'json' (one object a line, for log shippers)", "logging.format"),
     Setting("socket_group", str, None, "HOSTQUEUE_SOCKET_GROUP", "group allowed to use the socket (mode 0660)", "socket.group"),
+    Setting("socket_mode", str, None, "HOSTQUEUE_SOCKET_MODE", "the socket's permissions, octal (default 0600, or 0660 with a group)", "socket.mode"),
     Setting("retention_completed", float, 86400.0, "HOSTQUEUE_RETENTION_COMPLETED", "seconds a completed job is kept (0: forever)", "retention.completed"),
     Setting("retention_failed", float, 7 * 86400.0, "HOSTQUEUE_RETENTION_FAILED", "seconds a failed job is kept (0: forever)", "retention.failed"),
     Setting("retention_cancelled", float, 86400.0, "HOSTQUEUE_RETENTION_CANCELLED", "seconds a cancelled job is kept (0: forever)", "retention.cancelled"),
@@ -90,6 +91,7 @@ class SupervisorConfig:
     max_jobs_per_worker: int | None = None
     max_memory_per_worker: int | None = None
     socket_group: str | None = None
+    socket_mode: str | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     log_format: str = "text"
@@ -144,6 +146,13 @@ class SupervisorConfig:
             raise SettingsError(f"workers.max_jobs must be >= 1, got {self.max_jobs_per_worker}")
         if self.max_memory_per_worker is not None and self.max_memory_per_worker < 16:
             raise SettingsError(f"workers.max_memory must be at least 16 (MB), got {self.max_memory_per_worker}")
+        if self.socket_mode is not None:
+            try:
+                mode = int(self.socket_mode, 8)
+            except ValueError:
+                raise SettingsError(f"socket.mode must be octal like \"0660\", got {self.socket_mode!r}") from None
+            if mode & ~0o777 or not mode & 0o600 == 0o600:
+                raise SettingsError(f"socket.mode {self.socket_mode} must keep read and write for the owner (0600 at least)")
         if self.socket_group is not None:
             import grp
 
@@ -300,8 +309,13 @@ def from_environment(config: str | None = None, **flags: Any) -> SupervisorConfi
     try:
         return SupervisorConfig(**values, config_path=config_path, flags=given).validate()
     except SettingsError as exc:
-        if config_path and str(exc).startswith(("queues.", "limits.", "schedules.")):
-            section, key = _error_place(str(exc))
+        text = str(exc)
+        if config_path and text.startswith(("queues.", "limits.", "schedules.")):
+            section, key = _error_place(text)
+            raise SettingsError(f"{config_path}{_line_of(config_path, section, key)}: {exc}") from None
+        named = next((s for s in SETTINGS if text.startswith(s.toml + " ")), None)
+        if config_path and named is not None and named.name in values and named.name not in given:
+            section, _, key = named.toml.partition(".")
             raise SettingsError(f"{config_path}{_line_of(config_path, section, key)}: {exc}") from None
         raise
 

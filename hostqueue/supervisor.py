@@ -180,7 +180,9 @@ class Supervisor:
         )
         self.control = ControlServer(self, self.config.socket_path, self.config.max_line)
         try:
-            await self.control.start(self.config.socket_group, [] if self.embedded else sdnotify.listen_fds())
+            await self.control.start(
+                self.config.socket_group, [] if self.embedded else sdnotify.listen_fds(), self.config.socket_mode
+            )
         except OSError as exc:
             log.error("cannot listen on %s: %s", self.config.socket_path, exc)
             await self.store.close()

@@ -43,6 +43,8 @@ BROKEN = {
                        f'limits."{TASKS}.add".rate', 3),
     "bad-cron": (f'[schedules.nightly]\ntask = "{TASKS}.noop"\ncron = "every night"\n',
                  "schedules.nightly.cron", 3),
+    "socket-mode-locking-out-the-owner": ('[store]\ndurability = "normal"\n[socket]\nmode = "0066"\n',
+                                          "socket.mode", 4),
 }
 
 
@@ -201,3 +203,19 @@ def test_queue_pause_persists_across_restart(hq: HQEnv) -> None:
     assert sup.stop() == 0
     sup.start()
     assert sup.status()["paused"] == []
+
+
+@pytest.mark.timeout(60)
+def test_socket_mode_from_the_file(hq: HQEnv) -> None:
+    """[socket] mode sets the socket's permissions; the peer check still applies."""
+    import os
+    import stat
+
+    path = write_config(hq, """
+        [socket]
+        mode = "0640"
+        """)
+    sup = hq.supervisor(workers=1, start=False)
+    sup.start("--config", str(path))
+    assert stat.S_IMODE(os.stat(sup.socket).st_mode) == 0o640
+    assert ok(sup.request("ping"))
