@@ -166,3 +166,43 @@ def test_autoscale_grows_shrinks_and_scale_turns_it_off(hq: HQEnv) -> None:
     assert sup.status()["target_workers"] == 2
     ended_rows(sup, more, 15)
     assert sup.status()["target_workers"] == 2
+
+
+BREAKS_IN_WORKERS = '''
+import sys
+
+# Imports in the supervisor (so it starts) but not in a worker: every worker dies at start.
+if sys.argv[0].endswith("worker.py"):
+    raise RuntimeError("this module cannot be imported in a worker")
+'''
+
+
+@pytest.mark.timeout(60)
+def test_workers_that_die_at_start_are_restarted_with_growing_delays(hq: HQEnv) -> None:
+    """A crash loop is damped: few restarts, little CPU, and status says why."""
+    import psutil
+
+    breaker = hq.dir / "worker_breaker.py"
+    breaker.write_text(BREAKS_IN_WORKERS)
+    sup = hq.supervisor(workers=2, start=False)
+    sup.start("--tasks", str(breaker), wait=False)
+
+    def pool_error() -> str | None:
+        try:
+            return sup.status().get("pool_error")
+        except Exception:  # noqa: BLE001 - not answering yet
+            return None
+
+    error = wait_for(pool_error, 15, "status to report the pool's trouble")
+    assert "cannot import" in error, error
+    proc = psutil.Process(sup.pid)
+    cpu_before = sum(proc.cpu_times()[:2])
+    window = 4.0
+    deadline = time.monotonic() + window
+    wait_for(lambda: time.monotonic() >= deadline, window + 2, "the observation window to pass")
+    cpu = sum(proc.cpu_times()[:2]) - cpu_before
+    failures = sup.log_text().count("could not import the task modules")
+    # Without damping two workers restart hundreds of times in a few seconds.
+    assert failures <= 16, f"{failures} failed starts: the crash loop is not damped"
+    assert cpu < 0.5 * window, f"the supervisor used {cpu:.2f} s of CPU in {window} s of crash loop"
+    assert sup.status()["state"] == "running" and sup.request("ping")["ok"]
