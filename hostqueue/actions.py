@@ -52,10 +52,15 @@ class Actions:
         run_id = options.get("run_id")
         rows = []
         jobs = []
+        first_id = self.sup.next_id
         for args in args_list:
             job_id = self.sup.next_id
             self.sup.next_id += 1
-            args_text = orjson.dumps(args).decode()
+            try:
+                args_text = orjson.dumps(args).decode()
+            except orjson.JSONEncodeError as exc:
+                self.sup.next_id = first_id  # nothing of this request was added
+                raise ProtocolError("bad_request", f"'args' cannot be stored as JSON: {exc}") from None
             rows.append(
                 (job_id, spec.name, queue, args_text, retries + 1, priority, key, run_id,
                  now, run_at, deadline, timeout)
@@ -69,7 +74,6 @@ class Actions:
                  "deadline": deadline, "timeout": timeout, "abort_requested": False,
                  "worker_pid": None}
             )
-        first_id = int(rows[0][0])
         if key is not None:
             self.sup.keys[key] = first_id
 

@@ -36,6 +36,9 @@ log = logging.getLogger("hostqueue.control")
 LISTEN_BACKLOG = 1024
 # Stop reading a client's requests while this much of its replies waits unsent.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
+# Requests of one client being served at once (waits, submits awaiting their
+# commit, reads): past this its further lines stay unread until some finish.
+MAX_IN_FLIGHT = 256
 # A watcher that lets this much pile up is cut off rather than held in memory.
 WRITE_HARD_LIMIT = 64 * 1024 * 1024
 _PEERCRED = struct.Struct("3i")
@@ -96,15 +99,19 @@ class Connection(asyncio.Protocol):
         """The client sent all it will send (`echo ... | socat`): answer what is
         pending, then close; a line without its final newline still counts."""
         self.eof = True
-        if self.buffer and not self.discarding:
-            line, self.buffer = bytes(self.buffer), bytearray()
-            self.handle_line(line)
+        if self.buffer and not self.buffer.endswith(b"\n"):
+            self.buffer += b"\n"
+        self._process()
         if self._done():
             return False  # nothing pending: let the transport close
         return True
 
     def _done(self) -> bool:
-        return not self.tasks and not any(s.job_id is not None for s in self.subscriptions)
+        return (
+            not self.tasks
+            and not self.buffer
+            and not any(s.job_id is not None for s in self.subscriptions)
+        )
 
     def maybe_close(self) -> None:
         """After the client's EOF, close once the last pending reply or stream ended."""
@@ -117,29 +124,38 @@ class Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        self._unhold()
 
     def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._process()
+
+    def _held(self) -> bool:
+        """Too much in flight for this client: leave its further lines unread for now."""
+        if self.transport is None:
+            return True
+        return len(self.tasks) >= MAX_IN_FLIGHT or self.transport.get_write_buffer_size() > WRITE_HIGH_WATER
+
+    def _process(self) -> None:
         limit = self.server.max_line
         buf = self.buffer
-        start = len(buf)
-        buf += data
         pos = 0
-        while True:
-            nl = buf.find(b"\n", start)
+        while not self.closed:
+            if self._held():
+                if self.transport is not None:
+                    self.transport.pause_reading()  # resumed as replies go out
+                break
+            nl = buf.find(b"\n", pos)
             if nl < 0:
                 break
             if self.discarding:
                 self.discarding = False
             else:
                 self.handle_line(bytes(buf[pos:nl]))
-            pos = start = nl + 1
-            if self.closed:
-                return
+            pos = nl + 1
         if pos:
             del buf[:pos]
-        if len(buf) > limit:
+        if len(buf) > limit and buf.find(b"\n") < 0:
             if not self.discarding:
                 self.discarding = True
                 self.write_error(
@@ -147,6 +163,13 @@ class Connection(asyncio.Protocol):
                     f"request line exceeds {limit} bytes; the rest of this line is discarded",
                 )
             buf.clear()
+
+    def _unhold(self) -> None:
+        if self.closed or self.transport is None or self._held():
+            return
+        self._process()
+        if not self._held() and not self.eof:
+            self.transport.resume_reading()
 
     # -- requests -------------------------------------------------------------------
 
@@ -193,6 +216,7 @@ class Connection(asyncio.Protocol):
         try:
             self._write_result(request_id, future)
         finally:
+            self._unhold()
             self.maybe_close()
 
     def _write_result(self, request_id: Any, future: asyncio.Future[Any]) -> None:

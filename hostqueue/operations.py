@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import reprlib
 import os
 import time
 from datetime import datetime
@@ -32,6 +33,7 @@ audit = logging.getLogger("hostqueue.audit")
 Reply = dict[str, Any] | Awaitable[dict[str, Any] | None] | None
 FINAL = ("completed", "failed", "cancelled", "expired")
 MAX_LIST = 10_000
+MAX_SECONDS = 30 * 86400.0  # a month: longer time limits are mistakes
 MAX_NAME = 200
 
 _MISSING = object()
@@ -57,17 +59,30 @@ def _field(
         ok = True
     else:
         ok = isinstance(value, kinds)
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise ProtocolError("bad_request", f"field '{name}' is out of range (a 64-bit integer)")
     if not ok:
         names = " or ".join(
             {"int": "an integer", "float": "a number", "str": "a string", "dict": "an object",
              "list": "a list", "bool": "true or false"}[k.__name__] for k in kinds
         )
-        raise ProtocolError("bad_request", f"field '{name}' must be {names}, got {type(value).__name__} {value!r:.60}")
+        raise ProtocolError("bad_request", f"field '{name}' must be {names}, got {type(value).__name__} {_short(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ProtocolError("bad_request", f"field '{name}' must be a finite number")
     if isinstance(value, str) and name != "args" and len(value) > MAX_NAME and name in ("task", "queue", "key", "run_id", "status"):
         raise ProtocolError("bad_request", f"field '{name}' is longer than {MAX_NAME} characters")
     return value
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 2
+_REPR.maxstring = 40
+_REPR.maxother = 40
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for error messages (deeply nested input must not recurse)."""
+    return _REPR.repr(value)
 
 
 def _job_id(req: dict[str, Any]) -> int:
@@ -125,15 +140,15 @@ class Operations:
             raise ProtocolError("bad_request", f"field 'priority' must be between {PRIORITY_MIN} and {PRIORITY_MAX}")
         if opts["retries"] is not None and not 0 <= opts["retries"] <= 1000:
             raise ProtocolError("bad_request", "field 'retries' must be between 0 and 1000")
-        if opts["timeout"] is not None and opts["timeout"] <= 0:
-            raise ProtocolError("bad_request", "field 'timeout' must be a number of seconds > 0")
+        if opts["timeout"] is not None and not 0 < opts["timeout"] <= MAX_SECONDS:
+            raise ProtocolError("bad_request", f"field 'timeout' must be a number of seconds > 0 and <= {MAX_SECONDS:g}")
         delay = _field(req, "delay", float)
         run_at = _field(req, "run_at", float)
         if delay is not None and run_at is not None:
             raise ProtocolError("bad_request", "give 'delay' or 'run_at', not both")
         if delay is not None:
-            if delay < 0:
-                raise ProtocolError("bad_request", "field 'delay' must be >= 0 seconds")
+            if not 0 <= delay <= MAX_SECONDS * 120:
+                raise ProtocolError("bad_request", "field 'delay' must be >= 0 seconds (and under ten years)")
             run_at = now + delay
         opts["run_at"] = run_at
         deadline = _field(req, "deadline", float)

@@ -249,7 +249,13 @@ class StoreLock:
         self.fd = -1
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreLocked(
+                f"cannot open the lock file {self.path} next to the store: {exc.strerror};"
+                " the store's directory must exist and be writable by this user"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -323,10 +329,12 @@ class Store:
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await self._run(self._prepare)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.Error, StoreError) as exc:
+            await self.close()  # its thread must not keep the process alive
+            cause = exc.__cause__ if isinstance(exc, StoreError) and exc.__cause__ else exc
             raise StoreError(
-                f"cannot open store {self.path}: {exc} (is it a hostqueue SQLite file,"
-                " and is its directory writable?)"
+                f"cannot open store {self.path}: {cause} (is it a hostqueue SQLite file,"
+                " and are it and its directory writable?)"
             ) from exc
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
@@ -366,11 +374,15 @@ class Store:
             await db.close()
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run fn(connection) in aiosqlite's thread, alone: one hop for a whole transaction."""
+        """Run fn(connection) in aiosqlite's thread, alone: one hop for a whole transaction.
+        SQLite's errors come out as StoreError."""
         assert self._db is not None, "store is not open"
         db = self._db
         async with self._lock:
-            return await db._execute(fn, db._conn)  # noqa: SLF001 - one hop per batch
+            try:
+                return await db._execute(fn, db._conn)  # noqa: SLF001 - one hop per batch
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path}: {exc}") from exc
 
     # -- writes -----------------------------------------------------------------
 
@@ -402,8 +414,8 @@ class Store:
 
         try:
             await self._run(transaction)
-        except sqlite3.Error as exc:
-            raise StoreError(f"store write failed: {exc}") from exc
+        except StoreError as exc:
+            raise StoreError(f"store write failed: {exc.__cause__ or exc}") from exc
 
     # -- start-up -----------------------------------------------------------------
 

@@ -170,7 +170,7 @@ class Supervisor:
         try:
             await self._recover()
         except StoreError as exc:
-            log.error("%s", exc)
+            log.error("cannot start on this store: %s", exc)
             await self.store.close()
             return 1
         self.board = Board()
@@ -679,8 +679,27 @@ class Supervisor:
                     rj.queue, rj.task, rj.run_id,
                 )
         self.counters["started"] += len(ids)
-        worker.send({"t": "run", "jobs": messages})
+        # At least once, with every run counted: the worker gets the jobs only once
+        # their claims (attempt + 1) are committed, so a kill -9 in between leaves
+        # them pending with no run to count, never run with the attempt uncounted.
+        self.committer.after_commit(lambda: self._hand_over(worker, messages))
         self.sampler.start()
+
+    def _hand_over(self, worker: WorkerHandle, messages: list[dict[str, Any]]) -> None:
+        live = [m for m in messages if m["id"] in worker.jobs]
+        if not live or worker.exit_status is not None:
+            return  # its exit put them back already
+        if worker.state is WorkerState.RETIRING:
+            # Retired (drain, scale-down, reload) while the claims committed: these
+            # jobs never start there; they go back without charging an attempt.
+            for m in live:
+                rj = worker.jobs.pop(m["id"])
+                self.running.pop(rj.id, None)
+                self._job_left_worker(rj)
+                self._requeue_uncharged(rj)
+            self._check_drained()
+            return
+        worker.send({"t": "run", "jobs": live})
 
     # == outcomes =================================================================
 

@@ -105,6 +105,35 @@ class PeakMemory:
 PEAK_MIN_DURATION = 0.001
 
 
+class StdStreams:
+    """Keeps stdout and stderr what they were at start, whatever a job does to fds 1
+    and 2 (closes them, or lets a file it opens take their number)."""
+
+    def __init__(self) -> None:
+        self.saved: dict[int, tuple[int, tuple[int, int]]] = {}
+        for fd in (1, 2):
+            try:
+                st = os.fstat(fd)
+                self.saved[fd] = (os.dup(fd), (st.st_dev, st.st_ino))
+            except OSError:
+                pass
+
+    def restore(self) -> None:
+        for fd, (copy, ident) in self.saved.items():
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) == ident:
+                    continue
+            except OSError:
+                pass  # closed by the job
+            os.dup2(copy, fd)
+            stream = sys.stdout if fd == 1 else sys.stderr
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
 def error_dict(exc: BaseException, with_traceback: bool = True) -> dict[str, Any]:
     return {
         "type": type(exc).__name__,
@@ -129,6 +158,7 @@ class Worker:
         self.out_lock = threading.Lock()
         self.outbox_waiting = threading.Event()
         self.peak = PeakMemory()
+        self.std = StdStreams()
 
     # -- pipe ---------------------------------------------------------------
 
@@ -175,7 +205,10 @@ class Worker:
                 os._exit(1)
             kind = message.get("t")
             with self.cond:
-                if kind == "run":
+                if kind == "run" and self.stopping:
+                    # Stopped already: these never start here.
+                    self.send({"t": "done", "o": [{"id": j["id"], "s": "returned"} for j in message["jobs"]]})
+                elif kind == "run":
                     self.jobs.extend(message["jobs"])
                 elif kind == "abort":
                     job_id = message["id"]
@@ -284,6 +317,7 @@ class Worker:
         finally:
             with self.cond:
                 self.current_id = 0
+            self.std.restore()
         finished = outcome["ft"] = time.time()
         outcome["cpu"] = time.process_time() - cpu_started
         if finished - started >= PEAK_MIN_DURATION:
