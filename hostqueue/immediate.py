@@ -64,13 +64,13 @@ from . import __version__, registry
 from .client import Client, _encode
 from .context import JobContext
 from .errors import ProtocolError
-from .exceptions import Aborted, Permanent, Retry, TimeLimit
+from .exceptions import Aborted, Permanent
 from .operations import Operations, _field, _job_id
 from .registry import TaskModuleError, TaskSpec
 from .settings import DEFAULT_MAX_LINE, MAX_WORKERS
 from .states import ALL_STATES
 from .store import JOB_COLUMNS
-from .worker import error_dict
+from .worker import run_attempt
 
 __all__ = ["ImmediateClient", "ImmediateSupervisor", "load_tasks", "shared_supervisor",
            "reset_shared_supervisor", "MAX_PROGRESS_EVENTS"]
@@ -643,14 +643,14 @@ class ImmediateSupervisor:
     def _attempt(self, spec: TaskSpec | None, job_id: int, task_name: str, args_text: str,
                  attempt: int, max_attempts: int, abort: threading.Event
                  ) -> tuple[dict[str, Any], JobContext | None, BaseException | None]:
-        """One attempt, with the rules of hostqueue.worker.Worker.run_job (keep them in step):
-        the same exceptions map to the same outcomes and error dicts. No time limit."""
+        """One attempt, classified by hostqueue.worker.run_attempt, as in a worker. No time limit."""
         started = time.time()
         cpu_started = time.process_time()
         outcome: dict[str, Any] = {"id": job_id, "st": started}
         ctx: JobContext | None = None
         interrupt: BaseException | None = None
-        try:
+        def call() -> Any:
+            nonlocal ctx
             if abort.is_set():
                 raise Aborted(f"job {job_id} was aborted before it started")
             if spec is None:
@@ -658,32 +658,12 @@ class ImmediateSupervisor:
             args = orjson.loads(args_text)  # a fresh copy, as the worker gets from its pipe
             ctx = JobContext(job_id, task_name, attempt, max_attempts, args,
                              cast(Any, _ProgressSink(self, job_id)), abort)
-            result = spec.func(ctx, **args)
-            try:
-                outcome["r"] = orjson.dumps(result).decode()
-            except TypeError as exc:
-                raise Permanent(
-                    f"task {task_name} returned a result that is not JSON-serializable: {exc}"
-                ) from None
-            outcome["s"] = "ok"
-        except Retry as exc:
-            outcome.update(s="retry", d=exc.delay, e=error_dict(exc, with_traceback=False))
-        except Permanent as exc:
-            outcome.update(s="permanent", e=error_dict(exc))
-        except Aborted as exc:
-            outcome.update(s="aborted", e=error_dict(exc, with_traceback=False))
-        except TimeLimit:  # only if the task raises it itself: no timer runs here
-            outcome.update(s="timeout", e={"type": "TimeLimit", "message": "time limit exceeded",
-                                           "traceback": None})
-        except TypeError as exc:
-            # Wrong arguments for the function's signature will never succeed on retry.
-            tb = exc.__traceback__
-            permanent = tb is not None and tb.tb_next is None
-            outcome.update(s="permanent" if permanent else "error", e=error_dict(exc))
-        except BaseException as exc:  # noqa: BLE001 - as the worker: a job's failure is the job's
-            outcome.update(s="error", e=error_dict(exc))
-            if isinstance(exc, KeyboardInterrupt):
-                interrupt = exc  # recorded, then handed back to the test run
+            return spec.func(ctx, **args)
+
+        fields, exc = run_attempt(call, task_name)  # the worker's own rules
+        outcome.update(fields)
+        if isinstance(exc, KeyboardInterrupt):
+            interrupt = exc  # recorded, then handed back to the test run
         outcome["ft"] = time.time()
         outcome["cpu"] = time.process_time() - cpu_started
         return outcome, ctx, interrupt

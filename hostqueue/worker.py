@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -140,6 +140,53 @@ def error_dict(exc: BaseException, with_traceback: bool = True) -> dict[str, Any
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(exc)) if with_traceback else None,
     }
+
+
+def run_attempt(
+    call: Callable[[], Any], task_name: str, timeout: float | None = None
+) -> tuple[dict[str, Any], BaseException | None]:
+    """Run one attempt's task call and say how it ended, by the rules every runner shares
+    (the worker, and immediate mode): outcome fields "s", and "r", "e", "d" as they apply,
+    with the exception that ended it (None when it returned)."""
+    out: dict[str, Any] = {}
+    try:
+        result = call()
+        try:
+            out["r"] = orjson.dumps(result).decode()
+        except TypeError as exc:
+            raise Permanent(
+                f"task {task_name} returned a result that is not JSON-serializable: {exc}"
+            ) from None
+        out["s"] = "ok"
+        return out, None
+    except Retry as exc:
+        out.update(s="retry", d=exc.delay, e=error_dict(exc, with_traceback=False))
+        return out, exc
+    except Permanent as exc:
+        out.update(s="permanent", e=error_dict(exc))
+        return out, exc
+    except Aborted as exc:
+        out.update(s="aborted", e=error_dict(exc, with_traceback=False))
+        return out, exc
+    except TimeLimit as exc:
+        limit = f" after {float(timeout):g} s" if timeout else ""
+        out.update(s="timeout", e={"type": "TimeLimit", "message": f"time limit exceeded{limit}",
+                                   "traceback": traceback.format_exc()})
+        return out, exc
+    except TypeError as exc:
+        # Wrong arguments for the function's signature will never succeed on retry.
+        tb = exc.__traceback__
+        frames = 0
+        while tb is not None:
+            frames += 1
+            tb = tb.tb_next
+        # raised by the call itself (call() -> func(**args)): two frames deep at most
+        permanent = frames <= 2 and "argument" in str(exc)
+        out.update(s="permanent" if permanent else "error", e=error_dict(exc))
+        return out, exc
+    except BaseException as exc:  # noqa: BLE001 - a job's failure must not end its runner
+        out.update(s="error", e=error_dict(exc))
+        return out, exc
 
 
 class Worker:
@@ -263,7 +310,8 @@ class Worker:
         outcome: dict[str, Any] = {"id": job_id, "st": started}
         ctx: JobContext | None = None
         timeout = job.get("timeout")
-        try:
+        def attempt() -> Any:
+            nonlocal ctx
             if self.current_abort.is_set():
                 # Aborted while it waited in this worker: it never starts.
                 raise Aborted(f"job {job_id} was aborted before it started")
@@ -278,42 +326,14 @@ class Worker:
             if timeout:
                 signal.setitimer(signal.ITIMER_REAL, float(timeout))
             try:
-                result = spec.func(ctx, **args)
+                return spec.func(ctx, **args)
             finally:
                 if timeout:
                     signal.setitimer(signal.ITIMER_REAL, 0)
-            try:
-                outcome["r"] = orjson.dumps(result).decode()
-            except TypeError as exc:
-                raise Permanent(
-                    f"task {task_name} returned a result that is not JSON-serializable: {exc}"
-                ) from None
-            outcome["s"] = "ok"
-        except Retry as exc:
-            outcome.update(s="retry", d=exc.delay, e=error_dict(exc, with_traceback=False))
-        except Permanent as exc:
-            outcome.update(s="permanent", e=error_dict(exc))
-        except Aborted as exc:
-            outcome.update(s="aborted", e=error_dict(exc, with_traceback=False))
-        except TimeLimit:
-            outcome.update(
-                s="timeout",
-                e={
-                    "type": "TimeLimit",
-                    "message": f"time limit exceeded after {float(timeout or 0):g} s",
-                    "traceback": traceback.format_exc(),
-                },
-            )
-        except TypeError as exc:
-            # Wrong arguments for the function's signature will never succeed on retry.
-            tb = exc.__traceback__
-            permanent = tb is not None and tb.tb_next is None
-            outcome.update(s="permanent" if permanent else "error", e=error_dict(exc))
-        except BaseException as exc:  # noqa: BLE001 - a job's failure must not end the worker
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                outcome.update(s="error", e=error_dict(exc))
-            else:
-                outcome.update(s="error", e=error_dict(exc))
+
+        try:
+            fields, _ = run_attempt(attempt, task_name, timeout)
+            outcome.update(fields)
         finally:
             with self.cond:
                 self.current_id = 0
