@@ -1,185 +1,401 @@
-"""hostqueue benchmark: throughput and latency of no-op jobs on a real supervisor.
+"""hostqueue benchmark: no-op jobs on a real supervisor, optionally side by side with peers.
 
-    python bench/bench.py                 # 20,000 jobs, 2 workers, 3 runs
-    python bench/bench.py --jobs 5000 --runs 1 --quick
+    python bench/bench.py                 # hostqueue alone, 3 runs (about 3 minutes)
+    python bench/bench.py --peers         # and Huey, Celery, RQ, Dramatiq (about 15 minutes)
+    python bench/bench.py --quick         # a few seconds: checks that everything works
 
-Each run starts a fresh supervisor (`hostqueue run`) on a temporary store with
-the default durable settings (WAL, synchronous=NORMAL: acknowledged means
-committed) and measures, printing a table of medians and spreads:
+Every run starts a fresh supervisor (`python -m hostqueue run`) on a temporary
+store with the default durable settings (WAL, synchronous=NORMAL: a submit is
+acknowledged once committed), 2 workers and a task that returns True, and takes:
 
-- bulk enqueue: submit_many in chunks of 1,000, jobs/s until every ack;
-- pipelined enqueue: one client sending single submits without waiting, jobs/s;
-- end to end: from the first submit to the last job completed, jobs/s, for the
-  bulk submits (measured from the store's own created_at / finished_at);
-- latency: submit-to-result of 300 sequential jobs with idle workers, p50/p99 ms;
-- idle CPU: supervisor and workers' CPU seconds over a quiet period.
+- enqueue, one by one (each submit waits for its ack) and in bulk (submit_many of
+  1,000 jobs, 32 requests in flight), into a paused queue so that nothing runs;
+- end to end: from the first submit to the last completion of 20,000 jobs, with
+  bulk submits and with one client pipelining single submits;
+- submit-to-result latency p50/p99 over 300 sequential jobs, workers idle and warm;
+- throughput (end to end, bulk) with 1, 2, 4 and 8 workers, and the time to scale
+  from 1 to 16 workers (`scale`, until `status` shows 16 idle workers);
+- supervisor and worker RSS; CPU and wake-ups of all its processes while idle for 10 s;
+- then, once, the same with 1,000,000 pending jobs in a paused queue behind the
+  measured ones: filled over the socket (submit_many), measured, then again after
+  a restart (the supervisor loads them from the store).
+
+With --peers, each round also runs every peer on the same task, job count (where the
+peer can do it within the time budget; the count is printed), worker count and
+machine; the peers are installed with pip into a virtualenv under /tmp and Redis is
+a redis-server started here on a free port of 127.0.0.1. Ratios are taken pair by
+pair: round i of hostqueue against round i of the peer.
+
+Exit status: 0 when every hostqueue job did what it should, 1 on a functional error
+(a job lost, failed, never answered; the supervisor logging an error or not stopping).
+Times never fail the benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
-import signal
+import platform
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from typing import Any
 
-import psutil
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import hq  # noqa: E402
+from common import BenchError, Figure, fmt_number, fmt_values, machine_note, table  # noqa: E402
 
-from hostqueue.client import Client  # noqa: E402
-
-TASKS = '''
-import hostqueue
-
-@hostqueue.task
-def noop(ctx):
-    return None
-'''
-
-
-class Run:
-    def __init__(self, workers: int) -> None:
-        self.dir = tempfile.mkdtemp(prefix="hqb-", dir="/tmp")
-        with open(os.path.join(self.dir, "benchtasks.py"), "w") as f:
-            f.write(TASKS)
-        self.store = os.path.join(self.dir, "b.db")
-        self.socket = os.path.join(self.dir, "b.sock")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hostqueue", "run", "--store", self.store, "--socket", self.socket,
-             "--workers", str(workers), "--tasks", os.path.join(self.dir, "benchtasks.py"),
-             "--log-level", "warning"],
-            cwd=ROOT, start_new_session=True,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with Client(self.socket) as c:
-                    status = c.status()
-                    if sum(1 for w in status["workers"] if w["state"] == "idle") >= workers:
-                        break
-            except Exception:  # noqa: BLE001 - not up yet
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("supervisor did not start")
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        shutil.rmtree(self.dir, ignore_errors=True)
+FIGURES = [
+    Figure("enqueue_one", "enqueue, one by one (jobs/s)", "jobs/s", True),
+    Figure("enqueue_bulk", "enqueue, bulk (jobs/s)", "jobs/s", True, ">= 100,000"),
+    Figure("e2e_bulk", "end to end, bulk submits (jobs/s)", "jobs/s", True, ">= 15,000"),
+    Figure("e2e_one", "end to end, one-by-one submits (jobs/s)", "jobs/s", True, ">= 5,000"),
+    Figure("lat_p50", "submit-to-result p50 (ms)", "ms", False, "< 0.5"),
+    Figure("lat_p99", "submit-to-result p99 (ms)", "ms", False, "< 2"),
+    Figure("scale_1", "end to end, 1 worker (jobs/s)", "jobs/s", True),
+    Figure("scale_2", "end to end, 2 workers (jobs/s)", "jobs/s", True),
+    Figure("scale_4", "end to end, 4 workers (jobs/s)", "jobs/s", True),
+    Figure("scale_8", "end to end, 8 workers (jobs/s)", "jobs/s", True),
+    Figure("scale_up", "scale 1 -> 16 workers (s)", "s", False),
+    Figure("rss_supervisor", "supervisor / broker RSS (MB)", "MB", False),
+    Figure("rss_workers", "workers RSS, all (MB)", "MB", False),
+    Figure("rss_total", "RSS of everything (MB)", "MB", False),
+    Figure("idle_cpu", "CPU while idle, 10 s (s)", "s", False, "0"),
+    Figure("idle_wakeups", "wake-ups while idle, 10 s", "", False),
+]
+BY_KEY = {f.key: f for f in FIGURES}
+DEPTH_FIGURES = ["enqueue_one", "enqueue_bulk", "e2e_bulk", "e2e_one", "lat_p50", "lat_p99"]
 
 
-def bulk(run: Run, n: int) -> tuple[float, float]:
-    """(enqueue jobs/s, end-to-end jobs/s) for n no-op jobs submitted in chunks."""
-    with Client(run.socket) as c:
-        t0 = time.perf_counter()
-        ids: list[int] = []
-        pending = [c.send("submit_many", task="benchtasks.noop", args=[{}] * min(1000, n - i))
-                   for i in range(0, n, 1000)]
-        for rid in pending:
-            ids.extend(j["id"] for j in c.receive(rid)["jobs"])
-        enqueue = n / (time.perf_counter() - t0)
-        waits = [c.send("wait", job=i) for i in (ids[-1], ids[len(ids) // 2])]
-        for rid in waits:
-            c.receive(rid)
-        for job in c.list_jobs(status="pending", limit=10000) + c.list_jobs(status="running", limit=10000):
-            c.wait(job["id"])
-    db = sqlite3.connect(run.store)
-    first, last, done = db.execute(
-        "SELECT MIN(created_at), MAX(finished_at), SUM(status = 'completed') FROM jobs WHERE id BETWEEN ? AND ?",
-        (ids[0], ids[-1]),
-    ).fetchone()
-    db.close()
-    assert done == n, f"only {done} of {n} jobs completed"
-    return enqueue, n / (last - first)
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def pipelined(run: Run, n: int) -> float:
-    """Jobs/s for one client sending n single submits without waiting for each ack."""
-    with Client(run.socket) as c:
-        t0 = time.perf_counter()
-        rids = [c.send("submit", task="benchtasks.noop") for _ in range(n)]
-        for rid in rids:
-            c.receive(rid)
-        return n / (time.perf_counter() - t0)
+def git_state(source: str) -> str:
+    """The commit under test, and whether hostqueue/ differs from it (read-only git)."""
+    try:
+        head = subprocess.run(["git", "-C", source, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", source, "status", "--porcelain", "--", "hostqueue"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not head:
+        return f"from {source} (not a git checkout)"
+    return head + (" with uncommitted changes in hostqueue/" if dirty else "")
 
 
-def latency(run: Run, n: int = 300) -> tuple[float, float]:
-    with Client(run.socket) as c:
-        samples = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            job = c.submit("benchtasks.noop")
-            c.wait(job.id)
-            samples.append(time.perf_counter() - t0)
-    samples.sort()
-    return samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99) - 1] * 1000
+def values(rounds: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in rounds if isinstance(r.get(key), (int, float))]
 
 
-def idle_cpu(run: Run, seconds: float) -> float:
-    parent = psutil.Process(run.proc.pid)
-    procs = [parent] + parent.children()
-    before = sum(sum(p.cpu_times()[:2]) for p in procs)
-    time.sleep(seconds)
-    return sum(sum(p.cpu_times()[:2]) for p in procs) - before
+def cell(rounds: list[dict[str, Any]], key: str) -> str:
+    vals = values(rounds, key)
+    text = fmt_values(vals)
+    if any(r.get(f"{key}_capped") for r in rounds) or (
+        key.startswith(("lat_", "deep_lat_", "restart_lat_")) and any(
+            r.get(key.rsplit("_", 1)[0] + "_capped") for r in rounds)):
+        text += " *"
+    return text
 
 
-def spread(values: list[float]) -> str:
-    med = statistics.median(values)
-    if len(values) < 2:
-        return f"{med:,.1f}"
-    return f"{med:,.1f} (±{(max(values) - min(values)) / 2:,.1f})"
+def ratio_cell(hq_rounds: list[dict[str, Any]], peer_rounds: list[dict[str, Any]], key: str) -> str:
+    """hostqueue's advantage, pair by pair: x > 1 means hostqueue is better."""
+    ratios = []
+    for a, b in zip(hq_rounds, peer_rounds):
+        x, y = a.get(key), b.get(key)
+        if not isinstance(x, (int, float)) or not isinstance(y, (int, float)) or x <= 0 or y <= 0:
+            continue
+        ratios.append(x / y if BY_KEY[key].higher_is_better else y / x)
+    if not ratios:
+        return "-"
+    med = statistics.median(ratios)
+    if len(ratios) == 1:
+        return f"{fmt_number(med)}x"
+    return f"{fmt_number(med)}x [{fmt_number(min(ratios))}-{fmt_number(max(ratios))}]"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--jobs", type=int, default=20_000)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU measurement")
-    parser.add_argument("--quick", action="store_true", help="a few seconds: checks it works, not how fast")
-    opts = parser.parse_args()
+def change(empty: list[float], deep: list[float], higher_is_better: bool) -> str:
+    if not empty or not deep:
+        return "-"
+    a, b = statistics.median(empty), statistics.median(deep)
+    if a == 0:
+        return "-"
+    pct = (b / a - 1) * 100
+    worse = pct < 0 if higher_is_better else pct > 0
+    return f"{pct:+.0f}%" + (" worse" if worse and abs(pct) >= 20 else "")
+
+
+# -- reports ------------------------------------------------------------------------
+
+
+def report(opts: argparse.Namespace, hq_rounds: list[dict[str, Any]], depth: list[dict[str, Any]],
+           peers: dict[str, list[dict[str, Any]]], context: dict[str, Any]) -> str:
+    from peers import BY_NAME
+
+    out: list[str] = []
+    n = len(hq_rounds)
+    out.append(f"hostqueue {context['hostqueue']} on {context['machine']}")
+    out.append(f"{opts.workers} workers, a no-op task, {opts.jobs:,} jobs per end-to-end run;"
+               f" median of {n} run{'s' if n > 1 else ''} [min-max]; * = stopped at its time budget;"
+               f" idle figures from the first run")
+    out.append(f"load average before/after: {context['load_before']} / {context['load_after']}"
+               " (the machine's other work competes for the same cores)")
     if opts.quick:
-        opts.jobs, opts.runs, opts.idle = min(opts.jobs, 2000), 1, 1.0
-    results: dict[str, list[float]] = {k: [] for k in ("enqueue", "e2e", "pipelined", "p50", "p99", "idle")}
-    for i in range(opts.runs):
-        run = Run(opts.workers)
-        try:
-            enq, e2e = bulk(run, opts.jobs)
-            results["enqueue"].append(enq)
-            results["e2e"].append(e2e)
-            results["pipelined"].append(pipelined(run, min(opts.jobs, 10_000)))
-            p50, p99 = latency(run, 100 if opts.quick else 300)
-            results["p50"].append(p50)
-            results["p99"].append(p99)
-            results["idle"].append(idle_cpu(run, opts.idle))
-        finally:
-            run.close()
-        print(f"run {i + 1}/{opts.runs} done", file=sys.stderr)
-    print(f"\nhostqueue, {opts.workers} workers, no-op task, {opts.jobs:,} jobs, median of {opts.runs} runs (± half the range)\n")
-    rows = [
-        ("bulk enqueue (jobs/s)", spread(results["enqueue"])),
-        ("end to end, bulk submit (jobs/s)", spread(results["e2e"])),
-        ("pipelined single submits (jobs/s)", spread(results["pipelined"])),
-        ("submit-to-result p50 (ms)", spread(results["p50"])),
-        ("submit-to-result p99 (ms)", spread(results["p99"])),
-        (f"CPU while idle for {opts.idle:g} s (s)", spread(results["idle"])),
-    ]
-    width = max(len(r[0]) for r in rows)
-    print(f"{'figure':<{width}}  value")
-    print(f"{'-' * width}  {'-' * 20}")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+        out.append("QUICK MODE: small counts and one run; it checks that everything works,"
+                   " its figures say little about speed")
+    out.append("")
+
+    names = list(peers)
+    header = ["figure", "hostqueue"] + [BY_NAME[p].label for p in names]
+    rows = []
+    for f in FIGURES:
+        if not values(hq_rounds, f.key) and not any(values(peers[p], f.key) for p in names):
+            continue
+        rows.append([f.label, cell(hq_rounds, f.key)] + [cell(peers[p], f.key) for p in names])
+    if names:
+        rows.append(["jobs per end-to-end run", f"{opts.jobs:,}"]
+                    + [fmt_values(values(peers[p], "jobs")) for p in names])
+    out.append(table(header, rows))
+
+    if names:
+        out.append("")
+        out.append("hostqueue's advantage, pair by pair (x > 1: hostqueue better; median [min-max])")
+        out.append("")
+        rows = []
+        for f in FIGURES:
+            if f.key in ("idle_cpu", "idle_wakeups"):
+                continue
+            cells = [ratio_cell(hq_rounds, peers[p], f.key) for p in names]
+            if any(c != "-" for c in cells):
+                rows.append([f.label] + cells)
+        out.append(table(["figure"] + [BY_NAME[p].label for p in names], rows))
+
+    if depth:
+        out.append("")
+        d0 = depth[0]
+        out.append(f"hostqueue with {opts.depth:,} jobs pending in a paused queue (filled over the socket"
+                   f" at {fmt_number(d0.get('deep_fill', 0))} jobs/s in {fmt_number(d0.get('deep_fill_seconds', 0))} s;"
+                   f" restart with them: {fmt_number(d0.get('restart_start', 0))} s to serve)")
+        out.append("")
+        rows = []
+        for key in DEPTH_FIGURES:
+            f = BY_KEY[key]
+            empty = values(hq_rounds, key)
+            deep = values(depth, f"deep_{key}")
+            restart = values(depth, f"restart_{key}")
+            rows.append([f.label, fmt_values(empty), cell(depth, f"deep_{key}"),
+                         change(empty, deep, f.higher_is_better),
+                         cell(depth, f"restart_{key}") if restart else "-",
+                         change(empty, restart, f.higher_is_better) if restart else "-"])
+        live = values(depth, "deep_rss_supervisor") + values(depth, "deep_rss_after_fill")
+        rows.append(["supervisor RSS, highest (MB)", fmt_number(max(values(hq_rounds, "rss_supervisor"))),
+                     fmt_number(max(live)) if live else "-", "",
+                     fmt_number(max(values(depth, "restart_rss_supervisor") or [0])), ""])
+        rows.append(["CPU while idle (s)", fmt_values(values(hq_rounds, "idle_cpu")),
+                     "", "", fmt_values(values(depth, "deep_idle_cpu")), ""])
+        out.append(table(["figure", "empty store", "pending (live)", "change", "after restart", "change"], rows))
+        peer_deep = {p: r for p, r in peers.items() if values(r, "deep_e2e_one")}
+        for p, r in peer_deep.items():
+            out.append("")
+            out.append(f"{BY_NAME[p].label} with {opts.depth:,} jobs of another queue in its store:"
+                       f" end to end (one by one) {cell(r, 'deep_e2e_one')} jobs/s"
+                       f" (empty: {cell(r, 'e2e_one')}), latency p50 {cell(r, 'deep_lat_p50')} ms"
+                       f" p99 {cell(r, 'deep_lat_p99')} ms (empty: {cell(r, 'lat_p50')} / {cell(r, 'lat_p99')}),"
+                       f" enqueue one by one {cell(r, 'deep_enqueue_one')} jobs/s")
+
+    out.append("")
+    out.append("targets (hostqueue)")
+    out.append("")
+    out.append(table(["target", "measured", "met"], targets(hq_rounds, depth)))
+
+    if names:
+        out.append("")
+        out.append("peers: " + ", ".join(f"{k} {v}" for k, v in context.get("versions", {}).items())
+                   + f"; redis-server {context.get('redis', 'n/a')}")
+        for p in names:
+            peer = BY_NAME[p]
+            bulk = {"huey-sqlite": "none (jobs submitted one by one)", "huey-redis": "none (jobs submitted one by one)",
+                    "celery": "group(...).apply_async()", "rq": "Queue.enqueue_many()",
+                    "dramatiq": "group(...).run()"}[p]
+            counts = fmt_values(values(peers[p], "enqueue_bulk_n"))
+            scale = fmt_values(values(peers[p], "scale_jobs"))
+            lat = fmt_values(values(peers[p], "lat_n"))
+            out.append(f"- {peer.label}: {peer.setup}; bulk API: {bulk}"
+                       + (f"; bulk enqueue of {counts} jobs" if "none" not in bulk else "")
+                       + f"; {scale} jobs per pool-size run; {lat} latency samples")
+            errors = [r["error"] for r in peers[p] if not r.get("ok", True)]
+            if errors:
+                out.append(f"  failed: {errors[0]}")
+        out.append("- hostqueue's one-by-one end to end pipelines single submits on one connection;"
+                   " its one-by-one enqueue waits for each ack, as the peers' calls do.")
+        out.append("- the peers' pool sizes come from their first round only.")
+    return "\n".join(out)
+
+
+def targets(hq_rounds: list[dict[str, Any]], depth: list[dict[str, Any]]) -> list[list[str]]:
+    rows: list[list[str]] = []
+
+    def med(rounds: list[dict[str, Any]], key: str) -> float | None:
+        v = values(rounds, key)
+        return statistics.median(v) if v else None
+
+    def add(label: str, value: float | None, ok: bool | None, unit: str = "") -> None:
+        text = "not measured" if value is None else f"{fmt_number(value)}{unit}"
+        rows.append([label, text, "-" if ok is None else ("yes" if ok else "NO")])
+
+    e2e_bulk, e2e_one = med(hq_rounds, "e2e_bulk"), med(hq_rounds, "e2e_one")
+    p50, p99, enq = med(hq_rounds, "lat_p50"), med(hq_rounds, "lat_p99"), med(hq_rounds, "enqueue_bulk")
+    add("end to end, bulk >= 15,000 jobs/s", e2e_bulk, None if e2e_bulk is None else e2e_bulk >= 15_000)
+    add("end to end, one by one (pipelined) >= 5,000 jobs/s", e2e_one, None if e2e_one is None else e2e_one >= 5_000)
+    add("latency p50 < 0.5 ms", p50, None if p50 is None else p50 < 0.5, " ms")
+    add("latency p99 < 2 ms", p99, None if p99 is None else p99 < 2, " ms")
+    add("bulk enqueue >= 100,000 jobs/s", enq, None if enq is None else enq >= 100_000)
+    if depth:
+        d = f"{depth[0].get('depth', 0):,.0f}"
+        for prefix, where in (("deep", f"{d} pending (live)"), ("restart", f"{d} pending (after restart)")):
+            for key in DEPTH_FIGURES:
+                empty, deep = med(hq_rounds, key), med(depth, f"{prefix}_{key}")
+                if empty is None or deep is None:
+                    continue
+                f = BY_KEY[key]
+                within = deep >= empty * 0.8 if f.higher_is_better else deep <= empty * 1.2
+                unit = " ms" if f.unit == "ms" else ""
+                rows.append([f"{where}: {f.label} within 20%",
+                             f"{fmt_number(deep)}{unit} ({(deep / empty - 1) * 100:+.0f}%)",
+                             "yes" if within else "NO"])
+        rss = values(depth, "deep_rss_supervisor") + values(depth, "deep_rss_after_fill")
+        add(f"supervisor RSS < 80 MB with {d} pending (live)", max(rss) if rss else None,
+            None if not rss else max(rss) < 80, " MB")
+        rss = values(depth, "restart_rss_supervisor")
+        add(f"supervisor RSS < 80 MB with {d} pending (after restart)", max(rss) if rss else None,
+            None if not rss else max(rss) < 80, " MB")
+    idle = values(hq_rounds, "idle_cpu") + values(depth, "deep_idle_cpu")
+    wake = values(hq_rounds, "idle_wakeups") + values(depth, "deep_idle_wakeups")
+    rows.append(["zero CPU while idle", "not measured" if not idle else
+                 f"{max(idle):.2f} s CPU, {max(wake):.0f} wake-ups at most",
+                 "-" if not idle else ("yes" if max(idle) == 0 and max(wake) == 0 else "NO")])
+    return rows
+
+
+# -- main ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Benchmark hostqueue (and, with --peers, Huey, Celery, RQ and Dramatiq).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="a few seconds, small counts, hostqueue only: checks that it works, not how fast")
+    parser.add_argument("--peers", nargs="?", const="all", metavar="LIST",
+                        help="also run peers: all (default) or a comma-separated list of"
+                             " huey-sqlite,huey-redis,celery,rq,dramatiq")
+    parser.add_argument("--runs", type=int, default=3, help="rounds; figures are medians (default 3)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--jobs", type=int, help="jobs per end-to-end run (default 20,000)")
+    parser.add_argument("--depth", type=int, help="pending jobs behind the measured ones (default 1,000,000; 0: skip)")
+    parser.add_argument("--idle", type=float, help="seconds of the idle measurement (default 10)")
+    parser.add_argument("--source", default=ROOT, help="the checkout whose hostqueue/ is measured (default: this one)")
+    parser.add_argument("--json", metavar="FILE", help="write every run's raw figures to FILE")
+    parser.add_argument("--no-install-redis", action="store_true",
+                        help="with --peers, skip the Redis peers instead of apt-get installing redis-server")
+    opts = parser.parse_args(argv)
+
+    sizes = hq.QUICK if opts.quick else hq.Sizes()
+    if opts.jobs:
+        sizes.jobs = opts.jobs
+    if opts.depth is not None:
+        sizes.depth = opts.depth
+    if opts.idle is not None:
+        sizes.idle = opts.idle
+    if opts.quick:
+        opts.runs = 1
+        if opts.peers:
+            parser.error("--quick runs hostqueue only; leave out --peers")
+    opts.jobs, opts.depth = sizes.jobs, sizes.depth
+    source = os.path.abspath(opts.source)
+
+    context: dict[str, Any] = {
+        "hostqueue": git_state(source),
+        "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}",
+        "load_before": "{load1:.2f}".format(**machine_note()),
+    }
+    peer_names: list[str] = []
+    python = None
+    redis = None
+    if opts.peers:
+        from peers import BY_NAME, PEERS
+        from peers import env as peer_env
+
+        peer_names = [p.name for p in PEERS] if opts.peers == "all" else opts.peers.split(",")
+        unknown = [p for p in peer_names if p not in BY_NAME]
+        if unknown:
+            parser.error(f"unknown peers {unknown}; choose from {[p.name for p in PEERS]}")
+        python = peer_env.ensure_venv(log=log)
+        context["versions"] = peer_env.peer_versions(python)
+        if any(BY_NAME[p].redis for p in peer_names):
+            binary = peer_env.find_redis(not opts.no_install_redis, log=log)
+            if binary is None:
+                peer_names = [p for p in peer_names if not BY_NAME[p].redis]
+            else:
+                redis = peer_env.RedisServer(binary)
+                redis.start()
+                context["redis"] = redis.version()
+                log(f"redis-server {context['redis']} on {redis.url}")
+
+    hq_rounds: list[dict[str, Any]] = []
+    peer_rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in peer_names}
+    depth: list[dict[str, Any]] = []
+    failed: str | None = None
+    started = time.monotonic()
+    try:
+        for i in range(opts.runs):
+            log(f"round {i + 1}/{opts.runs}: hostqueue")
+            hq_rounds.append(hq.measure_round(source, opts.workers, sizes, sizes.idle if i == 0 else 0,
+                                              log=lambda s: log(f"  hostqueue: {s}")))
+            for p in peer_names:
+                log(f"round {i + 1}/{opts.runs}: {p}")
+                spec = {
+                    "jobs": sizes.jobs, "workers": opts.workers, "one_by_one": min(sizes.one_by_one, 2000),
+                    "latency": sizes.latency, "latency_budget": 10.0, "e2e_budget": 10.0,
+                    "scale_budget": 6.0,
+                    "idle": sizes.idle if i == 0 else 0,
+                    "scaling": list(sizes.scaling) if i == 0 else [], "scale_to": sizes.scale_to,
+                    "depth": sizes.depth if i == 0 else 0,
+                }
+                assert python is not None
+                result = peer_env.run_peer(python, p, spec, redis if BY_NAME[p].redis else None, timeout=600)
+                if not result.get("ok"):
+                    log(f"  {p} failed: {result.get('error')}")
+                peer_rounds[p].append(result)
+        if sizes.depth:
+            log(f"hostqueue with {sizes.depth:,} pending jobs")
+            depth = hq.measure_depth(source, opts.workers, sizes, opts.runs,
+                                     log=lambda s: log(f"  hostqueue: {s}"))
+    except BenchError as exc:
+        failed = str(exc)
+    finally:
+        if redis is not None:
+            redis.stop()
+    context["load_after"] = "{load1:.2f}".format(**machine_note())
+    context["seconds"] = time.monotonic() - started
+
+    if hq_rounds:
+        print(report(opts, hq_rounds, depth, peer_rounds, context))
+        print(f"\n(took {context['seconds']:.0f} s)")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump({"context": context, "hostqueue": hq_rounds, "depth": depth, "peers": peer_rounds,
+                       "options": vars(opts), "error": failed}, f, indent=1)
+    if failed:
+        print(f"\nFUNCTIONAL ERROR: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,513 @@
+"""hostqueue's side of the benchmark: a real supervisor (`python -m hostqueue run`)
+on a temporary store with the default durable settings, driven by
+hostqueue.client.Client over its socket, as a user's program would.
+
+Every figure is taken by ``measure_round``; bench.py repeats rounds and prints
+the medians. A functional failure (a job lost, failed or never answered) raises
+BenchError: the benchmark then exits non-zero, which is what the quick mode
+(and tests/test_bench.py) checks. Times never fail anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import psutil
+
+from common import BenchError, idle_usage, latency_summary, rss_mb, tree, wait_until
+
+TASKS = '''
+import hostqueue
+
+@hostqueue.task
+def noop(ctx):
+    return True
+'''
+TASK = "benchtasks.noop"
+CHUNK = 1000  # jobs per submit_many request
+FILL_CHUNK = 10_000  # jobs per submit_many request when filling the deep queue
+
+
+@dataclass
+class Sizes:
+    """How much work each figure does (the quick mode shrinks all of it)."""
+
+    jobs: int = 20_000  # end to end, bulk enqueue, each scaling point
+    one_by_one: int = 3_000  # sequential submits (each waits for its ack)
+    latency: int = 300
+    scaling: tuple[int, ...] = (1, 2, 4, 8)
+    scale_to: int = 16
+    depth: int = 1_000_000
+    idle: float = 10.0
+    warmup: int = 500
+
+
+QUICK = Sizes(jobs=2_000, one_by_one=300, latency=50, scaling=(1, 2), scale_to=4,
+              depth=20_000, idle=1.0, warmup=100)
+
+
+def import_client(source: str) -> Any:
+    """hostqueue.client.Client from the checkout under test."""
+    if source not in sys.path:
+        sys.path.insert(0, source)
+    from hostqueue.client import Client
+
+    return Client
+
+
+class Supervisor:
+    """One `hostqueue run` process on a store in a temporary directory."""
+
+    def __init__(self, source: str, workers: int, workdir: str | None = None) -> None:
+        self.source = source
+        self.Client = import_client(source)
+        self.workers = workers
+        self.own_dir = workdir is None
+        self.dir = workdir or tempfile.mkdtemp(prefix="hqbench-", dir="/tmp")
+        with open(os.path.join(self.dir, "benchtasks.py"), "w") as f:
+            f.write(TASKS)
+        self.store = os.path.join(self.dir, "bench.db")
+        self.socket = os.path.join(self.dir, "bench.sock")
+        self.log = open(os.path.join(self.dir, "supervisor.log"), "ab")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client: Any = None
+
+    # -- start and stop
+
+    def start(self, timeout: float = 120.0) -> float:
+        """Start the supervisor; return the seconds until its workers were all idle."""
+        env = dict(os.environ, PYTHONPATH=self.source + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hostqueue", "run", "--store", self.store, "--socket", self.socket,
+             "--workers", str(self.workers), "--tasks", os.path.join(self.dir, "benchtasks.py"),
+             "--log-level", "warning"],
+            cwd=self.dir, env=env, start_new_session=True, stdout=self.log, stderr=self.log,
+        )
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise BenchError(f"the supervisor exited with code {self.proc.returncode}; "
+                                 f"its log:\n{self.log_tail()}")
+            try:
+                with self.Client(self.socket, timeout=5) as c:
+                    return self._idle_count(c.status()) >= self.workers
+            except Exception:  # noqa: BLE001 - not up yet
+                return False
+
+        wait_until(up, timeout, "the supervisor to start", interval=0.01)
+        took = time.perf_counter() - t0
+        self.client = self.Client(self.socket, timeout=120)
+        self.client.connect()
+        return took
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                stack = py_spy_dump(self.proc.pid)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                raise BenchError("the supervisor did not stop within 60 s of SIGTERM;"
+                                 f" its threads then:\n{stack}") from None
+            if self.proc.returncode != 0:
+                raise BenchError(f"the supervisor exited with code {self.proc.returncode} on SIGTERM;"
+                                 f" its log:\n{self.log_tail()}")
+        self.proc = None
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.log.close()
+            if self.own_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        with open(os.path.join(self.dir, "supervisor.log"), "rb") as f:
+            data = f.read()
+        return data[-n:].decode(errors="replace")
+
+    def check_log(self) -> None:
+        """Errors in the supervisor's log are functional failures of the run."""
+        text = self.log_tail(200_000)
+        bad = [line for line in text.splitlines()
+               if " ERROR " in line or "Traceback" in line or " CRITICAL " in line]
+        if bad:
+            raise BenchError("the supervisor logged errors:\n" + "\n".join(bad[:20]))
+
+    # -- helpers
+
+    @staticmethod
+    def _idle_count(status: dict[str, Any]) -> int:
+        return sum(1 for w in status["workers"] if w["state"] == "idle")
+
+    def wait_pool(self, n: int, timeout: float = 60.0) -> None:
+        """Until the pool is exactly n idle workers."""
+        def ready() -> bool:
+            ws = self.client.status()["workers"]
+            return len(ws) == n and all(w["state"] == "idle" for w in ws)
+
+        wait_until(ready, timeout, f"{n} idle workers", interval=0.01)
+
+    def processes(self) -> tuple[psutil.Process, list[psutil.Process]]:
+        assert self.proc is not None
+        sup = psutil.Process(self.proc.pid)
+        return sup, sup.children(recursive=True)
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.store}?mode=ro", uri=True, timeout=30)
+
+
+def py_spy_dump(pid: int) -> str:
+    """The Python stacks of a process, if py-spy is installed (for error reports)."""
+    if shutil.which("py-spy") is None:
+        return "(py-spy is not installed)"
+    try:
+        return subprocess.run(["py-spy", "dump", "-p", str(pid)], capture_output=True,
+                              text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"(py-spy dump failed: {exc})"
+
+
+# -- one figure each ---------------------------------------------------------------
+
+
+def submit_bulk(sup: Supervisor, n: int, queue: str | None = None, run_id: str | None = None,
+                chunk: int = CHUNK, window: int = 32) -> tuple[int, int, float]:
+    """n jobs by submit_many in chunks, at most `window` requests in flight;
+    (first id, last id, seconds to the last ack)."""
+    c = sup.client
+    fields: dict[str, Any] = {}
+    if queue:
+        fields["queue"] = queue
+    if run_id:
+        fields["run_id"] = run_id
+    t0 = time.perf_counter()
+    sizes = [min(chunk, n - i) for i in range(0, n, chunk)]
+    inflight: list[int] = []
+    first = last = -1
+    count = 0
+
+    def take() -> None:
+        nonlocal first, last, count
+        jobs = c.receive(inflight.pop(0))["jobs"]
+        if first < 0:
+            first = jobs[0]["id"]
+        last = jobs[-1]["id"]
+        count += len(jobs)
+
+    for size in sizes:
+        if len(inflight) >= window:
+            take()
+        inflight.append(c.send("submit_many", task=TASK, args=[{}] * size, **fields))
+    while inflight:
+        take()
+    took = time.perf_counter() - t0
+    if count != n or last - first + 1 != n:
+        raise BenchError(f"submit_many acknowledged {count} jobs ({first}..{last}) of {n}")
+    return first, last, took
+
+
+def submit_pipelined(sup: Supervisor, n: int, queue: str | None = None) -> tuple[int, int, float]:
+    """n single submits sent without waiting for each ack; (first id, last id, seconds)."""
+    c = sup.client
+    fields = {"queue": queue} if queue else {}
+    t0 = time.perf_counter()
+    rids = [c.send("submit", task=TASK, **fields) for _ in range(n)]
+    ids = [c.receive(rid)["job"]["id"] for rid in rids]
+    took = time.perf_counter() - t0
+    if len(set(ids)) != n or max(ids) - min(ids) + 1 != n:
+        raise BenchError(f"pipelined submits acknowledged {len(set(ids))} distinct jobs of {n}")
+    return min(ids), max(ids), took
+
+
+class Capped(Exception):
+    """A measurement ran past its time budget: the rate so far is the figure."""
+
+    def __init__(self, done: int, n: int, last_finished: float | None) -> None:
+        super().__init__(f"{done} of {n} jobs completed within the time budget")
+        self.done = done
+        self.n = n
+        self.last_finished = last_finished
+
+
+def wait_done(sup: Supervisor, first: int, last: int, budget: float = 300.0) -> float:
+    """Wait until jobs first..last are all completed; return the last finished_at.
+
+    Capped if they are still progressing when the budget runs out; BenchError if
+    any ended otherwise than completed."""
+    c = sup.client
+    n = last - first + 1
+    deadline = time.monotonic() + budget
+    open_id: int | None = last
+    db = sup.db()
+    try:
+        while True:
+            if open_id is not None:
+                try:
+                    c.wait(open_id, timeout=max(0.05, min(5.0, deadline - time.monotonic())))
+                except TimeoutError:
+                    pass
+            done, bad, newest, open_id = db.execute(
+                "SELECT SUM(status = 'completed'),"
+                " SUM(status NOT IN ('completed', 'pending', 'running')),"
+                " MAX(finished_at), MAX(CASE WHEN status IN ('pending', 'running') THEN id END)"
+                " FROM jobs WHERE id BETWEEN ? AND ?", (first, last),
+            ).fetchone()
+            if bad:
+                row = db.execute("SELECT id, status, error FROM jobs WHERE id BETWEEN ? AND ?"
+                                 " AND status NOT IN ('completed', 'pending', 'running') LIMIT 1",
+                                 (first, last)).fetchone()
+                raise BenchError(f"{bad} of {n} jobs did not complete, e.g. job {row[0]}: {row[1]} {row[2]}")
+            if done == n:
+                return float(newest)
+            if time.monotonic() > deadline:
+                raise Capped(done or 0, n, newest)
+    finally:
+        db.close()
+
+
+def _e2e(sup: Supervisor, n: int, submit: Callable[[], tuple[int, int, float]], name: str,
+         budget: float) -> dict[str, float]:
+    t0 = time.time()
+    first, last, ack = submit()
+    try:
+        end = wait_done(sup, first, last, budget)
+    except Capped as cap:
+        return {name: cap.done / (time.time() - t0), f"{name}_ack": n / ack, f"{name}_capped": 1.0}
+    return {name: n / (end - t0), f"{name}_ack": n / ack}
+
+
+def end_to_end_bulk(sup: Supervisor, n: int, queue: str | None = None,
+                    budget: float = 120.0) -> dict[str, float]:
+    """From the first submit_many to the last job's completion, jobs/s."""
+    return _e2e(sup, n, lambda: submit_bulk(sup, n, queue=queue), "e2e_bulk", budget)
+
+
+def end_to_end_pipelined(sup: Supervisor, n: int, queue: str | None = None,
+                         budget: float = 120.0) -> dict[str, float]:
+    """From the first of n pipelined single submits to the last completion, jobs/s."""
+    return _e2e(sup, n, lambda: submit_pipelined(sup, n, queue=queue), "e2e_one", budget)
+
+
+def enqueue_rates(sup: Supervisor, one: int, bulk: int, queue: str = "enqueue",
+                  run_after: bool = True, budget: float = 120.0) -> dict[str, float]:
+    """Enqueue alone: sequential submits (each waits for its ack), then submit_many,
+    into a paused queue so that nothing runs meanwhile. Then, with run_after, the
+    queue is resumed and its jobs run, so that they do not stay behind later
+    figures; without, they stay pending."""
+    c = sup.client
+    c.pause(queue)
+    t0 = time.perf_counter()
+    first = c.submit(TASK, queue=queue).id
+    for _ in range(one - 1):
+        c.submit(TASK, queue=queue)
+    one_rate = one / (time.perf_counter() - t0)
+    _, last, took = submit_bulk(sup, bulk, queue=queue)
+    out = {"enqueue_one": one_rate, "enqueue_bulk": bulk / took}
+    if run_after:
+        c.resume(queue)
+        try:
+            wait_done(sup, first, last, budget)
+        except Capped:
+            c.pause(queue)  # they stay pending, behind what follows
+    return out
+
+
+def latency(sup: Supervisor, n: int, queue: str | None = None, budget: float = 60.0) -> dict[str, float]:
+    """Submit one job, wait for its result, n times in a row (after 20 to warm up)."""
+    c = sup.client
+    fields = {"queue": queue} if queue else {}
+    samples: list[float] = []
+    deadline = time.monotonic() + budget
+    for i in range(20 + n):
+        t0 = time.perf_counter()
+        job = c.submit(TASK, **fields)
+        done = c.wait(job.id, timeout=max(30.0, budget))
+        if i >= 20:
+            samples.append(time.perf_counter() - t0)
+        if done["status"] != "completed" or done["result"] is not True:
+            raise BenchError(f"job {job.id} ended {done['status']} with result {done['result']!r}")
+        if time.monotonic() > deadline and len(samples) >= 10:
+            break
+    s = latency_summary(samples)
+    out = {"lat_p50": s["p50"], "lat_p99": s["p99"], "lat_max": s["max"], "lat_n": float(len(samples))}
+    if len(samples) < n:
+        out["lat_capped"] = 1.0
+    return out
+
+
+def memory(sup: Supervisor) -> dict[str, float]:
+    s, workers = sup.processes()
+    per = sorted(rss_mb([w]) for w in workers)
+    sup_rss = rss_mb([s])
+    return {"rss_supervisor": sup_rss, "rss_workers": sum(per), "rss_total": sup_rss + sum(per),
+            "rss_worker": per[len(per) // 2] if per else 0.0}
+
+
+def idle(sup: Supervisor, seconds: float) -> dict[str, float]:
+    time.sleep(min(2.0, seconds))  # let the last commit, sampler and timers settle
+    s, workers = sup.processes()
+    return idle_usage([s] + workers, seconds)
+
+
+def scaling(sup: Supervisor, counts: tuple[int, ...], n: int, back_to: int) -> dict[str, float]:
+    """End to end (bulk) with each pool size."""
+    out = {}
+    for w in counts:
+        sup.client.scale(w)
+        sup.wait_pool(w)
+        out[f"scale_{w}"] = end_to_end_bulk(sup, n)["e2e_bulk"]
+    sup.client.scale(back_to)
+    sup.wait_pool(back_to)
+    return out
+
+
+def scale_up_time(sup: Supervisor, to: int, back_to: int) -> dict[str, float]:
+    """Seconds from `scale` to `to` until status shows that many idle workers, from 1."""
+    c = sup.client
+    c.scale(1)
+    sup.wait_pool(1)
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    c.scale(to)
+    sup.wait_pool(to, timeout=120)
+    took = time.perf_counter() - t0
+    c.scale(back_to)
+    sup.wait_pool(back_to)
+    return {"scale_up": took}
+
+
+def fill_deep(sup: Supervisor, n: int) -> float:
+    """n pending jobs in the paused queue 'deep', by submit_many over the socket; jobs/s."""
+    sup.client.pause("deep")
+    _, _, took = submit_bulk(sup, n, queue="deep", chunk=FILL_CHUNK, window=4)
+    return n / took
+
+
+def check_deep(sup: Supervisor, n: int) -> None:
+    db = sup.db()
+    try:
+        (pending,) = db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE queue = 'deep' AND status = 'pending'").fetchone()
+    finally:
+        db.close()
+    if pending != n:
+        raise BenchError(f"the deep queue holds {pending} pending jobs, not {n}")
+
+
+# -- rounds -----------------------------------------------------------------------
+
+
+def measure_round(source: str, workers: int, sizes: Sizes, idle_seconds: float,
+                  log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
+    """Every figure of an empty store once, on a fresh supervisor (the idle one when
+    idle_seconds is not 0)."""
+    out: dict[str, float] = {}
+    sup = Supervisor(source, workers)
+    try:
+        out["start"] = sup.start()
+        first, last, _ = submit_bulk(sup, sizes.warmup)
+        wait_done(sup, first, last)
+        log("enqueue")
+        out.update(enqueue_rates(sup, sizes.one_by_one, sizes.jobs))
+        log("end to end")
+        out.update(end_to_end_bulk(sup, sizes.jobs))
+        out.update(end_to_end_pipelined(sup, sizes.jobs))
+        log("latency")
+        out.update(latency(sup, sizes.latency))
+        out.update(memory(sup))
+        if idle_seconds:
+            log(f"idle {idle_seconds:g} s")
+            out.update(idle(sup, idle_seconds))
+        log("pool sizes")
+        out.update(scaling(sup, sizes.scaling, sizes.jobs, workers))
+        out.update(scale_up_time(sup, sizes.scale_to, workers))
+        sup.check_log()
+        sup.stop()
+    except BenchError as exc:
+        raise BenchError(f"{exc}\nsupervisor log:\n{sup.log_tail()}") from None
+    finally:
+        sup.close()
+    return out
+
+
+def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
+                  log: Callable[[str], None] = lambda s: None) -> list[dict[str, float]]:
+    """The figures with sizes.depth jobs pending in a paused queue, `runs` times on one
+    supervisor filled over its socket, then `runs` times again after a restart (the
+    pending set then comes from the store). One dict per run, keys deep_* and restart_*."""
+    results: list[dict[str, float]] = [{} for _ in range(runs)]
+    capped: set[str] = set()
+    sup = Supervisor(source, workers)
+
+    def take(i: int, prefix: str, figures: dict[str, float]) -> None:
+        for k, v in figures.items():
+            results[i][f"{prefix}_{k}"] = v
+            if k.endswith("_capped"):
+                capped.add(k[: -len("_capped")])
+
+    try:
+        sup.start()
+        log(f"filling {sizes.depth:,} pending jobs")
+        t0 = time.perf_counter()
+        results[0]["depth"] = float(sizes.depth)
+        results[0]["deep_fill"] = fill_deep(sup, sizes.depth)
+        results[0]["deep_fill_seconds"] = time.perf_counter() - t0
+        take(0, "deep", {"rss_after_fill": memory(sup)["rss_supervisor"]})
+        budget_e2e = max(15.0, sizes.jobs / 1300)
+        for i in range(runs):
+            log(f"at depth, run {i + 1}/{runs}")
+            q = f"m{i}"  # a fresh queue each run: jobs left by a capped run stay paused
+            take(i, "deep", enqueue_rates(sup, sizes.one_by_one, sizes.jobs, queue=q + "e", run_after=False))
+            # A figure that ran out of time in the first run is not taken again; its
+            # unfinished jobs are paused so that they do not hold up the next figure.
+            if "e2e_bulk" not in capped:
+                take(i, "deep", end_to_end_bulk(sup, sizes.jobs, queue=q + "b", budget=budget_e2e))
+                if "e2e_bulk" in capped:
+                    sup.client.pause(q + "b")
+            if "e2e_one" not in capped:
+                take(i, "deep", end_to_end_pipelined(sup, sizes.jobs, queue=q + "p", budget=budget_e2e))
+                if "e2e_one" in capped:
+                    sup.client.pause(q + "p")
+            if "lat" not in capped:
+                take(i, "deep", latency(sup, sizes.latency, queue=q + "l", budget=15.0))
+            take(i, "deep", memory(sup))
+        sup.check_log()
+        log("restart with the pending jobs")
+        sup.stop()
+        results[0]["restart_start"] = sup.start()
+        check_deep(sup, sizes.depth)
+        for i in range(runs):
+            log(f"after restart, run {i + 1}/{runs}")
+            q = f"r{i}"
+            take(i, "restart", end_to_end_bulk(sup, sizes.jobs, queue=q + "b", budget=budget_e2e))
+            take(i, "restart", latency(sup, sizes.latency, queue=q + "l", budget=15.0))
+            take(i, "restart", memory(sup))
+        log(f"idle {min(sizes.idle, 5.0):g} s at depth")
+        take(0, "deep", idle(sup, min(sizes.idle, 5.0)))
+        sup.check_log()
+        sup.stop()
+    except BenchError as exc:
+        raise BenchError(f"{exc}\nsupervisor log:\n{sup.log_tail()}") from None
+    finally:
+        sup.close()
+    return results
