@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import stat
 import struct
@@ -52,6 +53,20 @@ def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
         return None
     pid, uid, gid = _PEERCRED.unpack(raw)
     return pid, uid, gid
+
+
+_LEADING_ID = re.compile(rb'^\s*\{\s*"id"\s*:\s*("(?:[^"\\]|\\.){0,200}"|-?\d{1,19})\s*,')
+
+
+def _leading_id(line: bytes) -> Any:
+    """The id of a request whose line does not parse, if it stands first (else None)."""
+    m = _LEADING_ID.match(line[:300])
+    if m is None:
+        return None
+    try:
+        return orjson.loads(m.group(1))
+    except orjson.JSONDecodeError:
+        return None
 
 
 class Connection(asyncio.Protocol):
@@ -182,7 +197,9 @@ class Connection(asyncio.Protocol):
         try:
             request = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            self.write_error(None, "bad_json", f"the line is not valid JSON: {exc}")
+            # The line is refused whole, but a pipelining client still learns which
+            # request it was when the id leads the line.
+            self.write_error(_leading_id(line), "bad_json", f"the line is not valid JSON: {exc}")
             return
         if not isinstance(request, dict):
             self.write_error(None, "bad_json", "a request must be a JSON object, like {\"id\": 1, \"op\": \"ping\"}")

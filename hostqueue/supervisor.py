@@ -543,9 +543,17 @@ class Supervisor:
         if self.state is not SupervisorState.RUNNING:
             return
         idle = [w for w in self.workers.values() if w.state is WorkerState.IDLE and w.transport]
-        if not idle:
+        # Busy workers running only fast jobs are topped up too: their next batch's
+        # claims commit while they run this one (jobs reach a worker after commit).
+        refill = [
+            w for w in self.workers.values()
+            if w.state is WorkerState.BUSY and w.transport and len(w.jobs) < self.config.prefetch
+            and sum(self.task_runtime.get(rj.task, PREFETCH_WINDOW) for rj in w.jobs.values()) < PREFETCH_WINDOW
+        ]
+        if not idle and not refill:
             self.sizer.grow()
             return
+        idle += refill
         # The count is a hint for batch sizes; _next_job() is the truth.
         available = max(self.ready.available(self.paused), 1)
         per_worker = max(1, min(self.config.prefetch, -(-available // len(idle))))
@@ -556,9 +564,12 @@ class Supervisor:
         for worker in idle:
             picked: list[tuple[Lane, int]] = []
             budget = per_worker
+            budget = min(budget, self.config.prefetch - len(worker.jobs))
             if max_jobs is not None:  # recycle on time: no more than it may still run
-                budget = min(budget, max(1, max_jobs - worker.jobs_done - len(worker.jobs)))
-            expected = 0.0
+                budget = min(budget, max_jobs - worker.jobs_done - len(worker.jobs))
+            if budget <= 0:
+                continue
+            expected = sum(self.task_runtime.get(rj.task, PREFETCH_WINDOW) for rj in worker.jobs.values())
             for _ in range(budget):
                 taken = self._next_job(now_m)
                 if taken is None:

@@ -351,7 +351,10 @@ def test_100000_nested_lists_are_answered_and_the_server_goes_on(hq: HQEnv) -> N
             assert error_code(reply) == "bad_json" and reply["id"] is None, (line[:20], reply)
             assert probe(conn) == []
         conn.send_raw(b'{"id": 2, "op": "ping", "x": ' + b"[" * deep + b"]" * deep + b"}\n")
-        assert ok(json.loads(conn.read_line()))["id"] == 2
+        reply = json.loads(conn.read_line())
+        # orjson before 3.10 parses any depth; later ones refuse past 1024 levels: either
+        # the ping is answered, or the line is refused as bad_json naming the request.
+        assert reply["id"] == 2 and (reply["ok"] or error_code(reply) == "bad_json"), reply
     assert_healthy(sup)
 
 
@@ -371,8 +374,9 @@ def test_deeply_nested_field_values_are_bad_request(hq: HQEnv) -> None:
                 conn.send_raw(b'{"id": "%s", "op": "%s", "%s": %s%s}\n'
                               % (rid.encode(), op.encode(), field.encode(), value, extra))
                 reply = conn.read_for(rid)
-                if reply.get("ok") is not False or reply["error"]["code"] != "bad_request" \
-                        or f"'{field}'" not in reply["error"]["message"]:
+                refused_line = depth > 1024 and error_code(reply) == "bad_json"  # newer orjson
+                if not refused_line and (reply.get("ok") is not False or reply["error"]["code"] != "bad_request"
+                                         or f"'{field}'" not in reply["error"]["message"]):
                     problems.append((depth, op, field, reply))
     assert not problems, "\n".join(map(str, problems))
     assert sup.status()["state"] == "running"
@@ -393,8 +397,9 @@ def test_args_nested_too_deep_to_store_are_refused_cleanly(hq: HQEnv) -> None:
                 conn.send_raw(b'{"id": "%s", "op": "%s", "task": "%s.noop", "args": %s}\n'
                               % (rid.encode(), op.encode(), TASKS.encode(), args))
                 reply = conn.read_for(rid)
-                if reply.get("ok") is not False or reply["error"]["code"] != "bad_request" \
-                        or "args" not in reply["error"]["message"]:
+                refused_line = depth > 1024 and error_code(reply) == "bad_json"  # newer orjson
+                if not refused_line and (reply.get("ok") is not False or reply["error"]["code"] != "bad_request"
+                                         or "args" not in reply["error"]["message"]):
                     problems.append((depth, op, reply))
     assert not problems, "\n".join(map(str, problems))
     assert sup.db_query("SELECT COUNT(*) FROM jobs")[0][0] == 0

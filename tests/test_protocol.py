@@ -25,11 +25,13 @@ def assert_healthy(sup: Supervisor) -> None:
 @pytest.mark.timeout(30)
 def test_invalid_json_is_bad_json(sup: Supervisor) -> None:
     with sup.conn() as c:
-        for line in (b"{not json\n", b'{"id": 1, "op": "ping"\n', b"\xff\xfe\n", b"nul\n"):
+        for line, rid in ((b"{not json\n", None), (b'{"id": 1, "op": "ping"\n', 1),
+                          (b'{"id": "a7", "op": [\n', "a7"), (b"\xff\xfe\n", None), (b"nul\n", None)):
             c.send_raw(line)
             reply = c.read()
             assert error_code(reply) == "bad_json", (line, reply)
-            assert reply["id"] is None
+            # The id is named when it leads the line, so a pipelining client can match it.
+            assert reply["id"] == rid, (line, reply)
         # The same connection goes on.
         assert ok(c.request("ping"))["pong"]["pid"] == sup.pid
     assert_healthy(sup)
