@@ -48,8 +48,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-import hq  # noqa: E402
-from common import BenchError, Figure, fmt_number, fmt_values, machine_note, table  # noqa: E402
+import hq
+from common import BenchError, Figure, fmt_number, fmt_values, machine_note, table
 
 FIGURES = [
     Figure("enqueue_one", "enqueue, one by one (jobs/s)", "jobs/s", True),
@@ -81,9 +81,9 @@ def git_state(source: str) -> str:
     """The commit under test, and whether hostqueue/ differs from it (read-only git)."""
     try:
         head = subprocess.run(["git", "-C", source, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
+                              capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         dirty = subprocess.run(["git", "-C", source, "status", "--porcelain", "--", "hostqueue"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if not head:
@@ -158,7 +158,8 @@ def report(opts: argparse.Namespace, hq_rounds: list[dict[str, Any]], depth: lis
     for f in FIGURES:
         if not values(hq_rounds, f.key) and not any(values(peers[p], f.key) for p in names):
             continue
-        rows.append([f.label, cell(hq_rounds, f.key)] + [cell(peers[p], f.key) for p in names])
+        label = f.label.replace("10 s", f"{opts.idle:g} s")
+        rows.append([label, cell(hq_rounds, f.key)] + [cell(peers[p], f.key) for p in names])
     if names:
         rows.append(["jobs per end-to-end run", f"{opts.jobs:,}"]
                     + [fmt_values(values(peers[p], "jobs")) for p in names])
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         opts.runs = 1
         if opts.peers:
             parser.error("--quick runs hostqueue only; leave out --peers")
-    opts.jobs, opts.depth = sizes.jobs, sizes.depth
+    opts.jobs, opts.depth, opts.idle = sizes.jobs, sizes.depth, sizes.idle
     source = os.path.abspath(opts.source)
 
     context: dict[str, Any] = {

@@ -18,12 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import psutil
-
-from common import BenchError, idle_usage, latency_summary, rss_mb, tree, wait_until
+from common import BenchError, idle_usage, latency_summary, rss_mb, wait_until
 
 TASKS = '''
 import hostqueue
@@ -77,7 +77,7 @@ class Supervisor:
             f.write(TASKS)
         self.store = os.path.join(self.dir, "bench.db")
         self.socket = os.path.join(self.dir, "bench.sock")
-        self.log = open(os.path.join(self.dir, "supervisor.log"), "ab")
+        self.log = open(os.path.join(self.dir, "supervisor.log"), "ab")  # noqa: SIM115 - kept open for the process
         self.proc: subprocess.Popen[bytes] | None = None
         self.client: Any = None
 
@@ -181,7 +181,7 @@ def py_spy_dump(pid: int) -> str:
     if shutil.which("py-spy") is None:
         return "(py-spy is not installed)"
     try:
-        return subprocess.run(["py-spy", "dump", "-p", str(pid)], capture_output=True,
+        return subprocess.run(["py-spy", "dump", "-p", str(pid)], check=False, capture_output=True,
                               text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return f"(py-spy dump failed: {exc})"

@@ -21,12 +21,13 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import hq  # noqa: E402
+import hq
 
 LOADS: dict[str, str] = {
     "e2e-bulk": "submit_many of 1,000 x 20, then wait for all; repeated",
@@ -97,7 +98,7 @@ def summarise(raw: str, seconds: float, rate: int, pids: dict[int, str], top: in
             totals[who] += count
             if frames:
                 by_thread[who][short(frames[-1])] += count
-                for fr in set(short(x) for x in frames):
+                for fr in {short(x) for x in frames}:
                     incl[who][fr] += count
     expected = seconds * rate
     out = [f"{seconds:.1f} s sampled at {rate} Hz ({expected:,.0f} samples = one CPU busy all the time)"]
@@ -125,7 +126,7 @@ def _who(head: str, pids: dict[int, str]) -> str:
     return head if not m else head.split(" (")[0] + " " + m.group(1)[-4:]
 
 
-def cpu_split(fn: Callable[[], None], sup: "psutil.Process", workers: list, seconds: float) -> str:
+def cpu_split(fn: Callable[[], None], sup: Any, workers: list[Any], seconds: float) -> str:
     """Without the profiler: CPU seconds per wall second of each process and thread."""
     import psutil
 
@@ -147,8 +148,8 @@ def cpu_split(fn: Callable[[], None], sup: "psutil.Process", workers: list, seco
         rounds += 1
     took = time.monotonic() - t0
     after = sample()
-    lines = [f"without the profiler: {rounds} rounds in {took:.1f} s; CPU used per wall second"
-             f" (2 cores = 2.00):"]
+    lines = [(f"without the profiler: {rounds} rounds in {took:.1f} s; CPU used per wall second"
+              " (2 cores = 2.00):")]
     total = 0.0
     for k in after:
         used = (after[k] - before.get(k, 0.0)) / took

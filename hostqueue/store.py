@@ -522,7 +522,7 @@ class Store:
                 for r in conn.execute(
                     "SELECT id, task, queue, args, attempts, max_attempts, timeout,"
                     " abort_requested, run_id, priority, key, created_at, run_at, deadline"
-                    f" FROM jobs WHERE id IN ({marks}) AND status = 'pending'",
+                    f" FROM jobs WHERE id IN ({marks}) AND +status = 'pending'",  # + keeps the primary key in use
                     chunk,
                 ):
                     out[r[0]] = DispatchRow(

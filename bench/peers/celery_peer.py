@@ -8,8 +8,8 @@ import os
 import sys
 import time
 
-from runner import Adapter
 from common import wait_until
+from runner import Adapter
 
 
 class Celery(Adapter):

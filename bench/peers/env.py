@@ -34,7 +34,7 @@ def ensure_venv(path: str = VENV, log=print) -> str:
     log(f"installing the peers into {path} (pip, from PyPI): {' '.join(REQUIREMENTS)}")
     shutil.rmtree(path, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", path], check=True)
-    result = subprocess.run(
+    result = subprocess.run(  # noqa: PLW1510 - the return code is checked below
         [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *REQUIREMENTS],
         capture_output=True, text=True,
     )
@@ -67,7 +67,7 @@ def find_redis(install: bool, log=print) -> str | None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "install", "-y", "-q", "redis-server"],
                 ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "redis-server"]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
         if done.returncode == 0 and cmd[1] == "install":
             break
     # The package may start a system instance; ours is separate (own port, own dir).
@@ -89,7 +89,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def version(self) -> str:
-        out = subprocess.run([self.binary, "--version"], capture_output=True, text=True).stdout
+        out = subprocess.run([self.binary, "--version"], check=False, capture_output=True, text=True).stdout
         return out.split("v=")[1].split()[0] if "v=" in out else out.strip()
 
     def start(self) -> None:

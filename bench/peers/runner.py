@@ -26,10 +26,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # bench/: common
 sys.path.insert(0, os.path.join(HERE, "tasks"))
 
-import psutil  # noqa: E402
-
-from common import (  # noqa: E402
-    RECORD, BenchError, idle_usage, latency_summary, records_size, rss_mb, tree, wait_records,
+import psutil
+from common import (
+    RECORD,
+    BenchError,
+    idle_usage,
+    latency_summary,
+    records_size,
+    rss_mb,
+    tree,
+    wait_records,
 )
 
 
@@ -51,7 +57,7 @@ class Adapter:
         if redis_url:
             self.env["HQBENCH_REDIS"] = redis_url
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.log = open(os.path.join(workdir, f"{type(self).__module__}.log"), "ab")
+        self.log = open(os.path.join(workdir, f"{type(self).__module__}.log"), "ab")  # noqa: SIM115 - kept open for the workers
 
     def setup_env(self) -> None:
         """Before the tasks module is imported here (the client side)."""

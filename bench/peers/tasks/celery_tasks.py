@@ -3,7 +3,6 @@
 import os
 
 from celery import Celery
-
 from done import record
 
 app = Celery("celery_tasks", broker=os.environ["HQBENCH_REDIS"], backend=os.environ["HQBENCH_REDIS"])

@@ -12,7 +12,7 @@ broker = RedisBroker(url=os.environ["HQBENCH_REDIS"])
 broker.add_middleware(Results(backend=RedisBackend(url=os.environ["HQBENCH_REDIS"])))
 dramatiq.set_broker(broker)
 
-from done import record  # noqa: E402
+from done import record
 
 
 @dramatiq.actor(store_results=True)

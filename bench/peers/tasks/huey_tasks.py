@@ -2,9 +2,8 @@
 
 import os
 
-from huey import RedisHuey, SqliteHuey
-
 from done import record
+from huey import RedisHuey, SqliteHuey
 
 if os.environ["HQBENCH_HUEY"] == "sqlite":
     huey = SqliteHuey("bench", filename=os.environ["HQBENCH_HUEY_FILE"])
