@@ -77,32 +77,41 @@ class Actions:
         if key is not None:
             self.sup.keys[key] = first_id
 
-        def committed() -> None:
-            cache = len(self.sup.payloads) < PAYLOAD_CACHE
-            t = time.time()
-            for row in rows:
-                job_id = row[0]
-                if cache:
-                    self.sup.payloads[job_id] = Payload(
-                        spec.name, queue, row[3], 0, retries + 1, timeout, priority, run_id,
-                        key, now, run_at, deadline,
-                    )
-                if deadline is not None:
-                    self.sup.deadlines.push(deadline, job_id)
-                self.sup._enqueue(job_id, queue, spec.name, priority, run_at, t)
+        # The jobs are ready at once, before their rows commit: dispatch claims them in
+        # the same transaction that adds them (claims follow the inserts), and hands
+        # them to workers once it commits, as the client gets its answer. If the
+        # transaction fails, failed() takes them back out: nothing ran.
+        sup = self.sup
+        # A paused queue's jobs are read back from the store when it resumes: a
+        # million of them kept here would cost ~300 bytes each.
+        cache = len(sup.payloads) < PAYLOAD_CACHE and queue not in sup.paused and "*" not in sup.paused
+        for row in rows:
+            job_id = row[0]
+            if cache:
+                sup.payloads[job_id] = Payload(
+                    spec.name, queue, row[3], 0, retries + 1, timeout, priority, run_id,
+                    key, now, run_at, deadline,
+                )
             if deadline is not None:
-                self.sup._arm_deadline_timer()
-            self.sup.counters["submitted"] += len(rows)
-            if self.sup.events.everything:
+                sup.deadlines.push(deadline, job_id)
+            sup._enqueue(job_id, queue, spec.name, priority, run_at, now)
+        if deadline is not None:
+            sup._arm_deadline_timer()
+
+        def committed() -> None:
+            sup.counters["submitted"] += len(rows)
+            if sup.events.everything:
                 for job in jobs:
-                    self.sup.events.publish(
+                    sup.events.publish(
                         {"event": "submitted", "job_id": job["id"], "job": job}, queue, spec.name, run_id
                     )
             on_done(jobs, None)
 
         def failed(exc: BaseException) -> None:
-            if key is not None and self.sup.keys.get(key) == first_id:
-                del self.sup.keys[key]
+            if key is not None and sup.keys.get(key) == first_id:
+                del sup.keys[key]
+            for row in rows:
+                sup._withdraw(row[0], (queue, spec.name))
             on_done(None, exc)
 
         self.sup.committer.add_submit(rows, committed, failed, extra)

@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterable
 
 from .store import Store, StoreError, WriteBatch
 
 log = logging.getLogger("hostqueue.store")
+
+# New jobs per transaction, roughly (whole submits only): a larger backlog of
+# submits commits in several, so that the claims and outcomes arriving
+# meanwhile wait for one of them, not for all.
+MAX_NEW_ROWS = 4000
 
 # Written only together with the jobs they submit: refused with them.
 SUBMIT_KINDS = frozenset({"add_job", "save_schedule"})
@@ -35,6 +41,9 @@ class GroupCommitter:
         self._scheduled = False
         self._retry_delay = 0.0
         self.commits = 0
+        # Recent time from a write's arrival to its commit (EWMA, seconds): how far
+        # ahead a worker must be given work so that it never waits for its claims.
+        self.commit_latency = 0.0
         self.failures = 0
         self.last_error: str | None = None
         # Set while a failed transaction waits to be retried: new submits are
@@ -47,9 +56,10 @@ class GroupCommitter:
         self.batch.add(kind, params)
         self._schedule()
 
-    def after_commit(self, callback: Callable[[], None]) -> None:
-        """Run callback once everything added so far is committed."""
-        self.batch.after_commit.append(callback)
+    def after_commit(self, callback: Callable[[], None], job_ids: Iterable[int] | None = None) -> None:
+        """Run callback once everything added so far is committed; given job_ids,
+        once everything added so far about those jobs is."""
+        self.batch.after_commit(callback, job_ids)
         self._schedule()
 
     def add_submit(
@@ -61,16 +71,12 @@ class GroupCommitter:
     ) -> None:
         """Add new jobs (and writes that stand or fall with them); exactly one of the
         callbacks runs, after the transaction ends."""
-        for row in rows:
-            self.batch.add("add_job", row)
-        for kind, params in extra or ():
-            self.batch.add(kind, params)
-        self.batch.submits.append((on_commit, on_failure))
+        self.batch.add_submit(rows, list(extra or ()), on_commit, on_failure)
         self._schedule()
 
     async def barrier(self) -> None:
         """Wait until everything added so far is committed."""
-        if not self.batch.ops and not self._flushing:
+        if not len(self.batch) and not self._flushing:
             return
         done: asyncio.Future[None] = self.loop.create_future()
 
@@ -95,18 +101,21 @@ class GroupCommitter:
 
     async def _flush_loop(self) -> None:
         try:
-            while self.batch.ops or self.batch.after_commit or self.batch.submits:
-                batch, self.batch = self.batch, WriteBatch()
+            while len(self.batch) or self.batch.has_callbacks:
+                batch = self.batch
+                self.batch = batch.split(MAX_NEW_ROWS)
                 try:
-                    if batch.ops:
+                    if len(batch):
                         await self.store.apply(batch)
+                        took = time.monotonic() - batch.opened
+                        self.commit_latency += (took - self.commit_latency) * 0.2
                 except StoreError as exc:
                     self.failures += 1
                     self.last_error = str(exc)
                     self._carry_over(batch, exc)
                     self._retry_delay = min(max(self._retry_delay * 2, 0.1), 5.0)
                     log.error("%s; retrying in %.1f s", exc, self._retry_delay)
-                    self.failing = bool(self.batch.ops)
+                    self.failing = bool(len(self.batch))
                     await asyncio.sleep(self._retry_delay)
                     continue
                 if self.failing or self.last_error:
@@ -115,7 +124,7 @@ class GroupCommitter:
                 self._retry_delay = 0.0
                 self.last_error = None
                 self.commits += 1
-                callbacks = [ok for ok, _ in batch.submits] + batch.after_commit
+                callbacks = batch.callbacks()
                 for callback in callbacks:
                     try:
                         callback()
@@ -124,26 +133,24 @@ class GroupCommitter:
         finally:
             self._flushing = False
             self._idle.set()
-            if self.batch.ops or self.batch.after_commit or self.batch.submits:
+            if len(self.batch) or self.batch.has_callbacks:
                 self._schedule()
 
     def _carry_over(self, batch: WriteBatch, exc: StoreError) -> None:
         """Submits of a failed batch are refused; the rest goes first into the next attempt."""
-        for _, on_failure in batch.submits:
+        for _, on_failure in batch.submits():
             try:
                 on_failure(exc)
             except Exception:  # noqa: BLE001
                 log.exception("error in a submit-failure callback")
-        kept = [op for op in batch.ops if op[0] not in SUBMIT_KINDS and op[0] != "skip"]
-        self.batch.ops[:0] = kept
-        self.batch.claims.clear()  # positions moved: later finishes stay separate writes
-        self.batch.after_commit[:0] = batch.after_commit
+        kept = [op for op in batch.all_ops() if op[0] not in SUBMIT_KINDS]
+        self.batch.prepend(batch, kept)
 
     @property
     def busy(self) -> bool:
-        return self._flushing or bool(self.batch.ops)
+        return self._flushing or bool(len(self.batch))
 
     async def wait_idle(self) -> None:
-        while self._flushing or self._scheduled or self.batch.ops:
+        while self._flushing or self._scheduled or len(self.batch):
             await self._idle.wait()
             await asyncio.sleep(0)

@@ -135,6 +135,9 @@ class WorkerHandle:
     killed_for: str | None = None
     kill_error: dict[str, Any] | None = None
     running_job: int = 0
+    # When the jobs it holds should be done, by their tasks' recent run times
+    # (monotonic): how much work it holds, without summing over its jobs.
+    busy_until: float = 0.0
     idle_since: float | None = None
     rss_now: int | None = None
     state_at_exit: WorkerState = WorkerState.STARTING

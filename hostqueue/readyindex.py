@@ -14,7 +14,7 @@ import heapq
 from array import array
 from dataclasses import dataclass
 
-PAYLOAD_CACHE = 100_000  # pending jobs whose row is kept in memory for dispatch
+PAYLOAD_CACHE = 50_000  # pending jobs whose row is kept in memory for dispatch
 PRIORITY_MIN = -(2**31)
 PRIORITY_MAX = 2**31 - 1
 _ID_BITS = 40

@@ -15,7 +15,8 @@ DEFAULT_STORE = "./hostqueue.db"
 DEFAULT_GRACE = 30.0
 DEFAULT_MAX_LINE = 1024 * 1024
 MAX_WORKERS = 256
-MAX_PREFETCH = 8
+MAX_PREFETCH = 256
+DEFAULT_PREFETCH = 64
 
 
 def default_socket_for(store: str) -> str:
@@ -49,7 +50,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", int, None, "HOSTQUEUE_WORKERS", "worker processes (default: the size kept in the store, else the CPU count)", "workers.count"),
     Setting("tasks", list, (), "HOSTQUEUE_TASKS", "task modules to import (module names or .py paths; comma-separated in the environment)", "tasks.modules"),
     Setting("grace", float, DEFAULT_GRACE, "HOSTQUEUE_GRACE", "seconds running jobs get to finish on SIGTERM", "shutdown.grace"),
-    Setting("prefetch", int, MAX_PREFETCH, "HOSTQUEUE_PREFETCH", "jobs a worker may hold at once (1..8); 1 for long jobs", "workers.prefetch"),
+    Setting("prefetch", int, DEFAULT_PREFETCH, "HOSTQUEUE_PREFETCH", "jobs a worker may hold at once (1..256), fast ones only; 1 for long jobs", "workers.prefetch"),
     Setting("durability", str, "normal", "HOSTQUEUE_DURABILITY", "'normal' (WAL, synchronous=NORMAL) or 'full' (fsync every commit)", "store.durability"),
     Setting("max_line", int, DEFAULT_MAX_LINE, "HOSTQUEUE_MAX_LINE", "longest request line the socket accepts, in bytes", "socket.max_line"),
     Setting("log_level", str, "info", "HOSTQUEUE_LOG_LEVEL", "debug, info, warning or error", "logging.level"),
@@ -81,7 +82,7 @@ class SupervisorConfig:
     workers: int | None = None
     tasks: tuple[str, ...] = ()
     grace: float = DEFAULT_GRACE
-    prefetch: int = MAX_PREFETCH
+    prefetch: int = DEFAULT_PREFETCH
     durability: str = "normal"
     max_line: int = DEFAULT_MAX_LINE
     log_level: str = "info"

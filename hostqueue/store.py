@@ -13,11 +13,15 @@ backend can stand behind the same methods.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 from array import array
 import fcntl
+import logging
 import os
 import sqlite3
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -27,6 +31,16 @@ import orjson
 from .states import JobStatus
 
 T = TypeVar("T")
+
+log = logging.getLogger("hostqueue.store")
+
+# A write batch of at most this many statements commits on the loop's thread (see
+# Store.apply); larger ones in aiosqlite's.
+INLINE_WRITE_OPS = 48
+# Reads of at most this many jobs by id run on the loop's thread too.
+INLINE_READ_IDS = 64
+# Estimated WAL pages between our checkpoints (SQLite's default is 1,000).
+CHECKPOINT_PAGES = 1000
 
 JOB_COLUMNS = (
     "id", "task", "queue", "status", "args", "result", "error", "attempts", "max_attempts",
@@ -160,12 +174,6 @@ WRITES: dict[str, str] = {
         " progress = COALESCE(?, progress), progress_message = COALESCE(?, progress_message),"
         " cpu_seconds = ?, peak_rss = ? WHERE id = ?"
     ),
-    # A claim and the finish of the same attempt in one batch: one UPDATE, not two.
-    "claim_finish": (
-        "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ?,"
-        " progress = COALESCE(?, progress), progress_message = COALESCE(?, progress_message),"
-        " cpu_seconds = ?, peak_rss = ?, attempts = ?, started_at = ?, worker_pid = ? WHERE id = ?"
-    ),
     "retry_later": (
         "UPDATE jobs SET status = 'pending', run_at = ?, error = ?, worker_pid = NULL"
         " WHERE id = ?"
@@ -198,38 +206,193 @@ WRITES: dict[str, str] = {
 }
 
 
+# Writes about one existing job, whose id is their last parameter.
+_JOB_WRITES = frozenset({
+    "claim", "finish", "retry_later", "requeue_uncharged", "cancel_pending", "request_abort",
+    "revive", "record_progress",
+})
+NO_NEW_JOBS = 1 << 62
+
+Op = tuple[str, tuple[Any, ...]]
+
+
 @dataclass
-class WriteBatch:
-    """Writes gathered during one or more loop turns, applied in one transaction.
+class Segment:
+    """One submit's new rows, the writes about those jobs that followed, and the
+    callbacks waiting for them; or, with no rows, writes in arrival order."""
 
-    Kept in arrival order; consecutive writes of one kind go to SQLite together.
-    """
-
-    ops: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
-    after_commit: list[Callable[[], None]] = field(default_factory=list)
-    # (on_commit, on_failure) of each submit whose rows this batch adds
+    first_id: int = NO_NEW_JOBS
+    rows: int = 0
+    ops: list[Op] = field(default_factory=list)
+    callbacks: list[Callable[[], None]] = field(default_factory=list)
+    # (on_commit, on_failure) of its submit
     submits: list[tuple[Callable[[], None], Callable[[BaseException], None]]] = field(
         default_factory=list
     )
 
-    # job id -> position of its claim in ops, while the claim is still unflushed
-    claims: dict[int, int] = field(default_factory=dict)
+
+@dataclass
+class WriteBatch:
+    """Writes gathered during one or more loop turns, applied in one transaction.
+
+    Job ids only grow, so a write about a job older than every new job of the
+    batch depends on none of its inserts: such writes (``early``) go first, and
+    a write about a new job goes right after that job's submit (its segment),
+    not behind later submits. split() can then commit a backlog of submits in
+    several short transactions, and a claim or an outcome never waits behind all
+    of it. Other writes keep their arrival order. Consecutive writes of one kind
+    go to SQLite together.
+    """
+
+    early: list[Op] = field(default_factory=list)
+    early_callbacks: list[Callable[[], None]] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    # first ids of the segments that add jobs, in order, and those segments
+    _firsts: list[int] = field(default_factory=list)
+    _adding: list[Segment] = field(default_factory=list)
+    new_rows: int = 0
+    # when its first write arrived (monotonic)
+    opened: float = 0.0
+    # strictly in arrival order (after retried writes were put first)
+    ordered: bool = False
+    _size: int = 0
+
+    @property
+    def first_new_id(self) -> int:
+        return self._firsts[0] if self._firsts else NO_NEW_JOBS
+
+    def _last(self) -> Segment:
+        if not self.segments:
+            self.segments.append(Segment())
+        return self.segments[-1]
+
+    def _segment_of(self, job_id: int) -> Segment | None:
+        """The segment that adds this job, or None for a job older than them all."""
+        if self.ordered:
+            return self._last()
+        i = bisect.bisect_right(self._firsts, job_id)
+        return self._adding[i - 1] if i else None
+
+    def _touch(self) -> None:
+        if not self._size:
+            self.opened = time.monotonic()
+        self._size += 1
 
     def add(self, kind: str, params: tuple[Any, ...]) -> None:
-        if kind == "claim":
-            self.claims[params[-1]] = len(self.ops)
-        elif kind == "finish":
-            pos = self.claims.pop(params[-1], None)
-            if pos is not None:
-                # attempts, started_at, worker_pid of the claim join the finish.
-                attempt, started, pid, _ = self.ops[pos][1]
-                self.ops[pos] = ("skip", ())
-                self.ops.append(("claim_finish", params[:-1] + (attempt, started, pid, params[-1])))
-                return
-        self.ops.append((kind, params))
+        self._touch()
+        if kind in _JOB_WRITES:
+            seg = self._segment_of(params[-1])
+            if seg is None:
+                self.early.append((kind, params))
+            else:
+                seg.ops.append((kind, params))
+        else:
+            self._last().ops.append((kind, params))
+
+    def add_submit(
+        self,
+        rows: list[tuple[Any, ...]],
+        extra: list[Op],
+        on_commit: Callable[[], None],
+        on_failure: Callable[[BaseException], None],
+    ) -> None:
+        seg = Segment(first_id=rows[0][0] if rows else NO_NEW_JOBS, rows=len(rows))
+        seg.ops.extend(("add_job", row) for row in rows)
+        seg.ops.extend(extra)
+        seg.submits.append((on_commit, on_failure))
+        self._size += len(rows) + len(extra)
+        if self._size == len(rows) + len(extra):
+            self.opened = time.monotonic()
+        self.segments.append(seg)
+        if rows and not self.ordered:
+            self._firsts.append(seg.first_id)
+            self._adding.append(seg)
+        self.new_rows += len(rows)
+
+    def after_commit(self, callback: Callable[[], None], job_ids: Iterable[int] | None = None) -> None:
+        """Run callback once everything added so far is committed; given job_ids,
+        once everything added so far about those jobs is."""
+        if job_ids is not None and not self.ordered:
+            newest = max(job_ids, default=-1)
+            seg = self._segment_of(newest)
+            if seg is None:
+                self.early_callbacks.append(callback)
+            else:
+                seg.callbacks.append(callback)
+            return
+        self._last().callbacks.append(callback)
+
+    @property
+    def has_callbacks(self) -> bool:
+        return bool(self.early_callbacks) or any(
+            seg.callbacks or seg.submits for seg in self.segments
+        )
+
+    def all_ops(self) -> list[Op]:
+        ops = list(self.early)
+        for seg in self.segments:
+            ops.extend(seg.ops)
+        return ops
+
+    def submits(self) -> list[tuple[Callable[[], None], Callable[[BaseException], None]]]:
+        return [pair for seg in self.segments for pair in seg.submits]
+
+    def callbacks(self) -> list[Callable[[], None]]:
+        """After a commit: submits' on_commit first, then the rest in order."""
+        out = [ok for ok, _ in self.submits()] + self.early_callbacks
+        for seg in self.segments:
+            out.extend(seg.callbacks)
+        return out
+
+    def split(self, max_rows: int) -> "WriteBatch":
+        """Keep the early writes and the first segments adding max_rows new rows (at
+        least one); return the rest as a new batch. A transaction stays short."""
+        if self.new_rows <= max_rows:
+            return WriteBatch()
+        rows = 0
+        cut = 0
+        for i, seg in enumerate(self.segments):
+            if rows >= max_rows and seg.rows:
+                cut = i
+                break
+            rows += seg.rows
+        if not cut:
+            return WriteBatch()
+        rest = WriteBatch(segments=self.segments[cut:], ordered=self.ordered, opened=self.opened)
+        for seg in rest.segments:
+            rest._size += len(seg.ops)
+            rest.new_rows += seg.rows
+            if seg.rows and not rest.ordered:
+                rest._firsts.append(seg.first_id)
+                rest._adding.append(seg)
+        del self.segments[cut:]
+        self.new_rows = rows
+        self._size -= rest._size
+        return rest
+
+    def prepend(self, failed: "WriteBatch", ops: list[Op]) -> None:
+        """Put writes (and the callbacks) of a failed batch first, to be retried; this
+        batch's early writes follow them. From now on, writes keep arrival order."""
+        head = Segment(ops=ops + self.early, callbacks=failed.callbacks_without_submits())
+        head.callbacks.extend(self.early_callbacks)
+        self.early = []
+        self.early_callbacks = []
+        self.segments.insert(0, head)
+        self._size += len(ops)
+        self.ordered = True
+        self._firsts = []
+        self._adding = []
+        if ops:
+            self.opened = failed.opened or self.opened
+
+    def callbacks_without_submits(self) -> list[Callable[[], None]]:
+        out = list(self.early_callbacks)
+        for seg in self.segments:
+            out.extend(seg.callbacks)
+        return out
 
     def __len__(self) -> int:
-        return len(self.ops)
+        return self._size
 
 
 class StoreLocked(Exception):
@@ -322,13 +485,30 @@ class Store:
         self.durability = durability
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        # Held by whichever thread uses the connection: aiosqlite's, or the loop's
+        # for a small write (see apply()).
+        self._conn_lock = threading.Lock()
+        # WAL pages written since the last checkpoint, estimated: checkpoints run in
+        # aiosqlite's thread, never inside a commit on the loop's thread.
+        self._wal_pages = 0
+        self._checkpointing = False
+        # Checkpoints run on a connection (and thread) of their own, so that writes
+        # go on meanwhile, as WAL allows.
+        self._checkpointer: aiosqlite.Connection | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
     async def open(self) -> None:
         try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            # check_same_thread=False: small writes run on the loop's thread, one
+            # thread at a time under _conn_lock (see apply()).
+            self._db = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
             await self._run(self._prepare)
+            if self.durability != "full":
+                # Opened now, so that the set of descriptors stays the same while we run.
+                self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
+                await self._checkpointer.execute("PRAGMA busy_timeout = 5000")
+                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")  # opens the WAL
         except (sqlite3.Error, StoreError) as exc:
             await self.close()  # its thread must not keep the process alive
             cause = exc.__cause__ if isinstance(exc, StoreError) and exc.__cause__ else exc
@@ -347,6 +527,10 @@ class Store:
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("PRAGMA cache_size = -8000")  # 8 MB: the hot rows fit; memory stays small
         conn.execute("PRAGMA foreign_keys = ON")
+        # Checkpoints run in aiosqlite's thread when the WAL has grown (checkpoint()),
+        # never inside a commit that may run on the loop's thread.
+        if self.durability != "full":
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
         # Checks the file really is a database before we write to it.
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -369,26 +553,48 @@ class Store:
                 raise
 
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            ckpt, self._checkpointer = self._checkpointer, None
+            try:
+                await ckpt.close()
+            except sqlite3.Error:
+                pass
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], inline: bool = False) -> T:
         """Run fn(connection) in aiosqlite's thread, alone: one hop for a whole transaction.
-        SQLite's errors come out as StoreError."""
+        With inline=True (a write or read known to be quick), it runs right here on the
+        loop's thread when the connection is free. SQLite's errors come out as StoreError."""
         assert self._db is not None, "store is not open"
         db = self._db
+        conn_lock = self._conn_lock
+        if inline and not self._lock.locked() and conn_lock.acquire(blocking=False):
+            try:
+                return fn(db._conn)  # noqa: SLF001
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path}: {exc}") from exc
+            finally:
+                conn_lock.release()
+
+        def alone(conn: sqlite3.Connection) -> T:
+            with conn_lock:
+                return fn(conn)
+
         async with self._lock:
             try:
-                return await db._execute(fn, db._conn)  # noqa: SLF001 - one hop per batch
+                return await db._execute(alone, db._conn)  # noqa: SLF001 - one hop per batch
             except sqlite3.Error as exc:
                 raise StoreError(f"store {self.path}: {exc}") from exc
 
     # -- writes -----------------------------------------------------------------
 
     async def apply(self, batch: WriteBatch) -> None:
-        """Apply every write of the batch in one transaction; raise StoreError on failure."""
-        ops = batch.ops
+        """Apply every write of the batch in one transaction; raise StoreError on failure.
+        A small batch commits on the loop's thread, a large one in aiosqlite's, where
+        SQLite runs beside the loop."""
+        ops = batch.all_ops()
 
         def transaction(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
@@ -399,9 +605,7 @@ class Store:
                     j = i + 1
                     while j < n and ops[j][0] == kind:
                         j += 1
-                    if kind == "skip":
-                        pass
-                    elif j - i == 1:
+                    if j - i == 1:
                         conn.execute(WRITES[kind], ops[i][1])
                     else:
                         conn.executemany(WRITES[kind], [p for _, p in ops[i:j]])
@@ -412,10 +616,40 @@ class Store:
                     conn.execute("ROLLBACK")
                 raise
 
+        # A commit without fsync (WAL, synchronous=NORMAL) of a few rows costs tens of
+        # us; the hop to aiosqlite's thread and back costs about as much again, on
+        # the path of every job.
+        inline = len(ops) <= INLINE_WRITE_OPS and self.durability != "full"
         try:
-            await self._run(transaction)
+            await self._run(transaction, inline=inline)
         except StoreError as exc:
             raise StoreError(f"store write failed: {exc.__cause__ or exc}") from exc
+        self._maybe_checkpoint(len(ops))
+
+    def _maybe_checkpoint(self, ops: int) -> None:
+        """Checkpoint once about CHECKPOINT_PAGES were written, on a connection of its
+        own, beside our writes. SQLite's automatic checkpoint is off: it would run
+        inside a commit, on the loop's thread for small writes, and stop writes
+        while it fsyncs."""
+        if self.durability == "full":
+            return  # SQLite's automatic checkpoint stays on: every commit is in the thread
+        # An upper estimate: a small transaction touches a few pages per row, a large
+        # one shares pages between rows.
+        self._wal_pages += 2 + min(ops, 64) * 3 + max(ops - 64, 0) // 4
+        if self._checkpointing or self._wal_pages < CHECKPOINT_PAGES:
+            return
+        self._checkpointing = True
+        self._wal_pages = 0
+        asyncio.get_running_loop().create_task(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        try:
+            if self._checkpointer is not None:
+                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: closed meanwhile
+            log.warning("checkpoint failed (retried after more writes): %s", exc)
+        finally:
+            self._checkpointing = False
 
     # -- start-up -----------------------------------------------------------------
 
@@ -530,7 +764,7 @@ class Store:
                     )
             return out
 
-        return await self._run(fetch)
+        return await self._run(fetch, inline=len(ids) <= INLINE_READ_IDS)
 
     async def get_job(self, job_id: int) -> dict[str, Any] | None:
         def fetch(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
@@ -539,7 +773,7 @@ class Store:
             ).fetchone()
             return row
 
-        row = await self._run(fetch)
+        row = await self._run(fetch, inline=True)
         return job_row_to_dict(row) if row else None
 
     async def get_jobs(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
@@ -553,7 +787,7 @@ class Store:
                 rows.extend(conn.execute(_SELECT_JOB + f" WHERE id IN ({marks})", chunk))
             return rows
 
-        rows = await self._run(fetch)
+        rows = await self._run(fetch, inline=len(id_list) <= INLINE_READ_IDS)
         return {r[0]: job_row_to_dict(r) for r in rows}
 
     async def list_jobs(

@@ -62,6 +62,8 @@ RECENT_FINALS = 20_000  # final states remembered to answer races without a read
 # one pipe message, but a slow job alone, so others stay free for idle workers
 # (and for autoscale to see them wait). Tasks not yet measured count as slow.
 PREFETCH_WINDOW = 0.005
+# ... or, while commits take long (large submits), up to this much.
+PREFETCH_WINDOW_MAX = 0.05
 SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP,
 )
@@ -542,13 +544,18 @@ class Supervisor:
         self._dispatch_scheduled = False
         if self.state is not SupervisorState.RUNNING:
             return
+        now_m = time.monotonic()
+        # A worker is handed about this much work ahead: enough to keep it busy
+        # until the claims of its next jobs commit (jobs reach it after commit).
+        window = min(max(PREFETCH_WINDOW, 2 * self.committer.commit_latency), PREFETCH_WINDOW_MAX)
+        prefetch = self.config.prefetch
         idle = [w for w in self.workers.values() if w.state is WorkerState.IDLE and w.transport]
         # Busy workers running only fast jobs are topped up too: their next batch's
-        # claims commit while they run this one (jobs reach a worker after commit).
+        # claims commit while they run this one.
         refill = [
             w for w in self.workers.values()
-            if w.state is WorkerState.BUSY and w.transport and len(w.jobs) < self.config.prefetch
-            and sum(self.task_runtime.get(rj.task, PREFETCH_WINDOW) for rj in w.jobs.values()) < PREFETCH_WINDOW
+            if w.state is WorkerState.BUSY and w.transport and len(w.jobs) < prefetch
+            and w.busy_until - now_m < window
         ]
         if not idle and not refill:
             self.sizer.grow()
@@ -556,28 +563,28 @@ class Supervisor:
         idle += refill
         # The count is a hint for batch sizes; _next_job() is the truth.
         available = max(self.ready.available(self.paused), 1)
-        per_worker = max(1, min(self.config.prefetch, -(-available // len(idle))))
+        per_worker = max(1, min(prefetch, -(-available // len(idle))))
         now = time.time()
-        now_m = time.monotonic()
         self._limit_wake = math.inf
         max_jobs = self.config.max_jobs_per_worker
+        runtime = self.task_runtime
         for worker in idle:
             picked: list[tuple[Lane, int]] = []
-            budget = per_worker
-            budget = min(budget, self.config.prefetch - len(worker.jobs))
+            budget = min(per_worker, prefetch - len(worker.jobs))
             if max_jobs is not None:  # recycle on time: no more than it may still run
                 budget = min(budget, max_jobs - worker.jobs_done - len(worker.jobs))
             if budget <= 0:
                 continue
-            expected = sum(self.task_runtime.get(rj.task, PREFETCH_WINDOW) for rj in worker.jobs.values())
+            expected = max(0.0, worker.busy_until - now_m) if worker.jobs else 0.0
             for _ in range(budget):
                 taken = self._next_job(now_m)
                 if taken is None:
                     break
                 picked.append(taken)
-                expected += self.task_runtime.get(taken[0][1], PREFETCH_WINDOW)
-                if expected >= PREFETCH_WINDOW:
+                expected += runtime.get(taken[0][1], window)
+                if expected >= window:
                     break
+            worker.busy_until = now_m + expected
             if not picked:
                 break
             worker.state = WorkerState.BUSY
@@ -661,39 +668,37 @@ class Supervisor:
 
     def _send_jobs(self, worker: WorkerHandle, ids: list[int], now: float) -> None:
         messages = []
-        watch = bool(self.events.everything) or bool(self.events.by_job)
+        payloads = self.payloads
+        running = self.running
+        held = worker.jobs
+        add = self.committer.add
+        pid = worker.pid
         for job_id in ids:
-            p = self.payloads.pop(job_id)
+            p = payloads.pop(job_id)
             attempt = p.attempts + 1
             rj = RunningJob(
-                id=job_id, task=p.task, queue=p.queue, args=p.args, attempt=attempt,
-                max_attempts=p.max_attempts, timeout=p.timeout, priority=p.priority,
-                run_id=p.run_id, key=p.key, created_at=p.created_at, run_at=p.run_at,
-                deadline=p.deadline, claimed_at=now, worker_pid=worker.pid,
+                job_id, p.task, p.queue, p.args, attempt, p.max_attempts, p.timeout,
+                p.priority, p.run_id, p.key, p.created_at, p.run_at, p.deadline, now, pid,
             )
-            self.running[job_id] = rj
-            worker.jobs[job_id] = rj
+            running[job_id] = rj
+            held[job_id] = rj
             if job_id in self.claim_aborts:
                 self.claim_aborts.discard(job_id)
                 rj.abort_requested = True
-                self.committer.add("request_abort", (job_id,))
-            self.deadlines.discard(job_id)
-            self.committer.add("claim", (attempt, now, worker.pid, job_id))
+                add("request_abort", (job_id,))
+            if p.deadline is not None:
+                self.deadlines.discard(job_id)
+            add("claim", (attempt, now, pid, job_id))
             messages.append(
                 {"id": job_id, "task": p.task, "args": p.args, "attempt": attempt,
                  "max_attempts": p.max_attempts, "timeout": p.timeout,
                  "abort": rj.abort_requested}
             )
-            if watch and self.events.wants(job_id):
-                self.events.publish(
-                    {"event": "started", "job_id": job_id, "job": rj.to_dict()},
-                    rj.queue, rj.task, rj.run_id,
-                )
         self.counters["started"] += len(ids)
         # At least once, with every run counted: the worker gets the jobs only once
         # their claims (attempt + 1) are committed, so a kill -9 in between leaves
         # them pending with no run to count, never run with the attempt uncounted.
-        self.committer.after_commit(lambda: self._hand_over(worker, messages))
+        self.committer.after_commit(lambda: self._hand_over(worker, messages), ids)
         self.sampler.start()
 
     def _hand_over(self, worker: WorkerHandle, messages: list[dict[str, Any]]) -> None:
@@ -711,6 +716,14 @@ class Supervisor:
             self._check_drained()
             return
         worker.send({"t": "run", "jobs": live})
+        if self.events.everything or self.events.by_job:
+            for m in live:
+                rj = worker.jobs[m["id"]]
+                if self.events.wants(rj.id):
+                    self.events.publish(
+                        {"event": "started", "job_id": rj.id, "job": rj.to_dict()},
+                        rj.queue, rj.task, rj.run_id,
+                    )
 
     # == outcomes =================================================================
 
@@ -921,6 +934,26 @@ class Supervisor:
         self._forget(job_id, key, status)
         self.counters[status.value] += 1
         self.announcer.after_commit(job_id, status.value)
+
+    def _withdraw(self, job_id: int, lane: Lane) -> None:
+        """A job whose submit failed to commit: it never existed. It may be waiting,
+        or claimed with its hand-over waiting for a commit (which will skip it)."""
+        self.payloads.pop(job_id, None)
+        self.deadlines.discard(job_id)
+        if job_id in self.claiming:
+            return  # its claim is being read from the store: it finds no row, and drops it
+        rj = self.running.pop(job_id, None)
+        if rj is None:
+            if not self.delayed.discard(job_id):
+                self.ready.discard(job_id, lane)
+            return
+        for worker in self.workers.values():
+            if worker.jobs.pop(job_id, None) is not None:
+                self._job_left_worker(rj)
+                if not worker.jobs and worker.state is WorkerState.BUSY:
+                    worker.state = WorkerState.IDLE
+                    self.sizer.became_idle(worker)
+                break
 
     def _update_title(self) -> None:
         busy = sum(1 for w in self.workers.values() if w.jobs)

@@ -1,0 +1,162 @@
+"""The group commit's write batches, applied to a real SQLite store.
+
+A batch puts writes about jobs older than its new ones first, a write about a
+new job right after that job's submit, and split() commits a backlog of submits
+in several transactions. These tests check that every write still lands on a
+row that exists, in the order it was made, whatever the cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+
+import pytest
+
+from hostqueue.store import Store, StoreError, WriteBatch
+
+pytestmark = pytest.mark.timeout(60)
+
+NOW = time.time()
+
+
+def rows(first: int, n: int) -> list[tuple[object, ...]]:
+    return [
+        (i, "t.noop", "default", "{}", 4, 0, None, None, NOW, NOW, None, None)
+        for i in range(first, first + n)
+    ]
+
+
+def claim(job_id: int, attempt: int = 1) -> tuple[object, ...]:
+    return (attempt, NOW, 4242, job_id)
+
+
+def finish(job_id: int) -> tuple[object, ...]:
+    return ("completed", "true", None, NOW, None, None, 0.0, 1000, job_id)
+
+
+def statuses(path: str) -> dict[int, tuple[str, int]]:
+    with sqlite3.connect(path) as conn:
+        return {i: (s, a) for i, s, a in conn.execute("SELECT id, status, attempts FROM jobs")}
+
+
+def apply_all(path: str, batches: list[WriteBatch]) -> None:
+    async def go() -> None:
+        store = Store(path)
+        await store.open()
+        try:
+            for batch in batches:
+                await store.apply(batch)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def test_writes_about_older_jobs_go_first_and_new_jobs_follow_their_submit(tmp_path: str) -> None:
+    path = os.path.join(str(tmp_path), "q.db")
+    apply_all(path, [_batch_with(rows(1, 3))])  # jobs 1-3 exist already
+    done: list[str] = []
+    batch = WriteBatch()
+    batch.add_submit(rows(10, 5), [], lambda: done.append("submit 10"), lambda e: None)
+    batch.add_submit(rows(20, 5), [], lambda: done.append("submit 20"), lambda e: None)
+    batch.add("claim", claim(1))  # an old job: needs none of the inserts
+    batch.add("claim", claim(12))  # a job of the first submit
+    batch.add("claim", claim(22))
+    batch.after_commit(lambda: done.append("hand over 1"), [1])
+    batch.after_commit(lambda: done.append("hand over 12"), [12])
+    batch.after_commit(lambda: done.append("barrier"))
+    ops = batch.all_ops()
+    assert ops[0] == ("claim", claim(1)), "the old job's claim is not held behind the inserts"
+    assert ops.index(("claim", claim(12))) == 6, "job 12's claim follows its submit's 5 rows"
+    assert ops.index(("claim", claim(22))) == len(ops) - 1
+    apply_all(path, [batch])
+    for callback in batch.callbacks():
+        callback()
+    assert done == ["submit 10", "submit 20", "hand over 1", "hand over 12", "barrier"]
+    got = statuses(path)
+    assert got[1] == got[12] == got[22] == ("running", 1)
+    assert got[11] == ("pending", 0)
+
+
+def _batch_with(new: list[tuple[object, ...]]) -> WriteBatch:
+    batch = WriteBatch()
+    batch.add_submit(new, [], lambda: None, lambda e: None)
+    return batch
+
+
+def test_split_cuts_a_backlog_at_whole_submits_and_keeps_each_write_after_its_row(tmp_path: str) -> None:
+    path = os.path.join(str(tmp_path), "q.db")
+    apply_all(path, [_batch_with(rows(1, 10))])
+    batch = WriteBatch()
+    for first in (100, 1100, 2100, 3100):
+        batch.add_submit(rows(first, 1000), [], lambda: None, lambda e: None)
+    batch.add("claim", claim(5))
+    batch.add("claim", claim(150))
+    batch.add("claim", claim(2150))
+    late: list[int] = []
+    batch.after_commit(lambda: late.append(2150), [2150])
+    batch.after_commit(lambda: late.append(150), [150])
+    rest = batch.split(1500)
+    assert batch.new_rows == 2000 and rest.new_rows == 2000, "whole submits, at least 1500 rows"
+    head_ops = batch.all_ops()
+    assert ("claim", claim(5)) in head_ops and ("claim", claim(150)) in head_ops
+    assert ("claim", claim(2150)) in rest.all_ops()
+    assert batch.callbacks_without_submits() and rest.callbacks_without_submits()
+    # Writes that arrive while the head commits: about old and new jobs alike.
+    rest.add("finish", finish(5))
+    rest.add("claim", claim(3150))
+    assert rest.all_ops()[0] == ("finish", finish(5)), "the head's jobs count as old for the rest"
+    apply_all(path, [batch])
+    got = statuses(path)
+    assert 2150 not in got and got[150] == ("running", 1), "the head: its submits and their writes"
+    apply_all(path, [rest])
+    got = statuses(path)
+    assert got[5] == ("completed", 1)
+    assert got[150] == got[2150] == got[3150] == ("running", 1)
+    assert len(got) == 4010
+
+
+def test_a_small_batch_is_not_split() -> None:
+    batch = WriteBatch()
+    batch.add_submit(rows(1, 10), [], lambda: None, lambda e: None)
+    batch.add_submit(rows(11, 10), [], lambda: None, lambda e: None)
+    assert len(batch.split(100)) == 0 and len(batch) == 20
+    one = WriteBatch()
+    one.add_submit(rows(1, 5000), [], lambda: None, lambda e: None)
+    assert len(one.split(100)) == 0, "one submit is never cut: all or none"
+
+
+def test_after_a_failed_batch_retried_writes_keep_their_order(tmp_path: str) -> None:
+    path = os.path.join(str(tmp_path), "q.db")
+    apply_all(path, [_batch_with(rows(1, 3))])
+    failed = WriteBatch()
+    refused: list[BaseException] = []
+    failed.add_submit(rows(10, 2), [], lambda: None, refused.append)
+    failed.add("claim", claim(1))
+    handed: list[int] = []
+    failed.after_commit(lambda: handed.append(1), [1])
+    nxt = WriteBatch()
+    nxt.add("finish", finish(1))  # arrived while the failed batch was in flight
+    kept = [op for op in failed.all_ops() if op[0] != "add_job"]
+    nxt.prepend(failed, kept)
+    nxt.add("request_abort", (2,))
+    assert nxt.all_ops() == [("claim", claim(1)), ("finish", finish(1)), ("request_abort", (2,))]
+    apply_all(path, [nxt])
+    for callback in nxt.callbacks():
+        callback()
+    assert handed == [1]
+    assert statuses(path)[1] == ("completed", 1)
+    assert 10 not in statuses(path)
+
+
+def test_a_failing_store_refuses_the_whole_batch(tmp_path: str) -> None:
+    path = os.path.join(str(tmp_path), "q.db")
+    apply_all(path, [_batch_with(rows(1, 3))])
+    batch = WriteBatch()
+    batch.add_submit(rows(3, 2), [], lambda: None, lambda e: None)  # id 3 exists: the insert fails
+    with pytest.raises(StoreError, match="store write failed"):
+        apply_all(path, [batch])
+    assert sorted(statuses(path)) == [1, 2, 3], "nothing of the failed transaction stays"
