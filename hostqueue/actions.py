@@ -50,46 +50,48 @@ class Actions:
         deadline = options.get("deadline")
         key = options.get("key")
         run_id = options.get("run_id")
-        rows = []
+        sup = self.sup
+        first_id = sup.next_id
+        try:
+            texts = [orjson.dumps(args).decode() for args in args_list]
+        except orjson.JSONEncodeError as exc:
+            raise ProtocolError("bad_request", f"'args' cannot be stored as JSON: {exc}") from None
+        count = len(texts)
+        sup.next_id += count
+        ids = range(first_id, first_id + count)
+        max_attempts = retries + 1
+        params = (first_id, spec.name, queue, max_attempts, priority, key, run_id, now, run_at,
+                  deadline, timeout, orjson.dumps(texts).decode())
+        # Every job of a submit shares these; the reply copies the template.
+        template = {
+            "id": 0, "task": spec.name, "queue": queue, "status": "pending", "args": None,
+            "result": None, "error": None, "attempts": 0, "max_attempts": max_attempts,
+            "priority": priority, "progress": None, "progress_message": None, "key": key,
+            "run_id": run_id, "created_at": now, "started_at": None, "finished_at": None,
+            "run_at": run_at, "deadline": deadline, "timeout": timeout,
+            "abort_requested": False, "worker_pid": None,
+        }
         jobs = []
-        first_id = self.sup.next_id
-        for args in args_list:
-            job_id = self.sup.next_id
-            self.sup.next_id += 1
-            try:
-                args_text = orjson.dumps(args).decode()
-            except orjson.JSONEncodeError as exc:
-                self.sup.next_id = first_id  # nothing of this request was added
-                raise ProtocolError("bad_request", f"'args' cannot be stored as JSON: {exc}") from None
-            rows.append(
-                (job_id, spec.name, queue, args_text, retries + 1, priority, key, run_id,
-                 now, run_at, deadline, timeout)
-            )
-            jobs.append(
-                {"id": job_id, "task": spec.name, "queue": queue, "status": "pending",
-                 "args": args, "result": None, "error": None, "attempts": 0,
-                 "max_attempts": retries + 1, "priority": priority, "progress": None,
-                 "progress_message": None, "key": key, "run_id": run_id, "created_at": now,
-                 "started_at": None, "finished_at": None, "run_at": run_at,
-                 "deadline": deadline, "timeout": timeout, "abort_requested": False,
-                 "worker_pid": None}
-            )
+        for job_id, args in zip(ids, args_list):
+            job = template.copy()
+            job["id"] = job_id
+            job["args"] = args
+            jobs.append(job)
         if key is not None:
-            self.sup.keys[key] = first_id
+            sup.keys[key] = first_id
 
         # The jobs are ready at once, before their rows commit: dispatch claims them in
         # the same transaction that adds them (claims follow the inserts), and hands
         # them to workers once it commits, as the client gets its answer. If the
         # transaction fails, failed() takes them back out: nothing ran.
-        sup = self.sup
         # A paused queue's jobs are read back from the store when it resumes: a
         # million of them kept here would cost ~300 bytes each.
         cache = len(sup.payloads) < PAYLOAD_CACHE and queue not in sup.paused and "*" not in sup.paused
-        for row in rows:
-            job_id = row[0]
+        payloads = sup.payloads
+        for job_id, text in zip(ids, texts):
             if cache:
-                sup.payloads[job_id] = Payload(
-                    spec.name, queue, row[3], 0, retries + 1, timeout, priority, run_id,
+                payloads[job_id] = Payload(
+                    spec.name, queue, text, 0, max_attempts, timeout, priority, run_id,
                     key, now, run_at, deadline,
                 )
             if deadline is not None:
@@ -99,7 +101,7 @@ class Actions:
             sup._arm_deadline_timer()
 
         def committed() -> None:
-            sup.counters["submitted"] += len(rows)
+            sup.counters["submitted"] += count
             if sup.events.everything:
                 for job in jobs:
                     sup.events.publish(
@@ -110,11 +112,11 @@ class Actions:
         def failed(exc: BaseException) -> None:
             if key is not None and sup.keys.get(key) == first_id:
                 del sup.keys[key]
-            for row in rows:
-                sup._withdraw(row[0], (queue, spec.name))
+            for job_id in ids:
+                sup._withdraw(job_id, (queue, spec.name))
             on_done(None, exc)
 
-        self.sup.committer.add_submit(rows, committed, failed, extra)
+        sup.committer.add_submit(first_id, count, params, committed, failed, extra)
 
     async def committed_job(
         self, job_id: int) -> dict[str, Any] | None:

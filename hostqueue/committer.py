@@ -29,7 +29,7 @@ log = logging.getLogger("hostqueue.store")
 MAX_NEW_ROWS = 4000
 
 # Written only together with the jobs they submit: refused with them.
-SUBMIT_KINDS = frozenset({"add_job", "save_schedule"})
+SUBMIT_KINDS = frozenset({"add_jobs", "save_schedule"})
 
 
 class GroupCommitter:
@@ -64,14 +64,16 @@ class GroupCommitter:
 
     def add_submit(
         self,
-        rows: list[tuple[Any, ...]],
+        first_id: int,
+        count: int,
+        params: tuple[Any, ...],
         on_commit: Callable[[], None],
         on_failure: Callable[[BaseException], None],
         extra: list[tuple[str, tuple[Any, ...]]] | None = None,
     ) -> None:
-        """Add new jobs (and writes that stand or fall with them); exactly one of the
-        callbacks runs, after the transaction ends."""
-        self.batch.add_submit(rows, list(extra or ()), on_commit, on_failure)
+        """Add the jobs of one submit (and writes that stand or fall with them);
+        exactly one of the callbacks runs, after the transaction ends."""
+        self.batch.add_submit(first_id, count, params, list(extra or ()), on_commit, on_failure)
         self._schedule()
 
     async def barrier(self) -> None:

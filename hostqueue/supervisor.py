@@ -117,6 +117,7 @@ class Supervisor:
         self._grace_timer: asyncio.TimerHandle | None = None
         self._limit_wake = math.inf
         self._title = ""
+        self._title_prefix = f"hostqueue supervisor {os.path.abspath(config.store)}"
         self.loop: asyncio.AbstractEventLoop
         self.committer: GroupCommitter
         self.board: Board
@@ -732,12 +733,15 @@ class Supervisor:
         if message.get("mem") is not None:
             worker.rss_now = message["mem"]
         now = time.time()
+        held = worker.jobs
+        running = self.running
+        left = self.shaper.finished
         for o in outcomes:
-            rj = worker.jobs.pop(o["id"], None)
+            rj = held.pop(o["id"], None)
             if rj is None:
                 continue
-            self.running.pop(rj.id, None)
-            self._job_left_worker(rj)
+            running.pop(rj.id, None)
+            left((rj.queue, rj.task))  # its limits are free again (see _job_left_worker)
             worker.jobs_done += 1
             if o.get("p") is not None:
                 rj.progress, rj.progress_message = o["p"], o.get("pm")
@@ -757,6 +761,7 @@ class Supervisor:
                 self._finish(rj, JobStatus.FAILED, None, o.get("e"), now, attempt_started=o.get("st"))
             else:
                 self._fail_attempt(rj, o.get("e"), now, delay=o.get("d"), attempt_started=o.get("st"))
+        self._wake_dispatch()
         self.sizer.maybe_recycle(worker)
         if not worker.jobs and worker.state is WorkerState.BUSY:
             worker.state = WorkerState.IDLE
@@ -773,10 +778,11 @@ class Supervisor:
         now: float,
         attempt_started: float | None = None,
     ) -> None:
+        sv = status.value
         self.committer.add(
             "finish",
-            (status.value, result, error_json(error), now, rj.progress, rj.progress_message,
-             rj.cpu_seconds, rj.peak_rss, rj.id),
+            (sv, result, error_json(error) if error is not None else None, now, rj.progress,
+             rj.progress_message, rj.cpu_seconds, rj.peak_rss, rj.id),
         )
         # The attempt log keeps every failed attempt, and the last one of a job that
         # needed several; a job done at the first try has its figures on its row.
@@ -786,8 +792,8 @@ class Supervisor:
                 (rj.id, rj.attempt, status.value, error_json(error), rj.worker_pid,
                  attempt_started or rj.claimed_at, now, rj.cpu_seconds, rj.peak_rss),
             )
-        self._forget(rj.id, rj.key, status)
-        self.counters[status.value] += 1
+        self._forget(rj.id, rj.key, sv, now)
+        self.counters[sv] += 1
         self.runtime.observe(max(0.0, now - (attempt_started or rj.claimed_at)))
         if status is JobStatus.FAILED and error is not None:
             log.warning("job %d %s failed: %s: %s", rj.id, rj.task, error.get("type"), error.get("message"))
@@ -802,16 +808,17 @@ class Supervisor:
                            cpu_seconds=rj.cpu_seconds, peak_rss=rj.peak_rss)
             self.announcer.after_commit(rj.id, status.value, job)
 
-    def _forget(self, job_id: int, key: str | None, status: JobStatus) -> None:
+    def _forget(self, job_id: int, key: str | None, status: str, now: float | None = None) -> None:
         if key is not None and self.keys.get(key) == job_id:
             del self.keys[key]
         self.payloads.pop(job_id, None)
-        keep = self.retention.get(status.value)
+        keep = self.retention.get(status)
         if keep is not None:
-            self.retention_sweeper.arm(time.time() + keep)
-        self.recent_finals[job_id] = status.value
-        if len(self.recent_finals) > RECENT_FINALS:
-            self.recent_finals.popitem(last=False)
+            self.retention_sweeper.arm((now or time.time()) + keep)
+        finals = self.recent_finals
+        finals[job_id] = status
+        if len(finals) > RECENT_FINALS:
+            finals.popitem(last=False)
 
     def backoff(self, rj: RunningJob) -> float:
         spec = self.tasks.get(rj.task)
@@ -931,7 +938,7 @@ class Supervisor:
         self.deadlines.discard(job_id)
         key = payload.key if payload else next((k for k, v in self.keys.items() if v == job_id), None)
         self.committer.add("cancel_pending", (status.value, now, error_json(error), job_id))
-        self._forget(job_id, key, status)
+        self._forget(job_id, key, status.value, now)
         self.counters[status.value] += 1
         self.announcer.after_commit(job_id, status.value)
 
@@ -958,10 +965,7 @@ class Supervisor:
     def _update_title(self) -> None:
         busy = sum(1 for w in self.workers.values() if w.jobs)
         state = "" if self.state is SupervisorState.RUNNING else f", {self.state.value}"
-        title = (
-            f"hostqueue supervisor {os.path.abspath(self.config.store)}"
-            f" [{len(self.workers)} workers, {busy} busy{state}]"
-        )
+        title = f"{self._title_prefix} [{len(self.workers)} workers, {busy} busy{state}]"
         if title != self._title and not self.embedded:
             self._title = title
             set_title(title)

@@ -12,7 +12,9 @@ import asyncio
 import os
 import sqlite3
 import time
+from typing import Callable
 
+import orjson
 import pytest
 
 from hostqueue.store import Store, StoreError, WriteBatch
@@ -22,11 +24,12 @@ pytestmark = pytest.mark.timeout(60)
 NOW = time.time()
 
 
-def rows(first: int, n: int) -> list[tuple[object, ...]]:
-    return [
-        (i, "t.noop", "default", "{}", 4, 0, None, None, NOW, NOW, None, None)
-        for i in range(first, first + n)
-    ]
+def add(batch: WriteBatch, first: int, n: int, ok: Callable[[], None] = lambda: None,
+        fail: Callable[[BaseException], None] = lambda e: None) -> None:
+    """The jobs first .. first + n - 1 of one submit, as Actions.submit_jobs adds them."""
+    texts = orjson.dumps([orjson.dumps({"i": i}).decode() for i in range(first, first + n)]).decode()
+    params = (first, "t.noop", "default", 4, 0, None, None, NOW, NOW, None, None, texts)
+    batch.add_submit(first, n, params, [], ok, fail)
 
 
 def claim(job_id: int, attempt: int = 1) -> tuple[object, ...]:
@@ -57,11 +60,11 @@ def apply_all(path: str, batches: list[WriteBatch]) -> None:
 
 def test_writes_about_older_jobs_go_first_and_new_jobs_follow_their_submit(tmp_path: str) -> None:
     path = os.path.join(str(tmp_path), "q.db")
-    apply_all(path, [_batch_with(rows(1, 3))])  # jobs 1-3 exist already
+    apply_all(path, [_batch_with((1, 3))])  # jobs 1-3 exist already
     done: list[str] = []
     batch = WriteBatch()
-    batch.add_submit(rows(10, 5), [], lambda: done.append("submit 10"), lambda e: None)
-    batch.add_submit(rows(20, 5), [], lambda: done.append("submit 20"), lambda e: None)
+    add(batch, 10, 5, lambda: done.append("submit 10"))
+    add(batch, 20, 5, lambda: done.append("submit 20"))
     batch.add("claim", claim(1))  # an old job: needs none of the inserts
     batch.add("claim", claim(12))  # a job of the first submit
     batch.add("claim", claim(22))
@@ -70,7 +73,7 @@ def test_writes_about_older_jobs_go_first_and_new_jobs_follow_their_submit(tmp_p
     batch.after_commit(lambda: done.append("barrier"))
     ops = batch.all_ops()
     assert ops[0] == ("claim", claim(1)), "the old job's claim is not held behind the inserts"
-    assert ops.index(("claim", claim(12))) == 6, "job 12's claim follows its submit's 5 rows"
+    assert ops.index(("claim", claim(12))) == 2, "job 12's claim follows its submit's rows"
     assert ops.index(("claim", claim(22))) == len(ops) - 1
     apply_all(path, [batch])
     for callback in batch.callbacks():
@@ -81,18 +84,18 @@ def test_writes_about_older_jobs_go_first_and_new_jobs_follow_their_submit(tmp_p
     assert got[11] == ("pending", 0)
 
 
-def _batch_with(new: list[tuple[object, ...]]) -> WriteBatch:
+def _batch_with(new: tuple[int, int]) -> WriteBatch:
     batch = WriteBatch()
-    batch.add_submit(new, [], lambda: None, lambda e: None)
+    add(batch, new[0], new[1])
     return batch
 
 
 def test_split_cuts_a_backlog_at_whole_submits_and_keeps_each_write_after_its_row(tmp_path: str) -> None:
     path = os.path.join(str(tmp_path), "q.db")
-    apply_all(path, [_batch_with(rows(1, 10))])
+    apply_all(path, [_batch_with((1, 10))])
     batch = WriteBatch()
     for first in (100, 1100, 2100, 3100):
-        batch.add_submit(rows(first, 1000), [], lambda: None, lambda e: None)
+        add(batch, first, 1000)
     batch.add("claim", claim(5))
     batch.add("claim", claim(150))
     batch.add("claim", claim(2150))
@@ -121,26 +124,26 @@ def test_split_cuts_a_backlog_at_whole_submits_and_keeps_each_write_after_its_ro
 
 def test_a_small_batch_is_not_split() -> None:
     batch = WriteBatch()
-    batch.add_submit(rows(1, 10), [], lambda: None, lambda e: None)
-    batch.add_submit(rows(11, 10), [], lambda: None, lambda e: None)
+    add(batch, 1, 10, lambda: None)
+    add(batch, 11, 10, lambda: None)
     assert len(batch.split(100)) == 0 and len(batch) == 20
     one = WriteBatch()
-    one.add_submit(rows(1, 5000), [], lambda: None, lambda e: None)
+    add(one, 1, 5000)
     assert len(one.split(100)) == 0, "one submit is never cut: all or none"
 
 
 def test_after_a_failed_batch_retried_writes_keep_their_order(tmp_path: str) -> None:
     path = os.path.join(str(tmp_path), "q.db")
-    apply_all(path, [_batch_with(rows(1, 3))])
+    apply_all(path, [_batch_with((1, 3))])
     failed = WriteBatch()
     refused: list[BaseException] = []
-    failed.add_submit(rows(10, 2), [], lambda: None, refused.append)
+    add(failed, 10, 2, fail=refused.append)
     failed.add("claim", claim(1))
     handed: list[int] = []
     failed.after_commit(lambda: handed.append(1), [1])
     nxt = WriteBatch()
     nxt.add("finish", finish(1))  # arrived while the failed batch was in flight
-    kept = [op for op in failed.all_ops() if op[0] != "add_job"]
+    kept = [op for op in failed.all_ops() if op[0] != "add_jobs"]
     nxt.prepend(failed, kept)
     nxt.add("request_abort", (2,))
     assert nxt.all_ops() == [("claim", claim(1)), ("finish", finish(1)), ("request_abort", (2,))]
@@ -154,9 +157,9 @@ def test_after_a_failed_batch_retried_writes_keep_their_order(tmp_path: str) -> 
 
 def test_a_failing_store_refuses_the_whole_batch(tmp_path: str) -> None:
     path = os.path.join(str(tmp_path), "q.db")
-    apply_all(path, [_batch_with(rows(1, 3))])
+    apply_all(path, [_batch_with((1, 3))])
     batch = WriteBatch()
-    batch.add_submit(rows(3, 2), [], lambda: None, lambda e: None)  # id 3 exists: the insert fails
+    add(batch, 3, 2, lambda: None)  # id 3 exists: the insert fails
     with pytest.raises(StoreError, match="store write failed"):
         apply_all(path, [batch])
     assert sorted(statuses(path)) == [1, 2, 3], "nothing of the failed transaction stays"
