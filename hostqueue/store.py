@@ -502,9 +502,10 @@ class Store:
         # aiosqlite's thread, never inside a commit on the loop's thread.
         self._wal_pages = 0
         self._checkpointing = False
-        # Checkpoints run on a connection (and thread) of their own, so that writes
-        # go on meanwhile, as WAL allows.
-        self._checkpointer: aiosqlite.Connection | None = None
+        # A second connection (and thread) for long reads (counts, listings) and for
+        # checkpoints: WAL lets it read committed data while writes go on.
+        self._reader: aiosqlite.Connection | None = None
+        self._read_lock = asyncio.Lock()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -514,11 +515,10 @@ class Store:
             # thread at a time under _conn_lock (see apply()).
             self._db = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
             await self._run(self._prepare)
-            if self.durability != "full":
-                # Opened now, so that the set of descriptors stays the same while we run.
-                self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
-                await self._checkpointer.execute("PRAGMA busy_timeout = 5000")
-                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")  # opens the WAL
+            # Opened now, so that the set of descriptors stays the same while we run.
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._reader.execute("PRAGMA busy_timeout = 5000")
+            await self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")  # opens the WAL
         except (sqlite3.Error, StoreError) as exc:
             await self.close()  # its thread must not keep the process alive
             cause = exc.__cause__ if isinstance(exc, StoreError) and exc.__cause__ else exc
@@ -563,8 +563,8 @@ class Store:
                 raise
 
     async def close(self) -> None:
-        if self._checkpointer is not None:
-            ckpt, self._checkpointer = self._checkpointer, None
+        if self._reader is not None:
+            ckpt, self._reader = self._reader, None
             try:
                 await ckpt.close()
             except sqlite3.Error:
@@ -595,6 +595,18 @@ class Store:
         async with self._lock:
             try:
                 return await db._execute(alone, db._conn)  # noqa: SLF001 - one hop per batch
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path}: {exc}") from exc
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a long read on the second connection: it sees what is committed, and a
+        count over a million rows does not hold up our commits meanwhile."""
+        reader = self._reader
+        if reader is None:
+            return await self._run(fn)
+        async with self._read_lock:
+            try:
+                return await reader._execute(fn, reader._conn)  # noqa: SLF001
             except sqlite3.Error as exc:
                 raise StoreError(f"store {self.path}: {exc}") from exc
 
@@ -655,8 +667,8 @@ class Store:
 
     async def _checkpoint(self) -> None:
         try:
-            if self._checkpointer is not None:
-                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            if self._reader is not None:
+                await self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except (sqlite3.Error, ValueError) as exc:  # ValueError: closed meanwhile
             log.warning("checkpoint failed (retried after more writes): %s", exc)
         finally:
@@ -826,7 +838,7 @@ class Store:
         def fetch(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
             return conn.execute(sql, params).fetchall()
 
-        return [job_row_to_dict(r) for r in await self._run(fetch)]
+        return [job_row_to_dict(r) for r in await self._read(fetch)]
 
     async def unfinished_ids(self, run_id: str) -> list[int]:
         def fetch(conn: sqlite3.Connection) -> list[int]:
@@ -881,7 +893,7 @@ class Store:
                 ).fetchall()
             return rows
 
-        rows = await self._run(count)
+        rows = await self._read(count)
         names = ("pending", "scheduled", "running", "completed", "failed", "cancelled", "expired")
         totals: dict[str, Any] = {n: 0 for n in names}
         queues: dict[str, dict[str, int]] = {}
@@ -940,7 +952,7 @@ class Store:
                     out[status] = float(row[0])
             return out
 
-        return await self._run(fetch)
+        return await self._read(fetch)
 
     async def attempts_of(self, job_id: int) -> list[dict[str, Any]]:
         def fetch(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
@@ -951,7 +963,7 @@ class Store:
             ).fetchall()
 
         out = []
-        for attempt, status, error, pid, started, finished, cpu, rss in await self._run(fetch):
+        for attempt, status, error, pid, started, finished, cpu, rss in await self._read(fetch):
             out.append(
                 {
                     "attempt": attempt,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import logging
 import math
 import os
@@ -117,6 +118,7 @@ class Supervisor:
         self._grace_timer: asyncio.TimerHandle | None = None
         self._limit_wake = math.inf
         self._title = ""
+        self._trim_timer: asyncio.TimerHandle | None = None
         self._title_prefix = f"hostqueue supervisor {os.path.abspath(config.store)}"
         self.loop: asyncio.AbstractEventLoop
         self.committer: GroupCommitter
@@ -962,6 +964,19 @@ class Supervisor:
                     self.sizer.became_idle(worker)
                 break
 
+    def trim_memory_soon(self) -> None:
+        """Return freed heap to the system once large submits have gone through: a
+        million submitted jobs otherwise leave ~40 MB of free but fragmented heap."""
+        if self._trim_timer is None:
+            self._trim_timer = self.loop.call_later(TRIM_DELAY, self._trim_memory)
+
+    def _trim_memory(self) -> None:
+        self._trim_timer = None
+        if self.committer.busy:
+            self._trim_timer = self.loop.call_later(TRIM_DELAY, self._trim_memory)
+            return
+        malloc_trim()
+
     def _update_title(self) -> None:
         busy = sum(1 for w in self.workers.values() if w.jobs)
         state = "" if self.state is SupervisorState.RUNNING else f", {self.state.value}"
@@ -979,6 +994,16 @@ class Supervisor:
             log.warning("job %d ignored its abort for %.0f s: replacing worker %d", job_id, ABORT_GRACE, worker.pid)
             worker.killed_for = "abort"
             worker.kill(signal.SIGKILL)
+
+
+TRIM_DELAY = 0.2
+
+
+def malloc_trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def set_title(title: str) -> None:
