@@ -127,35 +127,56 @@ class Actions:
     async def committed_job(
         self, job_id: int) -> dict[str, Any] | None:
         """The job as the store has it once our writes so far are committed."""
-        rj = self.sup.running.get(job_id)
+        return (await self.committed_jobs([job_id])).get(job_id)
+
+    async def committed_jobs(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        """The jobs as the store has them once our writes so far are committed (with
+        the live progress of those running)."""
         await self.sup.committer.barrier()
-        job = await self.sup.store.get_job(job_id)
-        rj = self.sup.running.get(job_id)
-        if job is not None and rj is not None:
-            job.update(progress=rj.progress, progress_message=rj.progress_message,
-                       abort_requested=rj.abort_requested)
-        return job
+        jobs = await self.sup.store.get_jobs(ids)
+        for job_id, job in jobs.items():
+            rj = self.sup.running.get(job_id)
+            if rj is not None:
+                job.update(progress=rj.progress, progress_message=rj.progress_message,
+                           abort_requested=rj.abort_requested)
+        return jobs
 
     async def abort_job(
         self, job_id: int) -> dict[str, Any]:
-        job = await self.committed_job(job_id)
-        if job is None:
-            raise ProtocolError("not_found", f"no job has id {job_id}")
+        return (await self.abort_jobs([job_id], strict=True))[0]
+
+    async def abort_jobs(self, ids: list[int], strict: bool = False) -> list[dict[str, Any]]:
+        """Abort these jobs: one read before, one commit and one read after, however
+        many. With strict, a job that is unknown or has ended is an error; else it
+        is left out."""
+        sup = self.sup
+        before = await self.committed_jobs(ids)
         now = time.time()
-        if job_id in self.sup.claiming:
-            self.sup.claim_aborts.add(job_id)
-        elif job_id in self.sup.running:
-            self._request_abort(job_id)
-        elif job_id in self.sup.recent_finals or job["status"] not in ("pending", "running"):
-            status = self.sup.recent_finals.get(job_id, job["status"])
-            raise ProtocolError("invalid_state", f"job {job_id} has already ended ({status}); nothing to abort")
-        elif job["status"] == "pending":
-            self.sup._cancel_pending(
-                job_id, JobStatus.CANCELLED, now,
-                {"type": "Aborted", "message": "aborted before it started", "traceback": None},
-                lane=(job["queue"], job["task"]),
-            )
-        return await self.committed_job(job_id) or job
+        aborted = []
+        for job_id in ids:
+            job = before.get(job_id)
+            if job is None:
+                if strict:
+                    raise ProtocolError("not_found", f"no job has id {job_id}")
+                continue
+            if job_id in sup.claiming:
+                sup.claim_aborts.add(job_id)
+            elif job_id in sup.running:
+                self._request_abort(job_id)
+            elif job_id in sup.recent_finals or job["status"] not in ("pending", "running"):
+                if strict:
+                    status = sup.recent_finals.get(job_id, job["status"])
+                    raise ProtocolError("invalid_state", f"job {job_id} has already ended ({status}); nothing to abort")
+                continue
+            elif job["status"] == "pending":
+                sup._cancel_pending(
+                    job_id, JobStatus.CANCELLED, now,
+                    {"type": "Aborted", "message": "aborted before it started", "traceback": None},
+                    lane=(job["queue"], job["task"]),
+                )
+            aborted.append(job_id)
+        after = await self.committed_jobs(aborted)
+        return [after.get(job_id) or before[job_id] for job_id in aborted]
 
     def _request_abort(
         self, job_id: int) -> None:

@@ -362,13 +362,9 @@ class Operations:
     async def _abort_run(self, run_id: str) -> dict[str, Any]:
         sup = self.supervisor
         await sup.committer.barrier()
-        jobs = []
-        for job_id in await sup.store.unfinished_ids(run_id):
-            try:
-                jobs.append(await sup.actions.abort_job(job_id))
-            except ProtocolError:
-                continue  # it ended meanwhile
-        return {"jobs": jobs}
+        ids = await sup.store.unfinished_ids(run_id)
+        # Those that ended meanwhile are left out.
+        return {"jobs": await sup.actions.abort_jobs(ids)}
 
     def op_retry(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         job_id = _job_id(req)
