@@ -69,6 +69,18 @@ def _leading_id(line: bytes) -> Any:
         return None
 
 
+# A job in a reply: its fields and their names, besides its args.
+REPLY_BYTES_PER_JOB = 400
+
+
+def reply_estimate(request: dict[str, Any], line_bytes: int) -> int:
+    """How many bytes the reply to this request will take, roughly."""
+    args = request.get("args")
+    if request.get("op") == "submit_many" and isinstance(args, list):
+        return line_bytes + REPLY_BYTES_PER_JOB * len(args)
+    return 0
+
+
 class Connection(asyncio.Protocol):
     def __init__(self, server: "ControlServer") -> None:
         self.server = server
@@ -81,6 +93,10 @@ class Connection(asyncio.Protocol):
         self.subscriptions: list[Any] = []
         self.peer: tuple[int, int, int] | None = None
         self.eof = False
+        # Bytes of replies still to come for requests in flight (estimated): a big
+        # submit_many's reply is counted before it exists, so that a client
+        # pipelining many of them is held back before, not after, megabytes pile up.
+        self.replies_due = 0
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -149,7 +165,10 @@ class Connection(asyncio.Protocol):
         """Too much in flight for this client: leave its further lines unread for now."""
         if self.transport is None:
             return True
-        return len(self.tasks) >= MAX_IN_FLIGHT or self.transport.get_write_buffer_size() > WRITE_HIGH_WATER
+        return (
+            len(self.tasks) >= MAX_IN_FLIGHT
+            or self.transport.get_write_buffer_size() + self.replies_due > WRITE_HIGH_WATER
+        )
 
     def _process(self) -> None:
         limit = self.server.max_line
@@ -224,10 +243,13 @@ class Connection(asyncio.Protocol):
             return
         future = asyncio.ensure_future(result)
         self.tasks.add(future)
-        future.add_done_callback(lambda f: self._reply_later(request_id, f))
+        due = reply_estimate(request, len(line))
+        self.replies_due += due
+        future.add_done_callback(lambda f: self._reply_later(request_id, f, due))
 
-    def _reply_later(self, request_id: Any, future: asyncio.Future[Any]) -> None:
+    def _reply_later(self, request_id: Any, future: asyncio.Future[Any], due: int = 0) -> None:
         self.tasks.discard(future)
+        self.replies_due -= due
         if self.closed or future.cancelled():
             return
         try:

@@ -15,6 +15,7 @@ import re
 import resource
 import select
 import socket
+import sqlite3
 import tempfile
 import threading
 import time
@@ -544,6 +545,49 @@ def test_a_client_that_never_reads_costs_bounded_memory(
     assert result["growth"] <= bound, (
         f"one client that does not read its replies grew the supervisor by"
         f" {result['growth'] / MIB:.0f} MiB (bound {bound / MIB:.0f} MiB)")
+    assert_healthy(sup)
+
+
+@pytest.mark.timeout(120)
+def test_a_client_pipelining_big_submits_is_held_back_not_dropped(hq: HQEnv) -> None:
+    """40 submit_many of 5,000 jobs sent back to back (their replies: ~2 MB each,
+    80 MB in all). The server must stop reading this client's requests while
+    their replies are due (docs/protocol.md), not take them all, then drop the
+    client at 64 MiB of unsent replies. Every request is answered, in full."""
+    sup = hq.supervisor(workers=1)
+    sup.call("pause", "paused", queue="bulk")
+    n, per = 40, 5000
+    args = b"[" + b",".join([b'{"a": 1, "b": 2}'] * per) + b"]"
+    payload = b"".join(
+        b'{"id": %d, "op": "submit_many", "task": "%s.add", "queue": "bulk", "args": %s}\n'
+        % (i, TASKS.encode(), args) for i in range(n))
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(sup.socket))
+    sender = threading.Thread(target=client.sendall, args=(payload,), daemon=True)
+    # Hold SQLite's write lock (as a slow disk would), so that no reply can be
+    # written yet: the server would read all 40 requests if only written
+    # replies held it back. Released well within the store's 5 s busy timeout.
+    lock = sqlite3.connect(str(sup.store), timeout=10)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        sender.start()
+        sender.join(2.0)
+        took_all = not sender.is_alive()
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    replies = []
+    with client.makefile("rb") as lines:
+        for _ in range(n):
+            line = lines.readline()
+            assert line, f"the server closed the connection after {len(replies)} replies"
+            replies.append(json.loads(line))
+    sender.join(30)
+    client.close()
+    assert not took_all, "the server took all 40 requests while none of their replies could be written"
+    assert [r["id"] for r in replies] == list(range(n))
+    assert all(r["ok"] and len(r["jobs"]) == per for r in replies), [r.get("error") for r in replies]
+    assert sup.db_query("SELECT COUNT(*) FROM jobs WHERE queue = 'bulk'")[0][0] == n * per
     assert_healthy(sup)
 
 
