@@ -66,7 +66,9 @@ def test_recycle_by_job_count(hq: HQEnv) -> None:
         if pid not in sup.worker_pids():
             wait_for(lambda pid=pid: not is_alive(pid), 10, f"recycled worker {pid} to exit")
     assert sup.status()["counters"].get("recycled", 0) >= 2
-    assert sup.zombie_children() == []
+    # A recycled worker that has exited is a zombie until the supervisor's pidfd
+    # watch reaps it, a moment later.
+    wait_for(lambda: sup.zombie_children() == [], 5, "the supervisor to reap every recycled worker")
 
 
 @pytest.mark.timeout(40)
@@ -148,7 +150,7 @@ def test_autoscale_grows_shrinks_and_scale_turns_it_off(hq: HQEnv) -> None:
     wait_for(lambda: sup.status()["target_workers"] == 1 and len(sup.worker_pids()) == 1, 8,
              "the pool to shrink back to 1")
     assert time.time() - ended >= 0.8, "shrank before idle_timeout"
-    assert sup.zombie_children() == []
+    wait_for(lambda: sup.zombie_children() == [], 5, "the supervisor to reap every retired worker")
 
     # A manual size turns autoscale off: the pool keeps it past idle_timeout.
     assert sup.call("scale", "scale", n=2) == {"previous": 1, "target": 2}
