@@ -209,16 +209,17 @@ def submit_bulk(sup: Supervisor, n: int, queue: str | None = None, run_id: str |
 
     def take() -> None:
         nonlocal first, last, count
-        jobs = c.receive(inflight.pop(0))["jobs"]
+        ids = c.receive(inflight.pop(0))["ids"]
         if first < 0:
-            first = jobs[0]["id"]
-        last = jobs[-1]["id"]
-        count += len(jobs)
+            first = ids[0]
+        last = ids[-1]
+        count += len(ids)
 
     for size in sizes:
         if len(inflight) >= window:
             take()
-        inflight.append(c.send("submit_many", task=TASK, args=[{}] * size, **fields))
+        # The ids alone come back (Client.submit_many_ids), as a batch producer would ask.
+        inflight.append(c.send("submit_many", task=TASK, args=[{}] * size, reply="ids", **fields))
     while inflight:
         take()
     took = time.perf_counter() - t0

@@ -259,6 +259,17 @@ class AsyncClient:
                                    **fields)
         return [AsyncJobHandle(self, job) for job in reply["jobs"]]
 
+    async def submit_many_ids(self, task: str, args_list: Iterable[Mapping[str, Any]], *,
+                              queue: str | None = None, priority: int | None = None,
+                              delay: When = None, deadline: When = None,
+                              retries: int | None = None, timeout: float | None = None,
+                              run_id: str | None = None) -> list[int]:
+        """``submit_many`` that answers with the new jobs' ids only."""
+        fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
+        reply = await self.request("submit_many", task=task, args=[_args(a) for a in args_list],
+                                   reply="ids", **fields)
+        return cast("list[int]", reply["ids"])
+
     async def get(self, job_id: int) -> Job:
         return cast("Job", await self._ask("get", "job", job=job_id))
 

@@ -43,8 +43,10 @@ class Actions:
         options: dict[str, Any],
         on_done: Callable[[list[dict[str, Any]] | None, BaseException | None], None],
         extra: list[tuple[str, tuple[Any, ...]]] | None = None,
+        ids_only: bool = False,
     ) -> None:
-        """Add jobs; on_done(jobs, None) after COMMIT, or on_done(None, error)."""
+        """Add jobs; on_done(jobs, None) after COMMIT, or on_done(None, error). With
+        ids_only, the jobs are {"id": ...} alone (a lighter reply for large batches)."""
         now = time.time()
         queue = options.get("queue") or spec.queue
         priority = options["priority"] if options.get("priority") is not None else spec.priority
@@ -76,11 +78,12 @@ class Actions:
             "abort_requested": False, "worker_pid": None,
         }
         jobs = []
-        for job_id, args in zip(ids, args_list):
-            job = template.copy()
-            job["id"] = job_id
-            job["args"] = args
-            jobs.append(job)
+        if not ids_only or sup.events.everything:
+            for job_id, args in zip(ids, args_list):
+                job = template.copy()
+                job["id"] = job_id
+                job["args"] = args
+                jobs.append(job)
         if key is not None:
             sup.keys[key] = first_id
 
@@ -111,7 +114,7 @@ class Actions:
                     sup.events.publish(
                         {"event": "submitted", "job_id": job["id"], "job": job}, queue, spec.name, run_id
                     )
-            on_done(jobs, None)
+            on_done([{"id": i} for i in ids] if ids_only else jobs, None)
 
         def failed(exc: BaseException) -> None:
             if key is not None and sup.keys.get(key) == first_id:

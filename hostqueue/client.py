@@ -494,6 +494,17 @@ class Client:
                              **fields)
         return [JobHandle(self, job) for job in reply["jobs"]]
 
+    def submit_many_ids(self, task: str, args_list: Iterable[Mapping[str, Any]], *,
+                        queue: str | None = None, priority: int | None = None,
+                        delay: When = None, deadline: When = None, retries: int | None = None,
+                        timeout: float | None = None, run_id: str | None = None) -> list[int]:
+        """``submit_many`` that answers with the new jobs' ids only: a reply of a few
+        bytes per job instead of each whole job, for large batches."""
+        fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
+        reply = self.request("submit_many", task=task, args=[_args(a) for a in args_list],
+                             reply="ids", **fields)
+        return cast("list[int]", reply["ids"])
+
     def get(self, job_id: int) -> Job:
         return cast("Job", self._ask("get", "job", job=job_id))
 

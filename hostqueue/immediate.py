@@ -65,7 +65,7 @@ from .client import Client, _encode
 from .context import JobContext
 from .errors import ProtocolError
 from .exceptions import Aborted, Permanent
-from .operations import Operations, _field, _job_id
+from .operations import Operations, _field, _job_id, submit_many_reply
 from .registry import TaskModuleError, TaskSpec
 from .settings import DEFAULT_MAX_LINE, MAX_WORKERS
 from .states import ALL_STATES
@@ -311,11 +311,12 @@ class ImmediateSupervisor:
         if req.get("key") is not None:
             raise ProtocolError("bad_request", "'key' is not accepted by submit_many; submit keyed jobs one by one")
         opts = self._ops._submit_options(req)
+        ids_only = submit_many_reply(req) == "ids"
         if not args_list:
-            return {"jobs": []}
+            return {"ids": []} if ids_only else {"jobs": []}
         jobs = self._add(spec, args_list, opts)
         to_run.extend(j["id"] for j in jobs)
-        return {"jobs": jobs}
+        return {"ids": [j["id"] for j in jobs]} if ids_only else {"jobs": jobs}
 
     def _add(self, spec: TaskSpec, args_list: list[dict[str, Any]],
              opts: dict[str, Any]) -> list[dict[str, Any]]:

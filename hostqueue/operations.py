@@ -96,6 +96,14 @@ def _absolute(value: Any) -> float:
     return value.timestamp() if isinstance(value, datetime) else float(value)
 
 
+def submit_many_reply(req: dict[str, Any]) -> str:
+    """What a submit_many asks back: "jobs" (each job, the default) or "ids"."""
+    reply = _field(req, "reply", str, default="jobs")
+    if reply not in ("jobs", "ids"):
+        raise ProtocolError("bad_request", f"field 'reply' must be 'jobs' or 'ids', got {reply!r}")
+    return reply
+
+
 class Operations:
     def __init__(self, supervisor: "Supervisor") -> None:
         self.supervisor = supervisor
@@ -222,7 +230,8 @@ class Operations:
             raise ProtocolError("store_error", f"the job {job_id} holding this key was not stored; submit again")
         return {"job": job, "duplicate": True}
 
-    def _submit(self, spec: Any, args_list: list[dict[str, Any]], opts: dict[str, Any], many: bool) -> Reply:
+    def _submit(self, spec: Any, args_list: list[dict[str, Any]], opts: dict[str, Any], many: bool,
+                ids_only: bool = False) -> Reply:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
 
@@ -231,13 +240,16 @@ class Operations:
                 return
             if error is not None:
                 future.set_exception(ProtocolError("store_error", f"nothing was stored: {error}"))
+            elif ids_only:
+                assert jobs is not None
+                future.set_result({"ids": [job["id"] for job in jobs]})
             elif many:
                 future.set_result({"jobs": jobs})
             else:
                 assert jobs is not None
                 future.set_result({"job": jobs[0], "duplicate": False})
 
-        self.supervisor.actions.submit_jobs(spec, args_list, opts, done)
+        self.supervisor.actions.submit_jobs(spec, args_list, opts, done, ids_only=ids_only)
         return future
 
     def op_submit_many(self, conn: "Connection", req: dict[str, Any]) -> Reply:
@@ -250,9 +262,10 @@ class Operations:
         if req.get("key") is not None:
             raise ProtocolError("bad_request", "'key' is not accepted by submit_many; submit keyed jobs one by one")
         opts = self._submit_options(req)
+        ids_only = submit_many_reply(req) == "ids"
         if not args_list:
-            return {"jobs": []}
-        return self._submit(spec, args_list, opts, many=True)
+            return {"ids": []} if ids_only else {"jobs": []}
+        return self._submit(spec, args_list, opts, many=True, ids_only=ids_only)
 
     def op_get(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         job_id = _job_id(req)

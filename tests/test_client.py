@@ -53,6 +53,21 @@ def test_client_submit_many(sup: Supervisor) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_client_submit_many_ids_answers_with_ids_only(sup: Supervisor) -> None:
+    with hostqueue.Client(str(sup.socket), timeout=10) as c:
+        ids = c.submit_many_ids(f"{TASKS}.add", [{"a": i, "b": 1} for i in range(50)], run_id="r2")
+        assert len(ids) == 50 and ids == sorted(set(ids))
+        assert [c.wait(i, timeout=10)["result"] for i in ids] == [i + 1 for i in range(50)]
+        reply = c.request("submit_many", task=f"{TASKS}.add", args=[{"a": 1, "b": 1}], reply="ids")
+        assert set(reply) == {"id", "ok", "ids"}, "no job objects in an ids reply"
+        assert c.request("submit_many", task=f"{TASKS}.add", args=[], reply="ids")["ids"] == []
+        with pytest.raises(hostqueue.ProtocolError, match="'jobs' or 'ids'"):
+            c.request("submit_many", task=f"{TASKS}.add", args=[{}], reply="everything")
+    stored = sup.db_query("SELECT id, json_extract(args, '$.a') FROM jobs WHERE run_id = 'r2' ORDER BY id")
+    assert [(r[0], r[1]) for r in stored] == list(zip(ids, range(50)))
+
+
+@pytest.mark.timeout(30)
 def test_client_key_scale_and_status(hq: HQEnv, sup: Supervisor) -> None:
     with hostqueue.Client(str(sup.socket), timeout=10) as c:
         first = c.submit(f"{TASKS}.add", {"a": 1, "b": 1}, key="k", delay=60)

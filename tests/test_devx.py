@@ -389,7 +389,10 @@ def _scenario(c: hostqueue.Client) -> list[Any]:
     failed.wait(timeout=20)
     out.append(c.retry(failed.id)["status"] in ("pending", "running"))  # a worker may be quick
     out.append(ended(failed))
+    ids = c.submit_many_ids("devx_tasks.add", [{"a": i, "b": 1} for i in range(3)])
+    out.append(([i - ids[0] for i in ids], [c.wait(i, timeout=20)["result"] for i in ids]))
     for call in (lambda: c.submit("devx_tasks.nope"),
+                 lambda: c.request("submit_many", task="devx_tasks.add", args=[{}], reply="all"),
                  lambda: c.request("submit", task="devx_tasks.add", args="nope"),
                  lambda: c.request("submit_many", task="devx_tasks.add", args=[{}], key="k"),
                  lambda: handle.abort(),
