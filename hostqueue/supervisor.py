@@ -2,20 +2,24 @@
 
 Data flow of one job::
 
-    client --submit--> control --> Supervisor.submit_jobs
-                                     committer: INSERT (group commit, one transaction a turn)
-    client <--ack------------------- after COMMIT; the job enters the ready index
-                                     _dispatch (an event, never a poll): idle worker?
-                                     committer: UPDATE running   --pipe--> worker runs task
+    client --submit--> control --> Actions.submit_jobs: INSERT into the write batch,
+                                     and the job enters the ready index at once
+                                   Dispatch._dispatch (an event, never a poll): a
+                                     worker with room? its claim (UPDATE running)
+                                     joins the batch, after the INSERT
+                                   committer: one transaction for the turn's writes
+    client <--ack------------------- after COMMIT; the claimed jobs --pipe--> worker
                                      board (shared memory) <-- ctx.progress() in the worker
-                                     _on_outcomes <--pipe-- {"t": "done", ...}
+                                   Outcomes._on_outcomes <--pipe-- {"t": "done", ...}
                                      committer: UPDATE completed | retry | failed
     client <--events/wait----------- after COMMIT, to waiters and watchers
 
-Everything happens on one uvloop event loop. Signal handlers only record the
-signal; ``_handle_signals`` acts on it in the loop. Timers exist only for
-work that is due (delayed jobs, deadlines, retries, grace periods) or while
-jobs run (the progress sampler).
+This module holds the loop, signals, the pool and timers; dispatch.py and
+outcomes.py hold the two halves of a job's way through it, as mixins of
+``Supervisor``. Everything happens on one uvloop event loop. Signal handlers
+only record the signal; ``_handle_signals`` acts on it in the loop. Timers
+exist only for work that is due (delayed jobs, deadlines, retries, grace
+periods) or while jobs run (the progress sampler).
 """
 
 from __future__ import annotations
@@ -26,16 +30,14 @@ import ctypes
 import logging
 import math
 import os
-import random
 import signal
 import time
 from typing import Any
 
-import orjson
-
 from . import __version__, registry, sdnotify, settings
 from .board import Board
 from .committer import GroupCommitter
+from .dispatch import Dispatch
 from .errors import ProtocolError
 from .events import EventHub
 from .pool import RunningJob, Spawner, WorkerHandle, describe_exit
@@ -44,12 +46,13 @@ from .announce import Announcer
 from .autoscale import PoolSizer
 from .logs import setup_logging
 from .metrics import Histogram, MetricsServer, render
+from .outcomes import Outcomes, error_json, lost_error
 from .retention import Retention
 from .sampler import ProgressSampler
 from .reaper import ZombieReaper, block_sigchld
 from .schedules import Scheduler
 from .shaping import Shaper, ShapingConfig
-from .readyindex import Lane, Payload, ReadyIndex, TimedHeap, unpack_id
+from .readyindex import Lane, Payload, ReadyIndex, TimedHeap
 from .settings import SupervisorConfig
 from .states import JobStatus, SupervisorState, WorkerState
 from .store import Store, StoreError, StoreLock, StoreLocked
@@ -58,27 +61,12 @@ from .worker import EXIT_BOOT_ERROR
 
 log = logging.getLogger("hostqueue.supervisor")
 
-RECENT_FINALS = 20_000  # final states remembered to answer races without a read
-# A worker is handed at most this much expected work at once: many fast jobs in
-# one pipe message, but a slow job alone, so others stay free for idle workers
-# (and for autoscale to see them wait). Tasks not yet measured count as slow.
-PREFETCH_WINDOW = 0.005
-# ... or, while commits take long (large submits), up to this much.
-PREFETCH_WINDOW_MAX = 0.05
 SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP,
 )
 
 
-def error_json(error: dict[str, Any] | None) -> str | None:
-    return orjson.dumps(error).decode() if error is not None else None
-
-
-def lost_error(message: str) -> dict[str, Any]:
-    return {"type": "WorkerLost", "message": message, "traceback": None}
-
-
-class Supervisor:
+class Supervisor(Dispatch, Outcomes):
     def __init__(self, config: SupervisorConfig, embedded: bool = False) -> None:
         self.config = config
         # Embedded in someone else's program (hostqueue.Supervisor): no signal
@@ -535,349 +523,6 @@ class Supervisor:
         else:
             self._manage_workers()
             self._wake_dispatch()
-
-    # == dispatch ===============================================================
-
-    def _wake_dispatch(self) -> None:
-        if not self._dispatch_scheduled:
-            self._dispatch_scheduled = True
-            self.loop.call_soon(self._dispatch)
-
-    def _dispatch(self) -> None:
-        self._dispatch_scheduled = False
-        if self.state is not SupervisorState.RUNNING:
-            return
-        now_m = time.monotonic()
-        # A worker is handed about this much work ahead: enough to keep it busy
-        # until the claims of its next jobs commit (jobs reach it after commit).
-        window = min(max(PREFETCH_WINDOW, 2 * self.committer.commit_latency), PREFETCH_WINDOW_MAX)
-        prefetch = self.config.prefetch
-        idle = [w for w in self.workers.values() if w.state is WorkerState.IDLE and w.transport]
-        # Busy workers running only fast jobs are topped up too: their next batch's
-        # claims commit while they run this one.
-        refill = [
-            w for w in self.workers.values()
-            if w.state is WorkerState.BUSY and w.transport and len(w.jobs) < prefetch
-            and w.busy_until - now_m < window
-        ]
-        if not idle and not refill:
-            self.sizer.grow()
-            return
-        idle += refill
-        # The count is a hint for batch sizes; _next_job() is the truth.
-        available = max(self.ready.available(self.paused), 1)
-        per_worker = max(1, min(prefetch, -(-available // len(idle))))
-        now = time.time()
-        self._limit_wake = math.inf
-        max_jobs = self.config.max_jobs_per_worker
-        runtime = self.task_runtime
-        for worker in idle:
-            picked: list[tuple[Lane, int]] = []
-            budget = min(per_worker, prefetch - len(worker.jobs))
-            if max_jobs is not None:  # recycle on time: no more than it may still run
-                budget = min(budget, max_jobs - worker.jobs_done - len(worker.jobs))
-            if budget <= 0:
-                continue
-            expected = max(0.0, worker.busy_until - now_m) if worker.jobs else 0.0
-            for _ in range(budget):
-                taken = self._next_job(now_m)
-                if taken is None:
-                    break
-                picked.append(taken)
-                expected += runtime.get(taken[0][1], window)
-                if expected >= window:
-                    break
-            worker.busy_until = now_m + expected
-            if not picked:
-                break
-            worker.state = WorkerState.BUSY
-            ids = [unpack_id(packed) for _, packed in picked]
-            if any(i not in self.payloads for i in ids):
-                self.claiming.update(ids)
-                self.loop.create_task(self._fetch_and_send(worker, picked))
-            else:
-                self._send_jobs(worker, ids, now)
-        if self._limit_wake < math.inf:
-            self._limit_timer.arm(self._limit_wake)  # a rate-limited lane may start then
-        if self.ready.count:
-            self.sizer.grow()
-        self._update_title()
-
-    def _next_job(self, now_m: float) -> tuple[Lane, int] | None:
-        """Take the next job that may start now, across lanes, under pauses and limits."""
-        if "*" in self.paused:
-            return None
-        shaper = self.shaper
-        best_lane = None
-        best_key: tuple[float, float, int] | None = None
-        for lane in self.ready.lanes:
-            if lane[0] in self.paused:
-                continue
-            top = self.ready.top(lane)
-            if top is None:
-                continue
-            free = shaper.free_at(lane, now_m)
-            if free > now_m:
-                if free < self._limit_wake:
-                    self._limit_wake = free
-                continue
-            key = shaper.order_key(lane, top)
-            if best_key is None or key < best_key:
-                best_lane, best_key = lane, key
-        if best_lane is None:
-            return None
-        shaper.started(best_lane, now_m)
-        return best_lane, self.ready.pop(best_lane)
-
-    def _job_left_worker(self, rj: RunningJob) -> None:
-        """A held job is done with its worker (finished, failed, returned): free its limits."""
-        self.shaper.finished((rj.queue, rj.task))
-        self._wake_dispatch()
-
-    async def _fetch_and_send(self, worker: WorkerHandle, picked: list[tuple[Lane, int]]) -> None:
-        """Jobs without a cached payload (loaded at start, or beyond the cache): read, then send."""
-        ids = [unpack_id(packed) for _, packed in picked]
-        try:
-            await self.committer.barrier()
-            rows = await self.store.jobs_for_dispatch(ids)
-        except StoreError as exc:
-            log.error("cannot read jobs to dispatch: %s", exc)
-            rows = None
-        sendable = []
-        for lane, packed in picked:
-            job_id = unpack_id(packed)
-            self.claiming.discard(job_id)
-            row = rows.get(job_id) if rows is not None else None
-            aborted = job_id in self.recent_finals
-            if rows is None or worker.state is not WorkerState.BUSY or worker.exit_status is not None:
-                # Not claimed after all: back where it was, unless it ended meanwhile.
-                self.shaper.finished(lane)
-                if not aborted:
-                    self.ready.push_back(lane, packed)
-                continue
-            if row is None or aborted:
-                self.shaper.finished(lane)  # it ended (or vanished) while we read
-                continue
-            self.payloads[job_id] = Payload(
-                row.task, row.queue, row.args, row.attempts, row.max_attempts, row.timeout,
-                row.priority, row.run_id, row.key, row.created_at, row.run_at, row.deadline,
-            )
-            sendable.append(job_id)
-        if sendable:
-            self._send_jobs(worker, sendable, time.time())
-        elif worker.state is WorkerState.BUSY and not worker.jobs:
-            worker.state = WorkerState.IDLE
-        self._wake_dispatch()
-
-    def _send_jobs(self, worker: WorkerHandle, ids: list[int], now: float) -> None:
-        messages = []
-        payloads = self.payloads
-        running = self.running
-        held = worker.jobs
-        add = self.committer.add
-        pid = worker.pid
-        for job_id in ids:
-            p = payloads.pop(job_id)
-            attempt = p.attempts + 1
-            rj = RunningJob(
-                job_id, p.task, p.queue, p.args, attempt, p.max_attempts, p.timeout,
-                p.priority, p.run_id, p.key, p.created_at, p.run_at, p.deadline, now, pid,
-            )
-            running[job_id] = rj
-            held[job_id] = rj
-            if job_id in self.claim_aborts:
-                self.claim_aborts.discard(job_id)
-                rj.abort_requested = True
-                add("request_abort", (job_id,))
-            if p.deadline is not None:
-                self.deadlines.discard(job_id)
-            add("claim", (attempt, now, pid, job_id))
-            messages.append(
-                {"id": job_id, "task": p.task, "args": p.args, "attempt": attempt,
-                 "max_attempts": p.max_attempts, "timeout": p.timeout,
-                 "abort": rj.abort_requested}
-            )
-        self.counters["started"] += len(ids)
-        # At least once, with every run counted: the worker gets the jobs only once
-        # their claims (attempt + 1) are committed, so a kill -9 in between leaves
-        # them pending with no run to count, never run with the attempt uncounted.
-        self.committer.after_commit(lambda: self._hand_over(worker, messages), ids)
-        self.sampler.start()
-
-    def _hand_over(self, worker: WorkerHandle, messages: list[dict[str, Any]]) -> None:
-        live = [m for m in messages if m["id"] in worker.jobs]
-        if not live or worker.exit_status is not None:
-            return  # its exit put them back already
-        if worker.state is WorkerState.RETIRING:
-            # Retired (drain, scale-down, reload) while the claims committed: these
-            # jobs never start there; they go back without charging an attempt.
-            for m in live:
-                rj = worker.jobs.pop(m["id"])
-                self.running.pop(rj.id, None)
-                self._job_left_worker(rj)
-                self._requeue_uncharged(rj)
-            self._check_drained()
-            return
-        worker.send({"t": "run", "jobs": live})
-        if self.events.everything or self.events.by_job:
-            for m in live:
-                rj = worker.jobs[m["id"]]
-                if self.events.wants(rj.id):
-                    self.events.publish(
-                        {"event": "started", "job_id": rj.id, "job": rj.to_dict()},
-                        rj.queue, rj.task, rj.run_id,
-                    )
-
-    # == outcomes =================================================================
-
-    def _on_outcomes(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
-        outcomes: list[dict[str, Any]] = message["o"]
-        if message.get("mem") is not None:
-            worker.rss_now = message["mem"]
-        now = time.time()
-        held = worker.jobs
-        running = self.running
-        left = self.shaper.finished
-        for o in outcomes:
-            rj = held.pop(o["id"], None)
-            if rj is None:
-                continue
-            running.pop(rj.id, None)
-            left((rj.queue, rj.task))  # its limits are free again (see _job_left_worker)
-            worker.jobs_done += 1
-            if o.get("p") is not None:
-                rj.progress, rj.progress_message = o["p"], o.get("pm")
-            rj.cpu_seconds, rj.peak_rss = o.get("cpu"), o.get("rss")
-            if o.get("ft") is not None and o.get("st") is not None:
-                took = max(0.0, o["ft"] - o["st"])
-                avg = self.task_runtime.get(rj.task)
-                self.task_runtime[rj.task] = took if avg is None else avg * 0.8 + took * 0.2
-            status = o["s"]
-            if status == "ok":
-                self._finish(rj, JobStatus.COMPLETED, o.get("r"), None, now)
-            elif status == "returned":
-                self._requeue_uncharged(rj)
-            elif status == "aborted" or rj.abort_requested:
-                self._finish(rj, JobStatus.CANCELLED, None, o.get("e"), now, attempt_started=o.get("st"))
-            elif status == "permanent":
-                self._finish(rj, JobStatus.FAILED, None, o.get("e"), now, attempt_started=o.get("st"))
-            else:
-                self._fail_attempt(rj, o.get("e"), now, delay=o.get("d"), attempt_started=o.get("st"))
-        self._wake_dispatch()
-        self.sizer.maybe_recycle(worker)
-        if not worker.jobs and worker.state is WorkerState.BUSY:
-            worker.state = WorkerState.IDLE
-            self.sizer.became_idle(worker)
-            self._wake_dispatch()
-            self._update_title()
-
-    def _finish(
-        self,
-        rj: RunningJob,
-        status: JobStatus,
-        result: str | None,
-        error: dict[str, Any] | None,
-        now: float,
-        attempt_started: float | None = None,
-    ) -> None:
-        sv = status.value
-        self.committer.add(
-            "finish",
-            (sv, result, error_json(error) if error is not None else None, now, rj.progress,
-             rj.progress_message, rj.cpu_seconds, rj.peak_rss, rj.id),
-        )
-        # The attempt log keeps every failed attempt, and the last one of a job that
-        # needed several; a job done at the first try has its figures on its row.
-        if error is not None or rj.attempt > 1:
-            self.committer.add(
-                "record_attempt",
-                (rj.id, rj.attempt, status.value, error_json(error), rj.worker_pid,
-                 attempt_started or rj.claimed_at, now, rj.cpu_seconds, rj.peak_rss),
-            )
-        self._forget(rj.id, rj.key, sv, now)
-        self.counters[sv] += 1
-        self.runtime.observe(max(0.0, now - (attempt_started or rj.claimed_at)))
-        if status is JobStatus.FAILED and error is not None:
-            log.warning("job %d %s failed: %s: %s", rj.id, rj.task, error.get("type"), error.get("message"))
-        if rj.id in self.waiters or self.events.wants(rj.id):
-            # The store keeps an earlier attempt's progress when this one reported
-            # none: only then is the row worth reading back.
-            job = None
-            if rj.progress is not None or rj.attempt == 1:
-                job = rj.to_dict()
-                job.update(status=status.value, finished_at=now, error=error,
-                           result=orjson.loads(result) if result is not None else None,
-                           cpu_seconds=rj.cpu_seconds, peak_rss=rj.peak_rss)
-            self.announcer.after_commit(rj.id, status.value, job)
-
-    def _forget(self, job_id: int, key: str | None, status: str, now: float | None = None) -> None:
-        if key is not None and self.keys.get(key) == job_id:
-            del self.keys[key]
-        self.payloads.pop(job_id, None)
-        keep = self.retention.get(status)
-        if keep is not None:
-            self.retention_sweeper.arm((now or time.time()) + keep)
-        finals = self.recent_finals
-        finals[job_id] = status
-        if len(finals) > RECENT_FINALS:
-            finals.popitem(last=False)
-
-    def backoff(self, rj: RunningJob) -> float:
-        spec = self.tasks.get(rj.task)
-        base, factor, cap = (spec.backoff_base, spec.backoff_factor, spec.backoff_cap) if spec else (1.0, 2.0, 300.0)
-        delay = base * factor ** max(rj.attempt - 1, 0)
-        return min(cap, delay * random.uniform(0.75, 1.25))
-
-    def _fail_attempt(
-        self,
-        rj: RunningJob,
-        error: dict[str, Any] | None,
-        now: float,
-        delay: float | None = None,
-        attempt_started: float | None = None,
-    ) -> None:
-        if rj.attempt >= rj.max_attempts:
-            self._finish(rj, JobStatus.FAILED, None, error, now, attempt_started)
-            return
-        run_at = now + (self.backoff(rj) if delay is None else delay)
-        self.committer.add("retry_later", (run_at, error_json(error), rj.id))
-        self.committer.add(
-            "record_attempt",
-            (rj.id, rj.attempt, "retrying", error_json(error), rj.worker_pid,
-             attempt_started or rj.claimed_at, now, rj.cpu_seconds, rj.peak_rss),
-        )
-        self.counters["retried"] += 1
-        self.runtime.observe(max(0.0, now - (attempt_started or rj.claimed_at)))
-        self._make_pending(rj, rj.attempt, run_at)
-        if self.events.wants(rj.id):
-            # Not final: told at once, in order with `started`, from what we know.
-            job = rj.to_dict()
-            job.update(status="pending", run_at=run_at, error=error, started_at=None,
-                       worker_pid=None, finished_at=None)
-            self.events.publish({"event": "retrying", "job_id": rj.id, "job": job},
-                                rj.queue, rj.task, rj.run_id)
-
-    def _requeue_uncharged(self, rj: RunningJob) -> None:
-        """Back to pending as if the attempt never started (drain, worker retired)."""
-        self.committer.add("requeue_uncharged", (rj.id,))
-        self._make_pending(rj, rj.attempt - 1, rj.run_at)
-
-    def _make_pending(self, rj: RunningJob, attempts: int, run_at: float) -> None:
-        self.payloads[rj.id] = Payload(
-            rj.task, rj.queue, rj.args, attempts, rj.max_attempts, rj.timeout, rj.priority,
-            rj.run_id, rj.key, rj.created_at, run_at, rj.deadline,
-        )
-        self._enqueue(rj.id, rj.queue, rj.task, rj.priority, run_at, time.time())
-
-    def _enqueue(
-        self, job_id: int, queue: str, task: str, priority: int, run_at: float, now: float
-    ) -> None:
-        if run_at <= now:
-            self.ready.push((queue, task), priority, job_id)
-            self._wake_dispatch()
-        else:
-            self.delayed.push(run_at, job_id)
-            self._arm_delay_timer()
 
     # == timers ===================================================================
 
