@@ -14,24 +14,16 @@ they are committed.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .autoscale import PoolSizer
-from .committer import GroupCommitter
-from .events import EventHub
+from .parts import SupervisorParts
 from .pool import RunningJob, WorkerHandle
-from .readyindex import Lane, Payload, ReadyIndex, TimedHeap, unpack_id
-from .sampler import ProgressSampler
-from .settings import SupervisorConfig
-from .shaping import Shaper
+from .readyindex import Lane, Payload, unpack_id
 from .states import SupervisorState, WorkerState
-from .store import Store, StoreError
-from .timers import EarliestTimer
+from .store import StoreError
 
 log = logging.getLogger("hostqueue.supervisor")
 
@@ -43,37 +35,9 @@ PREFETCH_WINDOW = 0.005
 PREFETCH_WINDOW_MAX = 0.05
 
 
-class Dispatch:
+class Dispatch(SupervisorParts):
     """The dispatch half of the supervisor; its state lives on the Supervisor."""
 
-    if TYPE_CHECKING:
-        config: SupervisorConfig
-        state: SupervisorState
-        store: Store
-        loop: asyncio.AbstractEventLoop
-        committer: GroupCommitter
-        ready: ReadyIndex
-        deadlines: TimedHeap
-        payloads: dict[int, Payload]
-        running: dict[int, RunningJob]
-        claiming: set[int]
-        claim_aborts: set[int]
-        recent_finals: collections.OrderedDict[int, str]
-        workers: dict[int, WorkerHandle]
-        paused: set[str]
-        events: EventHub
-        counters: collections.Counter[str]
-        shaper: Shaper
-        task_runtime: dict[str, float]
-        sampler: ProgressSampler
-        sizer: PoolSizer
-        _dispatch_scheduled: bool
-        _limit_timer: EarliestTimer
-        _limit_wake: float
-
-        def _update_title(self) -> None: ...
-        def _requeue_uncharged(self, rj: RunningJob) -> None: ...
-        def _check_drained(self) -> None: ...
 
 
     def _wake_dispatch(self) -> None:

@@ -7,25 +7,16 @@ watchers hear of a final state after it is committed (the announcer).
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
-from . import registry
-from .announce import Announcer
-from .autoscale import PoolSizer
-from .committer import GroupCommitter
-from .events import EventHub
-from .metrics import Histogram
+from .parts import SupervisorParts
 from .pool import RunningJob, WorkerHandle
-from .readyindex import Payload, ReadyIndex, TimedHeap
-from .retention import Retention
-from .shaping import Shaper
+from .readyindex import Payload
 from .states import JobStatus, WorkerState
 
 log = logging.getLogger("hostqueue.supervisor")
@@ -41,32 +32,9 @@ def lost_error(message: str) -> dict[str, Any]:
     return {"type": "WorkerLost", "message": message, "traceback": None}
 
 
-class Outcomes:
+class Outcomes(SupervisorParts):
     """The outcome half of the supervisor; its state lives on the Supervisor."""
 
-    if TYPE_CHECKING:
-        committer: GroupCommitter
-        tasks: dict[str, registry.TaskSpec]
-        ready: ReadyIndex
-        delayed: TimedHeap
-        keys: dict[str, int]
-        payloads: dict[int, Payload]
-        running: dict[int, RunningJob]
-        recent_finals: collections.OrderedDict[int, str]
-        waiters: dict[int, list[asyncio.Future[dict[str, Any]]]]
-        events: EventHub
-        counters: collections.Counter[str]
-        shaper: Shaper
-        task_runtime: dict[str, float]
-        sizer: PoolSizer
-        runtime: Histogram
-        retention: dict[str, float]
-        retention_sweeper: Retention
-        announcer: Announcer
-
-        def _wake_dispatch(self) -> None: ...
-        def _update_title(self) -> None: ...
-        def _arm_delay_timer(self) -> None: ...
 
 
     def _on_outcomes(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
