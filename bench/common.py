@@ -46,14 +46,19 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def latency_summary(samples: list[float]) -> dict[str, float]:
-    """p50/p99/max in ms of submit-to-result samples given in seconds."""
+def latency_figures(samples: list[float], wanted: int) -> dict[str, float]:
+    """The latency figures (ms) of submit-to-result samples given in seconds; marked
+    capped when the time budget stopped the run before ``wanted`` samples."""
     s = sorted(samples)
-    return {
-        "p50": percentile(s, 50) * 1000,
-        "p99": percentile(s, 99) * 1000,
-        "max": s[-1] * 1000,
+    out = {
+        "lat_p50": percentile(s, 50) * 1000,
+        "lat_p99": percentile(s, 99) * 1000,
+        "lat_max": s[-1] * 1000,
+        "lat_n": float(len(s)),
     }
+    if len(s) < wanted:
+        out["lat_capped"] = 1.0
+    return out
 
 
 def median_spread(values: list[float]) -> tuple[float, float, float]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
-from common import BenchError, idle_usage, latency_summary, rss_mb, wait_until
+from common import BenchError, idle_usage, latency_figures, rss_mb, wait_until
 
 TASKS = '''
 import hostqueue
@@ -350,11 +350,7 @@ def latency(sup: Supervisor, n: int, queue: str | None = None, budget: float = 6
             raise BenchError(f"job {job.id} ended {done['status']} with result {done['result']!r}")
         if time.monotonic() > deadline and len(samples) >= 10:
             break
-    s = latency_summary(samples)
-    out = {"lat_p50": s["p50"], "lat_p99": s["p99"], "lat_max": s["max"], "lat_n": float(len(samples))}
-    if len(samples) < n:
-        out["lat_capped"] = 1.0
-    return out
+    return latency_figures(samples, n)
 
 
 def memory(sup: Supervisor) -> dict[str, float]:

@@ -44,9 +44,10 @@ class Actions:
         on_done: Callable[[list[dict[str, Any]] | None, BaseException | None], None],
         extra: list[tuple[str, tuple[Any, ...]]] | None = None,
         ids_only: bool = False,
-    ) -> None:
-        """Add jobs; on_done(jobs, None) after COMMIT, or on_done(None, error). With
-        ids_only, the jobs are {"id": ...} alone (a lighter reply for large batches)."""
+    ) -> range:
+        """Add jobs; on_done(jobs, None) after COMMIT, or on_done(None, error). Returns
+        the new jobs' ids. With ids_only no job objects are built for the reply (jobs
+        is then empty unless watchers want them): the caller answers with the ids."""
         now = time.time()
         queue = options.get("queue") or spec.queue
         priority = options["priority"] if options.get("priority") is not None else spec.priority
@@ -114,7 +115,7 @@ class Actions:
                     sup.events.publish(
                         {"event": "submitted", "job_id": job["id"], "job": job}, queue, spec.name, run_id
                     )
-            on_done([{"id": i} for i in ids] if ids_only else jobs, None)
+            on_done(jobs, None)
 
         def failed(exc: BaseException) -> None:
             if key is not None and sup.keys.get(key) == first_id:
@@ -126,6 +127,7 @@ class Actions:
         sup.committer.add_submit(first_id, count, params, committed, failed, extra)
         if count >= TRIM_AFTER_JOBS:
             sup.trim_memory_soon()
+        return ids
 
     async def committed_job(
         self, job_id: int) -> dict[str, Any] | None:

@@ -247,7 +247,7 @@ class Connection(asyncio.Protocol):
         self.replies_due += due
         future.add_done_callback(lambda f: self._reply_later(request_id, f, due))
 
-    def _reply_later(self, request_id: Any, future: asyncio.Future[Any], due: int = 0) -> None:
+    def _reply_later(self, request_id: Any, future: asyncio.Future[Any], due: int) -> None:
         self.tasks.discard(future)
         self.replies_due -= due
         if self.closed or future.cancelled():

@@ -241,15 +241,14 @@ class Operations:
             if error is not None:
                 future.set_exception(ProtocolError("store_error", f"nothing was stored: {error}"))
             elif ids_only:
-                assert jobs is not None
-                future.set_result({"ids": [job["id"] for job in jobs]})
+                future.set_result({"ids": list(ids)})
             elif many:
                 future.set_result({"jobs": jobs})
             else:
                 assert jobs is not None
                 future.set_result({"job": jobs[0], "duplicate": False})
 
-        self.supervisor.actions.submit_jobs(spec, args_list, opts, done, ids_only=ids_only)
+        ids = self.supervisor.actions.submit_jobs(spec, args_list, opts, done, ids_only=ids_only)
         return future
 
     def op_submit_many(self, conn: "Connection", req: dict[str, Any]) -> Reply:

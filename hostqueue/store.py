@@ -3,8 +3,11 @@
 SQLite through aiosqlite, in WAL mode. The supervisor is the only writer.
 Writes are described as intentions on a ``WriteBatch`` (add jobs, claim jobs,
 finish attempts, schedule retries, ...) and applied by ``apply()`` in one
-transaction, in one hop to aiosqlite's thread: the group commit. Reads take
-the same lock, so they never see half of a transaction of ours.
+transaction: the group commit, on the loop's thread when it is small, else in
+one hop to aiosqlite's thread. Point reads share that connection (and its
+lock), so they never see half of a transaction of ours; long reads (counts,
+listings) and WAL checkpoints use a second connection, which sees only what is
+committed and never holds up a commit.
 
 Methods are named for what they do, not for SQL shapes, so that another
 backend can stand behind the same methods.
@@ -261,10 +264,6 @@ class WriteBatch:
     ordered: bool = False
     _size: int = 0
 
-    @property
-    def first_new_id(self) -> int:
-        return self._firsts[0] if self._firsts else NO_NEW_JOBS
-
     def _last(self) -> Segment:
         if not self.segments:
             self.segments.append(Segment())
@@ -348,10 +347,7 @@ class WriteBatch:
 
     def callbacks(self) -> list[Callable[[], None]]:
         """After a commit: submits' on_commit first, then the rest in order."""
-        out = [ok for ok, _ in self.submits()] + self.early_callbacks
-        for seg in self.segments:
-            out.extend(seg.callbacks)
-        return out
+        return [ok for ok, _ in self.submits()] + self.callbacks_without_submits()
 
     def split(self, max_rows: int) -> "WriteBatch":
         """Keep the early writes and the first segments adding max_rows new rows (at
@@ -498,8 +494,8 @@ class Store:
         # Held by whichever thread uses the connection: aiosqlite's, or the loop's
         # for a small write (see apply()).
         self._conn_lock = threading.Lock()
-        # WAL pages written since the last checkpoint, estimated: checkpoints run in
-        # aiosqlite's thread, never inside a commit on the loop's thread.
+        # WAL pages written since the last checkpoint, estimated: checkpoints run on
+        # the second connection, never inside a commit on the loop's thread.
         self._wal_pages = 0
         self._checkpointing = False
         # A second connection (and thread) for long reads (counts, listings) and for
@@ -537,8 +533,8 @@ class Store:
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("PRAGMA cache_size = -8000")  # 8 MB: the hot rows fit; memory stays small
         conn.execute("PRAGMA foreign_keys = ON")
-        # Checkpoints run in aiosqlite's thread when the WAL has grown (checkpoint()),
-        # never inside a commit that may run on the loop's thread.
+        # Checkpoints run on the second connection when the WAL has grown
+        # (_maybe_checkpoint()), never inside a commit that may run on the loop's thread.
         if self.durability != "full":
             conn.execute("PRAGMA wal_autocheckpoint = 0")
         # Checks the file really is a database before we write to it.
@@ -564,9 +560,9 @@ class Store:
 
     async def close(self) -> None:
         if self._reader is not None:
-            ckpt, self._reader = self._reader, None
+            reader, self._reader = self._reader, None
             try:
-                await ckpt.close()
+                await reader.close()
             except sqlite3.Error:
                 pass
         if self._db is not None:
@@ -667,9 +663,8 @@ class Store:
 
     async def _checkpoint(self) -> None:
         try:
-            if self._reader is not None:
-                await self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except (sqlite3.Error, ValueError) as exc:  # ValueError: closed meanwhile
+            await self._read(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+        except (StoreError, ValueError) as exc:  # ValueError: closed meanwhile
             log.warning("checkpoint failed (retried after more writes): %s", exc)
         finally:
             self._checkpointing = False

@@ -106,7 +106,7 @@ class Supervisor(Dispatch, Outcomes):
         self._grace_timer: asyncio.TimerHandle | None = None
         self._limit_wake = math.inf
         self._title = ""
-        self._trim_timer: asyncio.TimerHandle | None = None
+        self._trimming = False
         self._title_prefix = f"hostqueue supervisor {os.path.abspath(config.store)}"
         self.loop: asyncio.AbstractEventLoop
         self.committer: GroupCommitter
@@ -601,26 +601,27 @@ class Supervisor(Dispatch, Outcomes):
             if not self.delayed.discard(job_id):
                 self.ready.discard(job_id, lane)
             return
-        for worker in self.workers.values():
-            if worker.jobs.pop(job_id, None) is not None:
-                self._job_left_worker(rj)
-                if not worker.jobs and worker.state is WorkerState.BUSY:
-                    worker.state = WorkerState.IDLE
-                    self.sizer.became_idle(worker)
-                break
+        worker = self.workers.get(rj.worker_pid)
+        if worker is not None and worker.jobs.pop(job_id, None) is not None:
+            self._job_left_worker(rj)
+            if not worker.jobs and worker.state is WorkerState.BUSY:
+                worker.state = WorkerState.IDLE
+                self.sizer.became_idle(worker)
 
     def trim_memory_soon(self) -> None:
         """Return freed heap to the system once large submits have gone through: a
-        million submitted jobs otherwise leave ~40 MB of free but fragmented heap."""
-        if self._trim_timer is None:
-            self._trim_timer = self.loop.call_later(TRIM_DELAY, self._trim_memory)
+        million submitted jobs otherwise leave ~25 MB of free but fragmented heap."""
+        if not self._trimming:
+            self._trimming = True
+            self.loop.create_task(self._trim_memory())
 
-    def _trim_memory(self) -> None:
-        self._trim_timer = None
-        if self.committer.busy:
-            self._trim_timer = self.loop.call_later(TRIM_DELAY, self._trim_memory)
-            return
-        malloc_trim()
+    async def _trim_memory(self) -> None:
+        try:
+            await asyncio.sleep(TRIM_DELAY)  # the replies of a burst of submits go out first
+            await self.committer.wait_idle()
+            malloc_trim()
+        finally:
+            self._trimming = False
 
     def _update_title(self) -> None:
         busy = sum(1 for w in self.workers.values() if w.jobs)
@@ -642,12 +643,13 @@ class Supervisor(Dispatch, Outcomes):
 
 
 TRIM_DELAY = 0.2
+_LIBC = ctypes.CDLL(None)
 
 
 def malloc_trim() -> None:
     try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
+        _LIBC.malloc_trim(0)
+    except AttributeError:  # not glibc
         pass
 
 

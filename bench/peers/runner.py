@@ -31,7 +31,7 @@ from common import (
     RECORD,
     BenchError,
     idle_usage,
-    latency_summary,
+    latency_figures,
     records_size,
     rss_mb,
     tree,
@@ -193,11 +193,7 @@ class Adapter:
                 raise BenchError(f"{self.label}: a job returned {result!r}, not True")
             if time.monotonic() > deadline and len(samples) >= 10:
                 break
-        s = latency_summary(samples)
-        out = {"lat_p50": s["p50"], "lat_p99": s["p99"], "lat_max": s["max"], "lat_n": float(len(samples))}
-        if len(samples) < n:
-            out["lat_capped"] = 1.0
-        return out
+        return latency_figures(samples, n)
 
     def memory(self, broker_pid: int | None) -> dict[str, float]:
         workers = self.worker_processes()
