@@ -16,6 +16,7 @@ import orjson
 from . import __version__, registry
 from .errors import ProtocolError
 from .states import JobStatus, SupervisorState, WorkerState
+from .outcomes import final_job
 from .readyindex import PAYLOAD_CACHE, Payload
 from .store import Store
 
@@ -205,6 +206,10 @@ class Actions:
             unfinished = job_id not in sup.recent_finals and (
                 job_id in sup.running or job_id in sup.claiming or job_id in sup.payloads
             )
+            recent = None if unfinished else sup.recent_jobs.get(job_id)
+            if recent is not None:  # it just ended: known whole from memory, once committed
+                await sup.committer.barrier()
+                return final_job(*recent)
             if not unfinished:  # else known from memory: no need to read the store first
                 job = await self.committed_job(job_id)
                 if job is None:
@@ -241,6 +246,7 @@ class Actions:
         now = time.time()
         self.sup.committer.add("revive", (now, job_id))
         self.sup.recent_finals.pop(job_id, None)
+        self.sup.recent_jobs.pop(job_id, None)
         if job["key"] is not None:
             self.sup.keys[job["key"]] = job_id
         self.sup.payloads[job_id] = Payload(

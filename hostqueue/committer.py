@@ -29,7 +29,7 @@ log = logging.getLogger("hostqueue.store")
 MAX_NEW_ROWS = 4000
 
 # Written only together with the jobs they submit: refused with them.
-SUBMIT_KINDS = frozenset({"add_jobs", "save_schedule"})
+SUBMIT_KINDS = frozenset({"add_jobs", "add_claimed", "save_schedule"})
 
 
 class GroupCommitter:
@@ -97,46 +97,77 @@ class GroupCommitter:
 
     def _start(self) -> None:
         self._scheduled = False
-        if not self._flushing:
-            self._flushing = True
+        if self._flushing:
+            return
+        self._flushing = True
+        if self.failing or not self.store.can_apply_now(len(self.batch)):
             self.loop.create_task(self._flush_loop())
-
-    async def _flush_loop(self) -> None:
+            return
+        # A small batch commits right here, in this turn: no task, no hop.
+        retry = False
         try:
+            batch = self.batch
+            self.batch = batch.split(MAX_NEW_ROWS)
+            try:
+                if len(batch):
+                    self.store.apply_now(batch)
+            except StoreError as exc:
+                self._failed(batch, exc)
+                retry = True
+                self.loop.create_task(self._flush_loop(self._retry_delay))
+                return
+            self._committed(batch)
+        finally:
+            if not retry:
+                self._flushing = False
+                self._idle.set()
+                if len(self.batch) or self.batch.has_callbacks:
+                    self._schedule()
+
+    async def _flush_loop(self, delay: float = 0.0) -> None:
+        try:
+            if delay:
+                await asyncio.sleep(delay)
             while len(self.batch) or self.batch.has_callbacks:
                 batch = self.batch
                 self.batch = batch.split(MAX_NEW_ROWS)
                 try:
                     if len(batch):
                         await self.store.apply(batch)
-                        took = time.monotonic() - batch.opened
-                        self.commit_latency += (took - self.commit_latency) * 0.2
                 except StoreError as exc:
-                    self.failures += 1
-                    self.last_error = str(exc)
-                    self._carry_over(batch, exc)
-                    self._retry_delay = min(max(self._retry_delay * 2, 0.1), 5.0)
-                    log.error("%s; retrying in %.1f s", exc, self._retry_delay)
-                    self.failing = bool(len(self.batch))
+                    self._failed(batch, exc)
                     await asyncio.sleep(self._retry_delay)
                     continue
-                if self.failing or self.last_error:
-                    log.warning("the store takes writes again")
-                self.failing = False
-                self._retry_delay = 0.0
-                self.last_error = None
-                self.commits += 1
-                callbacks = batch.callbacks()
-                for callback in callbacks:
-                    try:
-                        callback()
-                    except Exception:  # noqa: BLE001 - one bad callback must not stop the rest
-                        log.exception("error in a post-commit callback")
+                self._committed(batch)
         finally:
             self._flushing = False
             self._idle.set()
             if len(self.batch) or self.batch.has_callbacks:
                 self._schedule()
+
+    def _failed(self, batch: WriteBatch, exc: StoreError) -> None:
+        self.failures += 1
+        self.last_error = str(exc)
+        self._carry_over(batch, exc)
+        self._retry_delay = min(max(self._retry_delay * 2, 0.1), 5.0)
+        log.error("%s; retrying in %.1f s", exc, self._retry_delay)
+        self.failing = bool(len(self.batch))
+
+    def _committed(self, batch: WriteBatch) -> None:
+        if len(batch):
+            took = time.monotonic() - batch.opened
+            self.commit_latency += (took - self.commit_latency) * 0.2
+        if self.failing or self.last_error:
+            log.warning("the store takes writes again")
+        self.failing = False
+        self._retry_delay = 0.0
+        self.last_error = None
+        self.commits += 1
+        for callback in batch.callbacks():
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - one bad callback must not stop the rest
+                log.exception("error in a post-commit callback")
 
     def _carry_over(self, batch: WriteBatch, exc: StoreError) -> None:
         """Submits of a failed batch are refused; the rest goes first into the next attempt."""

@@ -97,6 +97,8 @@ class Connection(asyncio.Protocol):
         # submit_many's reply is counted before it exists, so that a client
         # pipelining many of them is held back before, not after, megabytes pile up.
         self.replies_due = 0
+        # Reading is paused (too much in flight, or unread replies): _unhold() resumes it.
+        self.held_back = False
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -152,6 +154,7 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The client is not reading its replies: stop taking its requests.
         if self.transport is not None:
+            self.held_back = True
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
@@ -177,6 +180,7 @@ class Connection(asyncio.Protocol):
         while not self.closed:
             if self._held():
                 if self.transport is not None:
+                    self.held_back = True
                     self.transport.pause_reading()  # resumed as replies go out
                 break
             nl = buf.find(b"\n", pos)
@@ -199,10 +203,11 @@ class Connection(asyncio.Protocol):
             buf.clear()
 
     def _unhold(self) -> None:
-        if self.closed or self.transport is None or self._held():
+        if not self.held_back or self.closed or self.transport is None or self._held():
             return
+        self.held_back = False
         self._process()
-        if not self._held() and not self.eof:
+        if not self.held_back and not self.eof:
             self.transport.resume_reading()
 
     # -- requests -------------------------------------------------------------------
@@ -241,7 +246,7 @@ class Connection(asyncio.Protocol):
         if isinstance(result, dict):
             self.reply(request_id, result)
             return
-        future = asyncio.ensure_future(result)
+        future = result if isinstance(result, asyncio.Future) else asyncio.ensure_future(result)
         self.tasks.add(future)
         due = reply_estimate(request, len(line))
         self.replies_due += due

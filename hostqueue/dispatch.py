@@ -49,6 +49,10 @@ class Dispatch(SupervisorParts):
         self._dispatch_scheduled = False
         if self.state is not SupervisorState.RUNNING:
             return
+        if not self.ready.count:
+            # Nothing to hand out: the common call after a job ends with none waiting.
+            self._update_title()
+            return
         now_m = time.monotonic()
         # A worker is handed about this much work ahead: enough to keep it busy
         # until the claims of its next jobs commit (jobs reach it after commit).

@@ -22,6 +22,9 @@ from .states import JobStatus, WorkerState
 log = logging.getLogger("hostqueue.supervisor")
 
 RECENT_FINALS = 20_000  # final states remembered to answer races without a read
+# Jobs just ended, whole: a `wait` that arrives right after its job ended (the
+# usual case for a fast job) answers from memory, not from a read.
+RECENT_JOBS = 1024
 
 
 def error_json(error: dict[str, Any] | None) -> str | None:
@@ -30,6 +33,16 @@ def error_json(error: dict[str, Any] | None) -> str | None:
 
 def lost_error(message: str) -> dict[str, Any]:
     return {"type": "WorkerLost", "message": message, "traceback": None}
+
+
+def final_job(rj: RunningJob, status: str, result: str | None, error: dict[str, Any] | None,
+              now: float) -> dict[str, Any]:
+    """The job as its final write leaves it in the store, from what is in memory."""
+    job = rj.to_dict()
+    job.update(status=status, finished_at=now, error=error,
+               result=orjson.loads(result) if result is not None else None,
+               cpu_seconds=rj.cpu_seconds, peak_rss=rj.peak_rss)
+    return job
 
 
 class Outcomes(SupervisorParts):
@@ -106,16 +119,16 @@ class Outcomes(SupervisorParts):
         self.runtime.observe(max(0.0, now - (attempt_started or rj.claimed_at)))
         if status is JobStatus.FAILED and error is not None:
             log.warning("job %d %s failed: %s: %s", rj.id, rj.task, error.get("type"), error.get("message"))
+        # The store keeps an earlier attempt's progress when this one reported none:
+        # only then is the row worth reading back.
+        whole = rj.progress is not None or rj.attempt == 1
+        if whole:
+            recent = self.recent_jobs
+            recent[rj.id] = (rj, sv, result, error, now)
+            if len(recent) > RECENT_JOBS:
+                recent.popitem(last=False)
         if rj.id in self.waiters or self.events.wants(rj.id):
-            # The store keeps an earlier attempt's progress when this one reported
-            # none: only then is the row worth reading back.
-            job = None
-            if rj.progress is not None or rj.attempt == 1:
-                job = rj.to_dict()
-                job.update(status=status.value, finished_at=now, error=error,
-                           result=orjson.loads(result) if result is not None else None,
-                           cpu_seconds=rj.cpu_seconds, peak_rss=rj.peak_rss)
-            self.announcer.after_commit(rj.id, status.value, job)
+            self.announcer.after_commit(rj.id, sv, final_job(rj, sv, result, error, now) if whole else None)
 
     def _forget(self, job_id: int, key: str | None, status: str, now: float | None = None) -> None:
         if key is not None and self.keys.get(key) == job_id:

@@ -41,6 +41,7 @@ class SupervisorParts:
         claiming: set[int]
         claim_aborts: set[int]
         recent_finals: collections.OrderedDict[int, str]
+        recent_jobs: collections.OrderedDict[int, tuple[Any, ...]]
         workers: dict[int, WorkerHandle]
         paused: set[str]
         events: EventHub

@@ -172,6 +172,15 @@ WRITES: dict[str, str] = {
         " SELECT ?1 + key, ?2, ?3, 'pending', value, 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11"
         " FROM json_each(?12)"
     ),
+    # One job added and claimed in one transaction (the usual fate of a job
+    # submitted to an idle pool): "add_jobs" params, then attempts, started_at and
+    # worker_pid. One statement instead of two.
+    "add_claimed": (
+        "INSERT INTO jobs (id, task, queue, status, args, attempts, max_attempts, priority,"
+        " key, run_id, created_at, run_at, deadline, timeout, started_at, worker_pid)"
+        " SELECT ?1 + key, ?2, ?3, 'running', value, ?13, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11,"
+        " ?14, ?15 FROM json_each(?12)"
+    ),
     "claim": (
         "UPDATE jobs SET status = 'running', attempts = ?, started_at = ?, worker_pid = ?,"
         " finished_at = NULL WHERE id = ?"
@@ -287,6 +296,12 @@ class WriteBatch:
             seg = self._segment_of(params[-1])
             if seg is None:
                 self.early.append((kind, params))
+            elif (
+                kind == "claim" and seg.rows == 1 and seg.first_id == params[-1]
+                and len(seg.ops) == 1 and seg.ops[0][0] == "add_jobs"
+            ):
+                # Claimed in the transaction that adds it: added running.
+                seg.ops[0] = ("add_claimed", seg.ops[0][1] + params[:3])
             else:
                 seg.ops.append((kind, params))
         else:
@@ -485,6 +500,32 @@ class DispatchRow:
     deadline: float | None
 
 
+def _transaction(conn: sqlite3.Connection, ops: list[Op]) -> None:
+    """Every write of a batch in one transaction; runs of one kind in one executemany."""
+    if len(ops) == 1:
+        # One statement is its own transaction: no BEGIN and COMMIT to pay for.
+        conn.execute(WRITES[ops[0][0]], ops[0][1])
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        i, n = 0, len(ops)
+        while i < n:
+            kind = ops[i][0]
+            j = i + 1
+            while j < n and ops[j][0] == kind:
+                j += 1
+            if j - i == 1:
+                conn.execute(WRITES[kind], ops[i][1])
+            else:
+                conn.executemany(WRITES[kind], [p for _, p in ops[i:j]])
+            i = j
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 class Store:
     def __init__(self, path: str, durability: str = "normal") -> None:
         self.path = path
@@ -608,39 +649,39 @@ class Store:
 
     # -- writes -----------------------------------------------------------------
 
+    def can_apply_now(self, size: int) -> bool:
+        """Whether apply_now() would take a batch of this many writes: a small one,
+        with the connection free, and commits that do not fsync."""
+        return (
+            size <= INLINE_WRITE_OPS and self.durability != "full" and self._db is not None
+            and not self._lock.locked() and not self._conn_lock.locked()
+        )
+
+    def apply_now(self, batch: WriteBatch) -> None:
+        """Apply a small batch right here on the loop's thread (see can_apply_now()).
+        A commit without fsync (WAL, synchronous=NORMAL) of a few rows costs tens of
+        us; a hop to aiosqlite's thread and back costs about as much again, and a
+        task around it as much once more, on the path of every job."""
+        assert self._db is not None, "store is not open"
+        if not self._conn_lock.acquire(blocking=False):
+            raise StoreError(f"store {self.path}: the connection is busy")  # can_apply_now() said no
+        try:
+            _transaction(self._db._conn, batch.all_ops())  # noqa: SLF001
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write failed: store {self.path}: {exc}") from exc
+        finally:
+            self._conn_lock.release()
+        self._maybe_checkpoint(len(batch))
+
     async def apply(self, batch: WriteBatch) -> None:
         """Apply every write of the batch in one transaction; raise StoreError on failure.
         A small batch commits on the loop's thread, a large one in aiosqlite's, where
         SQLite runs beside the loop."""
         ops = batch.all_ops()
         size = len(batch)
-
-        def transaction(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                i, n = 0, len(ops)
-                while i < n:
-                    kind = ops[i][0]
-                    j = i + 1
-                    while j < n and ops[j][0] == kind:
-                        j += 1
-                    if j - i == 1:
-                        conn.execute(WRITES[kind], ops[i][1])
-                    else:
-                        conn.executemany(WRITES[kind], [p for _, p in ops[i:j]])
-                    i = j
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-        # A commit without fsync (WAL, synchronous=NORMAL) of a few rows costs tens of
-        # us; the hop to aiosqlite's thread and back costs about as much again, on
-        # the path of every job.
         inline = size <= INLINE_WRITE_OPS and self.durability != "full"
         try:
-            await self._run(transaction, inline=inline)
+            await self._run(lambda conn: _transaction(conn, ops), inline=inline)
         except StoreError as exc:
             raise StoreError(f"store write failed: {exc.__cause__ or exc}") from exc
         self._maybe_checkpoint(size)

@@ -86,6 +86,8 @@ class Supervisor(Dispatch, Outcomes):
         self.claiming: set[int] = set()
         self.claim_aborts: set[int] = set()
         self.recent_finals: collections.OrderedDict[int, str] = collections.OrderedDict()
+        # (RunningJob, status, result, error, finished_at) of jobs just ended: see outcomes.py
+        self.recent_jobs: collections.OrderedDict[int, tuple[Any, ...]] = collections.OrderedDict()
         self.workers: dict[int, WorkerHandle] = {}
         self.target = 0
         self.paused: set[str] = set()
@@ -106,6 +108,7 @@ class Supervisor(Dispatch, Outcomes):
         self._grace_timer: asyncio.TimerHandle | None = None
         self._limit_wake = math.inf
         self._title = ""
+        self._title_pending: asyncio.TimerHandle | None = None
         self._trimming = False
         self._title_prefix = f"hostqueue supervisor {os.path.abspath(config.store)}"
         self.loop: asyncio.AbstractEventLoop
@@ -624,6 +627,13 @@ class Supervisor(Dispatch, Outcomes):
             self._trimming = False
 
     def _update_title(self) -> None:
+        """The title (and systemd's STATUS) follow within TITLE_DELAY: a burst of fast
+        jobs changes "busy" twice per job, and one update covers them all."""
+        if self._title_pending is None and not self.embedded:
+            self._title_pending = self.loop.call_later(TITLE_DELAY, self._apply_title)
+
+    def _apply_title(self) -> None:
+        self._title_pending = None
         busy = sum(1 for w in self.workers.values() if w.jobs)
         state = "" if self.state is SupervisorState.RUNNING else f", {self.state.value}"
         title = f"{self._title_prefix} [{len(self.workers)} workers, {busy} busy{state}]"
@@ -643,6 +653,7 @@ class Supervisor(Dispatch, Outcomes):
 
 
 TRIM_DELAY = 0.2
+TITLE_DELAY = 0.1
 _LIBC = ctypes.CDLL(None)
 
 
