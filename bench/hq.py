@@ -334,23 +334,31 @@ def enqueue_rates(sup: Supervisor, one: int, bulk: int, queue: str = "enqueue",
     return out
 
 
-def latency(sup: Supervisor, n: int, queue: str | None = None, budget: float = 60.0) -> dict[str, float]:
-    """Submit one job, wait for its result, n times in a row (after 20 to warm up)."""
+def latency(sup: Supervisor, n: int, queue: str | None = None, budget: float = 60.0,
+            one_request: bool = False) -> dict[str, float]:
+    """Submit one job, wait for its result, n times in a row (after 20 to warm up):
+    `submit` then `wait` (two requests, figures lat_*), or with one_request a
+    `submit` with `wait` (figures lat1_*)."""
     c = sup.client
-    fields = {"queue": queue} if queue else {}
+    fields: dict[str, Any] = {"queue": queue} if queue else {}
+    if one_request:
+        fields["wait"] = max(30.0, budget)
     samples: list[float] = []
     deadline = time.monotonic() + budget
     for i in range(20 + n):
         t0 = time.perf_counter()
         job = c.submit(TASK, **fields)
-        done = c.wait(job.id, timeout=max(30.0, budget))
+        done = job.job if one_request else c.wait(job.id, timeout=max(30.0, budget))
         if i >= 20:
             samples.append(time.perf_counter() - t0)
         if done["status"] != "completed" or done["result"] is not True:
             raise BenchError(f"job {job.id} ended {done['status']} with result {done['result']!r}")
         if time.monotonic() > deadline and len(samples) >= 10:
             break
-    return latency_figures(samples, n)
+    figures = latency_figures(samples, n)
+    if one_request:
+        return {"lat1" + k[3:]: v for k, v in figures.items()}
+    return figures
 
 
 def memory(sup: Supervisor) -> dict[str, float]:
@@ -432,6 +440,7 @@ def measure_round(source: str, workers: int, sizes: Sizes, idle_seconds: float,
         out.update(end_to_end_pipelined(sup, sizes.jobs))
         log("latency")
         out.update(latency(sup, sizes.latency))
+        out.update(latency(sup, sizes.latency, one_request=True))
         out.update(memory(sup))
         if idle_seconds:
             log(f"idle {idle_seconds:g} s")
@@ -491,6 +500,7 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
                     sup.client.pause(q + "p")
             if "lat" not in capped:
                 take(i, "deep", latency(sup, sizes.latency, queue=q + "l", budget=15.0))
+                take(i, "deep", latency(sup, sizes.latency, queue=q + "l", budget=15.0, one_request=True))
             take(i, "deep", memory(sup))
         sup.check_log()
         log("restart with the pending jobs")
@@ -502,6 +512,7 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
             q = f"r{i}"
             take(i, "restart", end_to_end_bulk(sup, sizes.jobs, queue=q + "b", budget=budget_e2e))
             take(i, "restart", latency(sup, sizes.latency, queue=q + "l", budget=15.0))
+            take(i, "restart", latency(sup, sizes.latency, queue=q + "l", budget=15.0, one_request=True))
             take(i, "restart", memory(sup))
         log(f"idle {min(sizes.idle, 5.0):g} s at depth")
         take(0, "deep", idle(sup, min(sizes.idle, 5.0)))

@@ -34,8 +34,10 @@ from hostqueue.client import (
     _encode,
     _error,
     _is_final,
+    FINAL_EVENTS,
     _present,
     _submit_fields,
+    _submit_wait,
     _timed_out,
     _unavailable,
     _wait_deadline,
@@ -242,11 +244,12 @@ class AsyncClient:
                      queue: str | None = None, priority: int | None = None, delay: When = None,
                      deadline: When = None, retries: int | None = None,
                      timeout: float | None = None, key: str | None = None,
-                     run_id: str | None = None, key_ttl: float | None = None
-                     ) -> AsyncJobHandle:
+                     run_id: str | None = None, key_ttl: float | None = None,
+                     wait: bool | float | None = None) -> AsyncJobHandle:
+        """See Client.submit (``wait`` included)."""
         fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
         fields.update(_present(task=task, args=_args(args), key=key, key_ttl=key_ttl))
-        reply = await self.request("submit", **fields)
+        _, reply = await self._call("submit", fields, _submit_wait(fields, wait, self.timeout))
         return AsyncJobHandle(self, reply["job"], bool(reply.get("duplicate", False)))
 
     async def submit_many(self, task: str, args_list: Iterable[Mapping[str, Any]], *,
@@ -424,7 +427,8 @@ class AsyncJobHandle:
         return self.job
 
     async def wait(self, timeout: float | None = None) -> Job:
-        self.job = await self.client.wait(self.id, timeout)
+        if self.job.get("status") not in FINAL_EVENTS:  # else known: submitted with wait
+            self.job = await self.client.wait(self.id, timeout)
         return self.job
 
     async def result(self, timeout: float | None = None) -> Any:

@@ -167,6 +167,17 @@ def _args(args: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return dict(args)  # orjson serialises dicts only
 
 
+def _submit_wait(fields: dict[str, Any], wait: bool | float | None,
+                 client_timeout: float | None) -> float | None:
+    """Put a submit's ``wait`` into its fields; return how long to wait for the reply."""
+    if wait is None or wait is False:
+        return client_timeout
+    if wait is not True and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0):
+        raise ValueError(f"wait must be True, False or a number of seconds >= 0, not {wait!r}")
+    fields["wait"] = wait
+    return _wait_deadline(None if wait is True else float(wait), client_timeout)
+
+
 def _wait_deadline(timeout: float | None, client_timeout: float | None) -> float | None:
     if timeout is None:
         return None
@@ -473,13 +484,18 @@ class Client:
                queue: str | None = None, priority: int | None = None, delay: When = None,
                deadline: When = None, retries: int | None = None, timeout: float | None = None,
                key: str | None = None, run_id: str | None = None,
-               key_ttl: float | None = None) -> JobHandle:
+               key_ttl: float | None = None, wait: bool | float | None = None) -> JobHandle:
         """Add a job; returns once it is committed. ``delay``/``deadline`` are seconds
         from now, or a datetime for an absolute time. With ``key_ttl``, a job with the
-        same key that completed within that many seconds answers instead."""
+        same key that completed within that many seconds answers instead.
+
+        With ``wait`` (True, or at most that many seconds), the same request also
+        waits for the job to end: the handle's ``job`` is then final, and
+        ``result()`` needs no second request. After ``wait`` seconds, the handle
+        holds the job as it stands; it stays submitted."""
         fields = _submit_fields(queue, priority, delay, deadline, retries, timeout, run_id)
         fields.update(_present(task=task, args=_args(args), key=key, key_ttl=key_ttl))
-        reply = self.request("submit", **fields)
+        reply = self._call("submit", fields, _submit_wait(fields, wait, self.timeout))
         return JobHandle(self, reply["job"], bool(reply.get("duplicate", False)))
 
     def submit_many(self, task: str, args_list: Iterable[Mapping[str, Any]], *,
@@ -663,7 +679,8 @@ class JobHandle:
 
     def wait(self, timeout: float | None = None) -> Job:
         """The job once it has ended; TimeoutError if not within ``timeout``."""
-        self.job = self.client.wait(self.id, timeout)
+        if self.job.get("status") not in FINAL_EVENTS:  # else known: submitted with wait
+            self.job = self.client.wait(self.id, timeout)
         return self.job
 
     def result(self, timeout: float | None = None) -> Any:

@@ -113,8 +113,9 @@ class GroupCommitter:
                     self.store.apply_now(batch)
             except StoreError as exc:
                 self._failed(batch, exc)
-                retry = True
-                self.loop.create_task(self._flush_loop(self._retry_delay))
+                if self.failing:  # writes to retry: after a delay, submits refused meanwhile
+                    retry = True
+                    self.loop.create_task(self._flush_loop(self._retry_delay))
                 return
             self._committed(batch)
         finally:
@@ -136,7 +137,8 @@ class GroupCommitter:
                         await self.store.apply(batch)
                 except StoreError as exc:
                     self._failed(batch, exc)
-                    await asyncio.sleep(self._retry_delay)
+                    if self.failing:
+                        await asyncio.sleep(self._retry_delay)
                     continue
                 self._committed(batch)
         finally:
@@ -146,12 +148,18 @@ class GroupCommitter:
                 self._schedule()
 
     def _failed(self, batch: WriteBatch, exc: StoreError) -> None:
+        """A refused submit leaves nothing to retry: the next write is tried at once.
+        Other writes are retried after a growing delay, and submits are refused
+        meanwhile (``failing``)."""
         self.failures += 1
         self.last_error = str(exc)
         self._carry_over(batch, exc)
         self._retry_delay = min(max(self._retry_delay * 2, 0.1), 5.0)
-        log.error("%s; retrying in %.1f s", exc, self._retry_delay)
         self.failing = bool(len(self.batch))
+        if self.failing:
+            log.error("%s; retrying in %.1f s", exc, self._retry_delay)
+        else:
+            log.error("%s; the submit was refused", exc)
 
     def _committed(self, batch: WriteBatch) -> None:
         if len(batch):

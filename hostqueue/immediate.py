@@ -31,8 +31,8 @@ a reason immediate mode hid):
 What differs, because nothing waits:
 
 - a job runs during ``submit`` (``submit_many``: one after the other, in order), so the
-  submit's reply shows it ``pending`` but ``status()``, ``result()`` and ``wait()`` already
-  see it ended; ``delay``/``run_at`` and retry backoff (``Retry(delay=...)`` included)
+  submit's reply shows it ``pending`` (with ``wait``: ended) but ``status()``, ``result()``
+  and ``wait()`` already see it ended; ``delay``/``run_at`` and retry backoff (``Retry(delay=...)`` included)
   are not waited for: retries run at once;
 - time limits (``timeout``) are not enforced: the task runs to its end;
 - a job only stays ``pending`` while its queue is paused (``pause``), the pool is scaled
@@ -65,7 +65,7 @@ from .client import Client, _encode
 from .context import JobContext
 from .errors import ProtocolError
 from .exceptions import Aborted, Permanent
-from .operations import Operations, _field, _job_id, submit_many_reply
+from .operations import Operations, _field, _job_id, submit_many_reply, submit_wait
 from .registry import TaskModuleError, TaskSpec
 from .settings import DEFAULT_MAX_LINE, MAX_WORKERS
 from .states import ALL_STATES
@@ -251,9 +251,17 @@ class ImmediateSupervisor:
         except ProtocolError as exc:
             client._deliver(_failure(rid, exc))
             return
-        if reply is not None:
+        # A submit with "wait" answers once its job ran (or with the job as it stands,
+        # when it cannot run now: a paused queue, no workers).
+        after_run = reply is not None and request.get("op") == "submit" and request.get("wait")
+        if reply is not None and not after_run:
             client._deliver({"id": rid, "ok": True, **reply})
         self._run_jobs(to_run)
+        if after_run:
+            assert reply is not None
+            with self.lock:
+                job = self._job_view(reply["job"]["id"])
+            client._deliver({"id": rid, "ok": True, "job": job, "duplicate": reply["duplicate"]})
 
     def _dispatch(self, client: ImmediateClient, rid: int, req: dict[str, Any],
                   to_run: list[int]) -> dict[str, Any] | None:
@@ -283,6 +291,7 @@ class ImmediateSupervisor:
         spec = self._ops._task(req)
         args = _field(req, "args", dict, default={})
         opts = self._ops._submit_options(req)
+        submit_wait(req)  # checked as in production; serve() answers after the run
         key = opts["key"]
         key_ttl = _field(req, "key_ttl", float)
         if key_ttl is not None and (key is None or key_ttl <= 0):

@@ -34,6 +34,9 @@ Reply = dict[str, Any] | Awaitable[dict[str, Any] | None] | None
 FINAL = ("completed", "failed", "cancelled", "expired")
 MAX_LIST = 10_000
 MAX_SECONDS = 30 * 86400.0  # a month: longer time limits are mistakes
+# The fields _submit_options() reads.
+SUBMIT_OPTIONS = ("queue", "priority", "retries", "timeout", "key", "run_id", "delay", "run_at",
+                  "deadline", "deadline_at")
 MAX_NAME = 200
 
 _MISSING = object()
@@ -104,6 +107,20 @@ def submit_many_reply(req: dict[str, Any]) -> str:
     return reply
 
 
+def submit_wait(req: dict[str, Any]) -> float | None:
+    """A submit's "wait": None (reply once committed), seconds, or math.inf for true."""
+    wait = _field(req, "wait", (bool, float))
+    if wait is None or wait is False:
+        return None
+    if wait is True:
+        return math.inf
+    if not 0 <= wait <= MAX_SECONDS:
+        raise ProtocolError(
+            "bad_request", f"field 'wait' must be true, false or seconds between 0 and {MAX_SECONDS:g}"
+        )
+    return float(wait)
+
+
 class Operations:
     def __init__(self, supervisor: "Supervisor") -> None:
         self.supervisor = supervisor
@@ -133,6 +150,9 @@ class Operations:
     # -- jobs -------------------------------------------------------------------------
 
     def _submit_options(self, req: dict[str, Any]) -> dict[str, Any]:
+        if not any(name in req for name in SUBMIT_OPTIONS):  # the usual submit: defaults all
+            return dict.fromkeys(("queue", "priority", "retries", "timeout", "key", "run_id",
+                                  "run_at", "deadline"))
         now = time.time()
         opts: dict[str, Any] = {
             "queue": _field(req, "queue", str),
@@ -195,17 +215,37 @@ class Operations:
         spec = self._task(req)
         args = _field(req, "args", dict, default={})
         opts = self._submit_options(req)
+        wait = submit_wait(req)
         sup = self.supervisor
         key = opts["key"]
         key_ttl = _field(req, "key_ttl", float)
         if key_ttl is not None and (key is None or key_ttl <= 0):
             raise ProtocolError("bad_request", "field 'key_ttl' needs a 'key' and must be > 0 seconds")
+        reply: Awaitable[dict[str, Any]]
         if key is not None and key in sup.keys:
             existing = sup.keys[key]
-            return self._duplicate(existing)
-        if key_ttl is not None:
-            return self._submit_cached(spec, args, opts, key, key_ttl)
-        return self._submit(spec, [args], opts, many=False)
+            reply = self._duplicate(existing)
+        elif key_ttl is not None:
+            reply = self._submit_cached(spec, args, opts, key, key_ttl)
+        else:
+            reply = self._submit(spec, [args], opts, many=False)
+        return reply if wait is None else self._then_wait(reply, wait)
+
+    async def _then_wait(self, submitted: Awaitable[dict[str, Any]], wait: float) -> dict[str, Any]:
+        """A submit with "wait": its reply once the job has ended, or after `wait`
+        seconds with the job as it stands then (it stays submitted either way)."""
+        reply = await submitted
+        job = reply["job"]
+        if job["status"] in FINAL:
+            return reply
+        timeout = None if wait == math.inf else wait
+        try:
+            ended = await self.supervisor.actions.wait_job(job["id"], timeout)
+        except ProtocolError as exc:
+            if exc.code != "timeout":
+                raise
+            ended = await self.supervisor.actions.committed_job(job["id"]) or job
+        return {"job": ended, "duplicate": reply["duplicate"]}
 
     async def _submit_cached(
         self, spec: Any, args: dict[str, Any], opts: dict[str, Any], key: str, key_ttl: float
@@ -219,9 +259,7 @@ class Operations:
         if done is not None:
             return {"job": done, "duplicate": True}
         self._check_accepting()
-        reply = self._submit(spec, [args], opts, many=False)
-        assert isinstance(reply, asyncio.Future)
-        result: dict[str, Any] = await reply
+        result: dict[str, Any] = await self._submit(spec, [args], opts, many=False)
         return result
 
     async def _duplicate(self, job_id: int) -> dict[str, Any]:
@@ -231,7 +269,7 @@ class Operations:
         return {"job": job, "duplicate": True}
 
     def _submit(self, spec: Any, args_list: list[dict[str, Any]], opts: dict[str, Any], many: bool,
-                ids_only: bool = False) -> Reply:
+                ids_only: bool = False) -> asyncio.Future[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
 

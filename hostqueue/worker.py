@@ -43,6 +43,7 @@ EXIT_BOOT_ERROR = 3
 # Outcomes of fast jobs are sent together, but never held longer than this.
 OUTBOX_MAX_AGE = 0.001
 OUTBOX_MAX = 8
+RSS_EVERY = 0.1
 
 
 def set_parent_death_signal() -> None:
@@ -205,6 +206,7 @@ class Worker:
         self.out_lock = threading.Lock()
         self.outbox_waiting = threading.Event()
         self.peak = PeakMemory()
+        self.rss_read_at = -RSS_EVERY
         self.std = StdStreams()
 
     # -- pipe ---------------------------------------------------------------
@@ -218,8 +220,15 @@ class Worker:
         with self.out_lock:
             if self.outbox:
                 batch, self.outbox = self.outbox, []
-                # Current RSS rides along, so the supervisor can recycle a bloated worker.
-                self.send({"t": "done", "o": batch, "mem": self.peak.current()})
+                # Current RSS rides along, so the supervisor can recycle a bloated
+                # worker: after any job long enough to have grown, else at most every
+                # RSS_EVERY seconds (a read of /proc costs more than a no-op job).
+                message: dict[str, Any] = {"t": "done", "o": batch}
+                now = time.monotonic()
+                if now - self.rss_read_at >= RSS_EVERY or any("rss" in o for o in batch):
+                    self.rss_read_at = now
+                    message["mem"] = self.peak.current()
+                self.send(message)
 
     def add_outcome(self, outcome: dict[str, Any]) -> None:
         """Outcomes of fast jobs share a message; none waits longer than OUTBOX_MAX_AGE,

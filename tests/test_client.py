@@ -29,6 +29,38 @@ def test_client_submit_and_result(sup: Supervisor) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_client_submit_with_wait_needs_one_request(sup: Supervisor) -> None:
+    with hostqueue.Client(str(sup.socket), timeout=10) as c:
+        job = c.submit(f"{TASKS}.add", {"a": 3, "b": 4}, wait=True)
+        assert job.job["status"] == "completed"
+        sent = c._next_id
+        assert job.result() == 7 and job.wait()["result"] == 7
+        assert c._next_id == sent, "result() asked again for a job known to have ended"
+
+        failing = c.submit(f"{TASKS}.fail", {"message": "no"}, retries=0, wait=10)
+        with pytest.raises(hostqueue.JobFailed):
+            failing.result()
+
+        running = c.submit(f"{TASKS}.slow", {"seconds": 0.6, "steps": 2}, wait=0.1)
+        assert running.job["status"] in ("pending", "running")
+        assert running.result(timeout=10) == {"steps": 2}  # asks, as for any submit
+
+        with pytest.raises(ValueError, match="wait"):
+            c.submit(f"{TASKS}.add", {"a": 1, "b": 1}, wait=-1)
+
+
+@pytest.mark.timeout(30)
+def test_async_client_submit_with_wait(sup: Supervisor) -> None:
+    async def main() -> None:
+        async with hostqueue.AsyncClient(str(sup.socket), timeout=10) as c:
+            job = await c.submit(f"{TASKS}.add", {"a": 1, "b": 2}, wait=True)
+            assert job.job["status"] == "completed"
+            assert await job.result() == 3
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
 def test_client_progress_yields_events_until_the_end(sup: Supervisor) -> None:
     with hostqueue.Client(str(sup.socket), timeout=10) as c:
         job = c.submit(f"{TASKS}.slow", {"seconds": 1.2, "steps": 4})

@@ -191,6 +191,12 @@ def test_immediate_runs_a_job_inline_with_the_same_handle_api(imm: ImmediateClie
     ctx_seen = imm.submit("devx_tasks.echo", {"x": [1, 2]}).result()
     assert ctx_seen["args"] == {"x": [1, 2]} and ctx_seen["attempt"] == 1
     assert ctx_seen["task"] == "devx_tasks.echo" and ctx_seen["max_attempts"] == 4
+    # With wait, the submit's reply already shows the end, as in production.
+    waited = imm.submit("devx_tasks.add", {"a": 1, "b": 1}, wait=True)
+    assert waited.job["status"] == "completed" and waited.result() == 2
+    with pytest.raises(hostqueue.ProtocolError) as bad:
+        imm.request("submit", task="devx_tasks.add", args={"a": 1, "b": 1}, wait=-1)
+    assert bad.value.code == "bad_request" and "'wait'" in bad.value.message
 
 
 def test_immediate_retries_at_once_and_counts_attempts(imm: ImmediateClient) -> None:

@@ -29,6 +29,46 @@ def test_submit_wait_result(sup: Supervisor) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_submit_with_wait_answers_once_the_job_ended(sup: Supervisor) -> None:
+    reply = ok(sup.request("submit", task=f"{TASKS}.add", args={"a": 2, "b": 3}, wait=True))
+    job = reply["job"]
+    assert reply["duplicate"] is False
+    assert job["status"] == "completed" and job["result"] == 5 and job["attempts"] == 1
+    # Answered after the job's end was committed: the store says the same.
+    row = sup.db_job(job["id"])
+    assert row["status"] == "completed" and row["result"] == "5"
+
+    failed = ok(sup.request("submit", task=f"{TASKS}.permanent", args={"message": "no"}, wait=30))
+    assert failed["job"]["status"] == "failed" and failed["job"]["error"]["message"] == "no"
+
+    # A job still running when `wait` runs out: the reply shows it as it stands; it
+    # stays submitted and ends as any other.
+    t0 = time.monotonic()
+    slow = ok(sup.request("submit", task=f"{TASKS}.slow", args={"seconds": 1.0, "steps": 2}, wait=0.2))
+    assert time.monotonic() - t0 < 0.9, "the reply waited for the end, not for `wait`"
+    assert slow["job"]["status"] in ("pending", "running") and slow["duplicate"] is False
+    assert sup.wait_job(slow["job"]["id"])["status"] == "completed"
+
+
+@pytest.mark.timeout(30)
+def test_submit_with_wait_and_a_key_waits_for_the_existing_job(sup: Supervisor) -> None:
+    first = sup.submit("slow", {"seconds": 0.5, "steps": 1}, key="k-wait")
+    reply = ok(sup.request("submit", task=f"{TASKS}.slow", args={"seconds": 0.5, "steps": 1},
+                           key="k-wait", wait=True))
+    assert reply["duplicate"] is True
+    assert reply["job"]["id"] == first["id"] and reply["job"]["status"] == "completed"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("wait", [-1, "soon", [1], 10**9])
+def test_submit_with_a_bad_wait_is_refused_and_stores_nothing(sup: Supervisor, wait: object) -> None:
+    reply = sup.request("submit", task=f"{TASKS}.add", args={"a": 1, "b": 1}, wait=wait)
+    assert error_code(reply) == "bad_request"
+    assert "'wait'" in reply["error"]["message"]
+    assert sup.db_query("SELECT COUNT(*) FROM jobs")[0][0] == 0
+
+
+@pytest.mark.timeout(30)
 def test_failing_task_is_retried_then_fails_with_error(sup: Supervisor) -> None:
     job = sup.submit("fail", {"message": "boom 42"}, retries=2)
     assert job["max_attempts"] == 3
