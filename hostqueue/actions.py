@@ -194,7 +194,7 @@ class Actions:
             self.sup.committer.add("request_abort", (job_id,))
             worker = self.sup.workers.get(rj.worker_pid)
             if worker is not None:
-                worker.send({"t": "abort", "id": job_id})
+                worker.send_control({"t": "abort", "id": job_id})
                 self.sup.loop.call_later(ABORT_GRACE, self.sup._abort_overdue, worker, job_id)
 
     async def wait_job(

@@ -1,9 +1,10 @@
 """The worker pool: starting, watching and stopping worker processes.
 
 A worker is a clean ``python -m hostqueue.worker`` process (never a fork of the
-supervisor, which has threads), in its own process group, with one end of a
-socketpair as its pipe and the progress board's memfd as inherited
-descriptors. The supervisor learns of a worker's death from a pidfd (the
+supervisor, which has threads), in its own process group, with one end of two
+socketpairs (its pipe: the job channel, which its main thread reads between
+jobs, and the control channel for aborts and drops, which a thread of its own
+reads) and the progress board's memfd as inherited descriptors. The supervisor learns of a worker's death from a pidfd (the
 process sentinel) watched by the loop, reaps it with waitpid, and names the
 cause from the exit status. No SIGCHLD handler: uvloop keeps SIGCHLD for itself.
 """
@@ -123,6 +124,8 @@ class WorkerHandle:
     state: WorkerState = WorkerState.STARTING
     started_at: float = field(default_factory=time.monotonic)
     transport: asyncio.Transport | None = field(default=None, repr=False)
+    # The control channel (aborts, drops): read by a thread of the worker's own.
+    control: asyncio.Transport | None = field(default=None, repr=False)
     pidfd: int = -1
     pipe_open: bool = True
     jobs: dict[int, RunningJob] = field(default_factory=dict)
@@ -143,8 +146,14 @@ class WorkerHandle:
     state_at_exit: WorkerState = WorkerState.STARTING
 
     def send(self, message: dict[str, Any]) -> None:
+        """On the job channel: jobs and stop, which the worker reads between jobs."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(wire.encode(message))
+
+    def send_control(self, message: dict[str, Any]) -> None:
+        """On the control channel: aborts and drops, which reach a running job."""
+        if self.control is not None and not self.control.is_closing():
+            self.control.write(wire.encode(message))
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the worker's whole process group (its job's children too)."""
@@ -197,9 +206,11 @@ class Spawner:
         number = self._numbers
         slot = self.board.allocate()
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        control_sock, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         cmd = [
             sys.executable, "-m", "hostqueue.worker",
             "--fd", str(child_sock.fileno()),
+            "--control-fd", str(child_control.fileno()),
             "--board-fd", str(self.board.fd),
             "--slot", str(slot),
             "--number", str(number),
@@ -217,17 +228,18 @@ class Spawner:
             popen = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
-                pass_fds=(child_sock.fileno(), self.board.fd),
+                pass_fds=(child_sock.fileno(), child_control.fileno(), self.board.fd),
                 process_group=0,
                 env=env,
             )
         except BaseException:
             parent_sock.close()
-            child_sock.close()
+            control_sock.close()
             self.board.release(slot)
             raise
         finally:
             child_sock.close()
+            child_control.close()
         handle: WorkerHandle
         handle = WorkerHandle(
             number=number,
@@ -237,23 +249,29 @@ class Spawner:
             decoder=wire.FrameDecoder(lambda m: self.on_message(handle, m)),
         )
         parent_sock.setblocking(False)
+        control_sock.setblocking(False)
         handle.pidfd = os.pidfd_open(popen.pid)
         self.loop.add_reader(handle.pidfd, self._reap, handle)
-        self.loop.create_task(self._connect(handle, parent_sock))
+        self.loop.create_task(self._connect(handle, parent_sock, control_sock))
         return handle
 
-    async def _connect(self, handle: WorkerHandle, sock: socket.socket) -> None:
+    async def _connect(self, handle: WorkerHandle, sock: socket.socket,
+                       control_sock: socket.socket) -> None:
         try:
+            control, _ = await self.loop.connect_accepted_socket(asyncio.Protocol, control_sock)
             transport, _ = await self.loop.connect_accepted_socket(
                 lambda: _PipeProtocol(handle), sock
             )
         except OSError as exc:
             log.error("cannot watch the pipe of worker %d: %s", handle.pid, exc)
+            control_sock.close()
             handle.kill(signal.SIGKILL)
             return
         if handle.exit_status is not None:
             transport.close()
+            control.close()
             return
+        handle.control = control  # type: ignore[assignment]
         handle.transport = transport  # type: ignore[assignment]
 
     def _reap(self, handle: WorkerHandle) -> None:
@@ -296,6 +314,8 @@ class Spawner:
         handle.on_pipe_closed = None
         if handle.transport is not None:
             handle.transport.close()
+        if handle.control is not None:
+            handle.control.close()
         # Which held job was running when it died: the others never started.
         reading = self.board.read(handle.slot)
         handle.running_job = reading.job_id if reading is not None else 0

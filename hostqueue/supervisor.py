@@ -473,7 +473,9 @@ class Supervisor(Dispatch, Outcomes):
             # Not connected yet: nothing it holds; stop it with a polite signal.
             worker.kill(signal.SIGTERM)
         else:
-            worker.send({"t": "stop", "drop": drop_queued})
+            if drop_queued:
+                worker.send_control({"t": "drop"})
+            worker.send({"t": "stop"})
 
     def _on_worker_message(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         kind = message.get("t")
@@ -488,7 +490,8 @@ class Supervisor(Dispatch, Outcomes):
                 self._wake_dispatch()
                 self._update_title()
             elif worker.state is WorkerState.RETIRING:
-                worker.send({"t": "stop", "drop": True})
+                worker.send_control({"t": "drop"})
+                worker.send({"t": "stop"})
 
     def _on_worker_exit(self, worker: WorkerHandle) -> None:
         self.workers.pop(worker.pid, None)

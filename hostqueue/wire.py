@@ -1,12 +1,13 @@
 """Framing of the supervisor <-> worker pipe: a 4-byte big-endian length, then an orjson body.
 
-Messages are small dicts with a type in "t":
+Messages are small dicts with a type in "t". A worker has two channels:
 
-    supervisor -> worker   {"t": "run", "jobs": [{"id", "task", "args" (JSON text), "attempt", "timeout"}, ...]}
-                           {"t": "abort", "id": JOB_ID}
-                           {"t": "stop"}                   finish what you hold, then exit
-    worker -> supervisor   {"t": "ready", "pid": PID}
-                           {"t": "done", "o": [OUTCOME, ...]}
+    job channel, supervisor -> worker      {"t": "run", "jobs": [{"id", "task", "args" (JSON text), "attempt", "timeout"}, ...]}
+                                           {"t": "stop"}          finish what you hold, then exit
+    control channel, supervisor -> worker  {"t": "abort", "id": JOB_ID}
+                                           {"t": "drop"}          stop after the running job; return the rest
+    job channel, worker -> supervisor      {"t": "ready", "pid": PID}
+                                           {"t": "done", "o": [OUTCOME, ...]}
 
 An OUTCOME is {"id", "s": "ok" | "error" | "retry" | "permanent" | "aborted" | "timeout",
 "r": result as JSON text or null, "e": {"type", "message", "traceback"} or null,
@@ -17,7 +18,6 @@ An OUTCOME is {"id", "s": "ok" | "error" | "retry" | "permanent" | "aborted" | "
 
 from __future__ import annotations
 
-import socket
 import struct
 from typing import Any, Callable
 
@@ -55,28 +55,3 @@ class FrameDecoder:
             self._on_message(message)
         if pos:
             del buf[:pos]
-
-
-def recv_exact(sock: socket.socket, size: int) -> bytes | None:
-    """Blocking read of exactly size bytes; None on EOF."""
-    chunks = []
-    remaining = size
-    while remaining:
-        chunk = sock.recv(min(remaining, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
-def recv_message(sock: socket.socket) -> dict[str, Any] | None:
-    header = recv_exact(sock, 4)
-    if header is None:
-        return None
-    (size,) = HEADER.unpack(header)
-    body = recv_exact(sock, size)
-    if body is None:
-        return None
-    result: dict[str, Any] = orjson.loads(body)
-    return result

@@ -5,11 +5,14 @@ never a fork of the running supervisor), in its own process group, with the
 pipe and the progress board passed as inherited descriptors. It never touches
 the store.
 
-Threads: the main thread runs jobs; a reader thread receives messages (jobs,
-abort requests, stop) so that an abort reaches a running job. When the pipe
-closes (the supervisor died) the reader kills the worker's whole process group:
-the worker finishes nothing more, and programs its job started die with it.
-The kernel's parent-death signal covers the case where the reader cannot run.
+Two channels from the supervisor: the job channel (jobs, then stop, in order)
+is read by the main thread itself whenever it has nothing left to run, so a
+job sent to an idle worker starts without a hand-off between threads; the
+control channel (aborts, dropping queued jobs) is read by a thread of its own,
+so that an abort reaches a running job. When either closes (the supervisor
+died) the worker kills its whole process group: it finishes nothing more, and
+programs its job started die with it. The kernel's parent-death signal covers
+the case where neither can run.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import collections
 import ctypes
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -190,17 +194,33 @@ def run_attempt(
         return out, exc
 
 
+def _supervisor_gone() -> None:
+    """A channel closed: the supervisor is gone. Stop now, with everything we started."""
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+    os._exit(1)
+
+
 class Worker:
-    def __init__(self, sock: socket.socket, slot: SlotWriter | None, number: int) -> None:
+    def __init__(self, sock: socket.socket, control: socket.socket | None,
+                 slot: SlotWriter | None, number: int) -> None:
         self.sock = sock
+        self.control = control
         self.slot = slot
         self.number = number
         self.jobs: collections.deque[dict[str, Any]] = collections.deque()
+        # The job channel, read by the main thread: frames decoded, not yet handled.
+        self.inbox: collections.deque[dict[str, Any]] = collections.deque()
+        self.decoder = wire.FrameDecoder(self.inbox.append)
+        # Written to wake the main thread while it waits for jobs (TERM, a drop).
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN)
+        self.poller.register(self.wake_r, select.POLLIN)
         self.aborts: set[int] = set()
         self.current_abort = threading.Event()
         self.current_id = 0
         self.stopping = False
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()  # jobs, aborts, stopping: shared with the control reader
         self.send_lock = threading.Lock()
         self.outbox: list[dict[str, Any]] = []
         self.out_lock = threading.Lock()
@@ -249,47 +269,102 @@ class Worker:
             time.sleep(OUTBOX_MAX_AGE)
             self.flush_outbox()
 
-    def read_loop(self) -> None:
+    def wake(self) -> None:
+        """Wake the main thread if it waits for jobs (safe in a signal handler)."""
+        try:
+            os.write(self.wake_w, b"w")
+        except OSError:  # full: a wake-up is pending already
+            pass
+
+    def control_loop(self) -> None:
+        """The control channel's reader thread: aborts and drops, at any time."""
+        assert self.control is not None
+        decoder = wire.FrameDecoder(self._on_control)
         while True:
             try:
-                message = wire.recv_message(self.sock)
+                data = self.control.recv(65536)
             except OSError:
-                message = None
-            if message is None:
-                # The supervisor is gone: stop now, with everything we started.
-                os.killpg(os.getpgrp(), signal.SIGKILL)
-                os._exit(1)
-            kind = message.get("t")
-            with self.cond:
-                if kind == "run" and self.stopping:
-                    # Stopped already: these never start here.
-                    self.send({"t": "done", "o": [{"id": j["id"], "s": "returned"} for j in message["jobs"]]})
-                elif kind == "run":
-                    self.jobs.extend(message["jobs"])
-                elif kind == "abort":
-                    job_id = message["id"]
-                    if job_id == self.current_id:
-                        self.current_abort.set()
-                    else:
-                        self.aborts.add(job_id)
-                elif kind == "stop":
-                    self.stopping = True
-                    if message.get("drop") and self.jobs:
-                        # Jobs not started yet go back to the supervisor, to run elsewhere.
-                        returned = [{"id": j["id"], "s": "returned"} for j in self.jobs]
-                        self.jobs.clear()
-                        self.send({"t": "done", "o": returned})
-                self.cond.notify()
+                data = b""
+            if not data:
+                _supervisor_gone()
+            decoder.feed(data)
+
+    def _on_control(self, message: dict[str, Any]) -> None:
+        kind = message.get("t")
+        with self.lock:
+            if kind == "abort":
+                job_id = message["id"]
+                if job_id == self.current_id:
+                    self.current_abort.set()
+                else:
+                    self.aborts.add(job_id)
+            elif kind == "drop":
+                # Stop after the running job; jobs not started yet go back to the
+                # supervisor, to run elsewhere.
+                self.stopping = True
+                if self.jobs:
+                    returned = [{"id": j["id"], "s": "returned"} for j in self.jobs]
+                    self.jobs.clear()
+                    self.send({"t": "done", "o": returned})
+        self.wake()
+
+    def _read_jobs(self, block: bool) -> None:
+        """Take in what the job channel has; with block, wait for it (or a wake-up)."""
+        for fd, _ in self.poller.poll(None if block else 0):
+            if fd == self.wake_r:
+                try:
+                    while os.read(self.wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            else:
+                try:
+                    data = self.sock.recv(1 << 20)
+                except OSError:
+                    data = b""
+                if not data:
+                    _supervisor_gone()
+                self.decoder.feed(data)
+
+    def _on_job_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("t")
+        with self.lock:
+            if kind == "run" and self.stopping:
+                self._return(message["jobs"])
+            elif kind == "run":
+                self.jobs.extend(message["jobs"])
+            elif kind == "stop":
+                self.stopping = True
+
+    def _return(self, jobs: list[dict[str, Any]]) -> None:
+        """Jobs that will not start here (we stop): back to the supervisor."""
+        if jobs:
+            self.send({"t": "done", "o": [{"id": j["id"], "s": "returned"} for j in jobs]})
 
     # -- jobs ---------------------------------------------------------------
 
     def next_job(self) -> dict[str, Any] | None:
-        with self.cond:
-            while not self.jobs:
+        while True:
+            with self.lock:
+                if self.jobs:
+                    return self.jobs.popleft()
                 if self.stopping:
                     return None
-                self.cond.wait()
-            return self.jobs.popleft()
+            if not self.inbox:
+                self._read_jobs(block=True)
+            while self.inbox:
+                self._on_job_message(self.inbox.popleft())
+
+    def return_unread(self) -> None:
+        """On the way out: jobs still in the job channel go back, not started."""
+        while True:
+            self._read_jobs(block=False)
+            if not self.inbox:
+                return
+            while self.inbox:
+                message = self.inbox.popleft()
+                if message.get("t") == "run":
+                    self._return(message["jobs"])
 
     def run_forever(self) -> None:
         set_title(f"hostqueue worker {self.number} [idle]")
@@ -297,6 +372,7 @@ class Worker:
             job = self.next_job()
             if job is None:
                 self.flush_outbox()
+                self.return_unread()
                 return
             self.add_outcome(self.run_job(job))
             if not self.jobs:
@@ -305,7 +381,7 @@ class Worker:
     def run_job(self, job: dict[str, Any]) -> dict[str, Any]:
         job_id: int = job["id"]
         task_name: str = job["task"]
-        with self.cond:
+        with self.lock:
             self.current_id = job_id
             self.current_abort.clear()
             if job_id in self.aborts or job.get("abort"):
@@ -344,7 +420,7 @@ class Worker:
             fields, _ = run_attempt(attempt, task_name, timeout)
             outcome.update(fields)
         finally:
-            with self.cond:
+            with self.lock:
                 self.current_id = 0
             self.std.restore()
         finished = outcome["ft"] = time.time()
@@ -366,6 +442,7 @@ def _raise_time_limit(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hostqueue-worker")
     parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--control-fd", type=int, default=-1)
     parser.add_argument("--board-fd", type=int, default=-1)
     parser.add_argument("--slot", type=int, default=-1)
     parser.add_argument("--number", type=int, default=0)
@@ -388,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(opts.log_level, opts.log_format, prefix=f"worker {opts.number} [{os.getpid()}] ")
     sock = socket.socket(fileno=opts.fd)
     sock.setblocking(True)
+    control = socket.socket(fileno=opts.control_fd) if opts.control_fd >= 0 else None
+    if control is not None:
+        control.setblocking(True)
     slot = SlotWriter(opts.board_fd, opts.slot) if opts.board_fd >= 0 else None
     set_title(f"hostqueue worker {opts.number} [starting]")
     try:
@@ -395,16 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     except registry.TaskModuleError as exc:
         log.error("%s", exc)
         return EXIT_BOOT_ERROR
-    worker = Worker(sock, slot, opts.number)
+    worker = Worker(sock, control, slot, opts.number)
 
     def on_term(signum: int, frame: Any) -> None:
-        with worker.cond:
-            worker.stopping = True
-            worker.cond.notify()
+        worker.stopping = True
+        worker.wake()
 
     signal.signal(signal.SIGTERM, on_term)
-    reader = threading.Thread(target=worker.read_loop, name="pipe-reader", daemon=True)
-    reader.start()
+    if control is not None:
+        threading.Thread(target=worker.control_loop, name="control-reader", daemon=True).start()
     threading.Thread(target=worker.flush_loop, name="outbox-flusher", daemon=True).start()
     worker.send({"t": "ready", "pid": os.getpid()})
     worker.run_forever()

@@ -179,3 +179,30 @@ def test_hup_loads_new_task_code_and_refuses_a_broken_module(hq: HQEnv) -> None:
     assert sup.worker_pids() == fresh
     assert sup.wait_job(sup.submit("added")["id"])["result"] == "new code"
     assert sup.wait_job(sup.submit("add", {"a": 1, "b": 2})["id"])["result"] == 3
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_to_a_worker_finishes_its_job_and_it_is_replaced(hq: HQEnv) -> None:
+    """TERM sent to a worker itself (not the supervisor): an idle one exits at once,
+    a busy one after its job; either way the pool is whole again."""
+    import os
+
+    sup = hq.supervisor(workers=1)
+    [idle] = sup.wait_workers(1)
+    os.kill(idle, signal.SIGTERM)  # waiting on its job channel: woken, it exits
+    wait_for(lambda: sup.worker_pids() and idle not in sup.worker_pids(), 10,
+             "the idle worker to exit on TERM and be replaced")
+
+    [busy] = sup.wait_workers(1)
+    marker, release = hq.path("started"), hq.path("release")
+    job = sup.submit("block", {"marker": marker, "release": release})
+    wait_for(lambda: file_lines(marker), 10, "the job to start")
+    os.kill(busy, signal.SIGTERM)
+    open(release, "w").close()
+    done = sup.wait_job(job["id"])
+    # Finished by the worker that got TERM, in its first attempt: it did not die first.
+    assert done["status"] == "completed" and done["attempts"] == 1, done
+    assert done["worker_pid"] == busy, done
+    wait_for(lambda: sup.worker_pids() and busy not in sup.worker_pids(), 10,
+             "the busy worker to exit after its job and be replaced")
+    assert sup.wait_job(sup.submit("add", {"a": 1, "b": 2})["id"])["result"] == 3
