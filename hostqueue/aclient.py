@@ -418,6 +418,8 @@ class AsyncJobHandle:
         self.job = job
         self.id: int = job["id"]
         self.duplicate = duplicate
+        # Ended when a submit with wait answered: wait() and result() need not ask.
+        self.ended = job.get("status") in FINAL_EVENTS
 
     async def status(self) -> str:
         return str((await self.refresh())["status"])
@@ -427,7 +429,7 @@ class AsyncJobHandle:
         return self.job
 
     async def wait(self, timeout: float | None = None) -> Job:
-        if self.job.get("status") not in FINAL_EVENTS:  # else known: submitted with wait
+        if not self.ended:
             self.job = await self.client.wait(self.id, timeout)
         return self.job
 

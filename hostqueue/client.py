@@ -668,6 +668,8 @@ class JobHandle:
         self.job = job
         self.id: int = job["id"]
         self.duplicate = duplicate
+        # Ended when a submit with wait answered: wait() and result() need not ask.
+        self.ended = job.get("status") in FINAL_EVENTS
 
     def status(self) -> str:
         """The job's current status (asks the supervisor)."""
@@ -679,7 +681,7 @@ class JobHandle:
 
     def wait(self, timeout: float | None = None) -> Job:
         """The job once it has ended; TimeoutError if not within ``timeout``."""
-        if self.job.get("status") not in FINAL_EVENTS:  # else known: submitted with wait
+        if not self.ended:
             self.job = self.client.wait(self.id, timeout)
         return self.job
 

@@ -114,18 +114,25 @@ class GroupCommitter:
         if self._flushing:
             return
         self._flushing = True
-        if self.failing or not self.store.can_apply_now(len(self.batch)):
+        # Since a failure, writes go to the store's thread until one commits: a
+        # store that blocks (busy, slow disk) never blocks the loop.
+        if self.last_error is not None or not self.store.can_apply_now(len(self.batch)):
             self.loop.create_task(self._flush_loop())
             return
-        # A small batch commits right here, in this turn: no task, no hop.
+        # A small batch (no split needed) commits right here, in this turn: no
+        # task, no hop.
         retry = False
         try:
             batch = self.batch
-            self.batch = batch.split(MAX_NEW_ROWS)
             try:
-                if len(batch):
-                    self.store.apply_now(batch)
+                if len(batch) and not self.store.apply_now(batch):
+                    # The connection was taken after all: through its thread.
+                    retry = True
+                    self.loop.create_task(self._flush_loop())
+                    return
+                self.batch = WriteBatch()
             except StoreError as exc:
+                self.batch = WriteBatch()
                 self._failed(batch, exc)
                 if self.failing:  # writes to retry: after a delay, submits refused meanwhile
                     retry = True
@@ -168,9 +175,9 @@ class GroupCommitter:
         self.failures += 1
         self.last_error = str(exc)
         self._carry_over(batch, exc)
-        self._retry_delay = min(max(self._retry_delay * 2, 0.1), 5.0)
         self.failing = bool(len(self.batch))
         if self.failing:
+            self._retry_delay = min(max(self._retry_delay * 2, 0.1), 5.0)
             log.error("%s; retrying in %.1f s", exc, self._retry_delay)
         else:
             log.error("%s; the submit was refused", exc)
@@ -180,11 +187,12 @@ class GroupCommitter:
         if len(batch):
             took = time.monotonic() - batch.opened
             self.commit_latency += (took - self.commit_latency) * 0.2
-        if self.failing or self.last_error:
-            log.warning("the store takes writes again")
-        self.failing = False
-        self._retry_delay = 0.0
-        self.last_error = None
+        if len(batch):  # callbacks alone prove nothing about the store
+            if self.failing or self.last_error:
+                log.warning("the store takes writes again")
+            self.failing = False
+            self._retry_delay = 0.0
+            self.last_error = None
         self.commits += 1
         for callback in batch.callbacks():
             try:

@@ -25,6 +25,7 @@ RECENT_FINALS = 20_000  # final states remembered to answer races without a read
 # Jobs just ended, whole: a `wait` that arrives right after its job ended (the
 # usual case for a fast job) answers from memory, not from a read.
 RECENT_JOBS = 1024
+RECENT_JOB_BYTES = 16 * 1024  # larger args and results are read back instead
 
 
 def error_json(error: dict[str, Any] | None) -> str | None:
@@ -122,7 +123,7 @@ class Outcomes(SupervisorParts):
         # The store keeps an earlier attempt's progress when this one reported none:
         # only then is the row worth reading back.
         whole = rj.progress is not None or rj.attempt == 1
-        if whole:
+        if whole and len(rj.args) + len(result or "") <= RECENT_JOB_BYTES:
             recent = self.recent_jobs
             recent[rj.id] = (rj, sv, result, error, now)
             if len(recent) > RECENT_JOBS:

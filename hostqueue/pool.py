@@ -4,9 +4,10 @@ A worker is a clean ``python -m hostqueue.worker`` process (never a fork of the
 supervisor, which has threads), in its own process group, with one end of two
 socketpairs (its pipe: the job channel, which its main thread reads between
 jobs, and the control channel for aborts and drops, which a thread of its own
-reads) and the progress board's memfd as inherited descriptors. The supervisor learns of a worker's death from a pidfd (the
-process sentinel) watched by the loop, reaps it with waitpid, and names the
-cause from the exit status. No SIGCHLD handler: uvloop keeps SIGCHLD for itself.
+reads) and the progress board's memfd as inherited descriptors. The
+supervisor learns of a worker's death from a pidfd (the process sentinel)
+watched by the loop, reaps it with waitpid, and names the cause from the exit
+status. No SIGCHLD handler: uvloop keeps SIGCHLD for itself.
 """
 
 from __future__ import annotations
@@ -205,8 +206,17 @@ class Spawner:
         self._numbers += 1
         number = self._numbers
         slot = self.board.allocate()
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        control_sock, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        socks: list[socket.socket] = []
+        try:
+            parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks += (parent_sock, child_sock)
+            control_sock, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks += (control_sock, child_control)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            self.board.release(slot)
+            raise
         cmd = [
             sys.executable, "-m", "hostqueue.worker",
             "--fd", str(child_sock.fileno()),
@@ -257,6 +267,7 @@ class Spawner:
 
     async def _connect(self, handle: WorkerHandle, sock: socket.socket,
                        control_sock: socket.socket) -> None:
+        control: asyncio.BaseTransport | None = None
         try:
             control, _ = await self.loop.connect_accepted_socket(asyncio.Protocol, control_sock)
             transport, _ = await self.loop.connect_accepted_socket(
@@ -264,7 +275,11 @@ class Spawner:
             )
         except OSError as exc:
             log.error("cannot watch the pipe of worker %d: %s", handle.pid, exc)
-            control_sock.close()
+            if control is not None:
+                control.close()
+            else:
+                control_sock.close()
+            sock.close()
             handle.kill(signal.SIGKILL)
             return
         if handle.exit_status is not None:

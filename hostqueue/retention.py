@@ -52,6 +52,7 @@ class Retention:
                 for job_id in ids:
                     self.sup.committer.add("forget_attempts", (job_id,))
                     self.sup.committer.add("forget_jobs", (job_id,))
+                    self.sup.recent_jobs.pop(job_id, None)  # wait: not_found, as get
                 await self.sup.committer.barrier()
                 deleted += len(ids)
                 if len(ids) < RETENTION_BATCH:

@@ -2,9 +2,9 @@
 
 SQLite through aiosqlite, in WAL mode. The supervisor is the only writer.
 Writes are described as intentions on a ``WriteBatch`` (add jobs, claim jobs,
-finish attempts, schedule retries, ...) and applied by ``apply()`` in one
-transaction: the group commit, on the loop's thread when it is small, else in
-one hop to aiosqlite's thread. Point reads share that connection (and its
+finish attempts, schedule retries, ...) and applied in one transaction: the
+group commit, right on the loop's thread when it is small (``apply_now()``),
+else in one hop to aiosqlite's thread (``apply()``). Point reads share that connection (and its
 lock), so they never see half of a transaction of ours; long reads (counts,
 listings) and WAL checkpoints use a second connection, which sees only what is
 committed and never holds up a commit.
@@ -502,7 +502,7 @@ class DispatchRow:
 
 def _transaction(conn: sqlite3.Connection, ops: list[Op]) -> None:
     """Every write of a batch in one transaction; runs of one kind in one executemany."""
-    if len(ops) == 1:
+    if len(ops) == 1 and not conn.in_transaction:
         # One statement is its own transaction: no BEGIN and COMMIT to pay for.
         conn.execute(WRITES[ops[0][0]], ops[0][1])
         return
@@ -657,14 +657,15 @@ class Store:
             and not self._lock.locked() and not self._conn_lock.locked()
         )
 
-    def apply_now(self, batch: WriteBatch) -> None:
-        """Apply a small batch right here on the loop's thread (see can_apply_now()).
+    def apply_now(self, batch: WriteBatch) -> bool:
+        """Apply a small batch right here on the loop's thread (see can_apply_now());
+        False, with nothing done, if aiosqlite's thread holds the connection after all.
         A commit without fsync (WAL, synchronous=NORMAL) of a few rows costs tens of
         us; a hop to aiosqlite's thread and back costs about as much again, and a
         task around it as much once more, on the path of every job."""
         assert self._db is not None, "store is not open"
         if not self._conn_lock.acquire(blocking=False):
-            raise StoreError(f"store {self.path}: the connection is busy")  # can_apply_now() said no
+            return False
         try:
             _transaction(self._db._conn, batch.all_ops())  # noqa: SLF001
         except sqlite3.Error as exc:
@@ -672,6 +673,7 @@ class Store:
         finally:
             self._conn_lock.release()
         self._maybe_checkpoint(len(batch))
+        return True
 
     async def apply(self, batch: WriteBatch) -> None:
         """Apply every write of the batch in one transaction; raise StoreError on failure.

@@ -213,6 +213,9 @@ class Worker:
         self.decoder = wire.FrameDecoder(self.inbox.append)
         # Written to wake the main thread while it waits for jobs (TERM, a drop).
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Held while reading the job channel (its frame decoder is not shared).
+        self.read_lock = threading.Lock()
+        self.terminated = False  # TERM: the running job ends, the queued ones go back
         self.poller = select.poll()
         self.poller.register(sock.fileno(), select.POLLIN)
         self.poller.register(self.wake_r, select.POLLIN)
@@ -291,25 +294,45 @@ class Worker:
 
     def _on_control(self, message: dict[str, Any]) -> None:
         kind = message.get("t")
-        with self.lock:
-            if kind == "abort":
-                job_id = message["id"]
+        if kind == "abort":
+            job_id = message["id"]
+            with self.lock:
                 if job_id == self.current_id:
                     self.current_abort.set()
                 else:
                     self.aborts.add(job_id)
-            elif kind == "drop":
-                # Stop after the running job; jobs not started yet go back to the
-                # supervisor, to run elsewhere.
-                self.stopping = True
-                if self.jobs:
-                    returned = [{"id": j["id"], "s": "returned"} for j in self.jobs]
-                    self.jobs.clear()
-                    self.send({"t": "done", "o": returned})
+        elif kind == "drop":
+            self.drop_queued()
+
+    def drop_queued(self) -> None:
+        """Stop after the running job; jobs not started yet go back to the supervisor,
+        to run elsewhere: those queued here, and those still unread in the job
+        channel (read here unless the main thread is reading it: then it is idle,
+        and returns them itself on its way out)."""
+        with self.lock:
+            self.stopping = True
+            queued = list(self.jobs)
+            self.jobs.clear()
+        self._return(queued)
+        if self.read_lock.acquire(blocking=False):
+            try:
+                self._take_in(block=False)
+            finally:
+                self.read_lock.release()
+        while True:
+            try:
+                message = self.inbox.popleft()
+            except IndexError:
+                break
+            self._on_job_message(message)
         self.wake()
 
     def _read_jobs(self, block: bool) -> None:
         """Take in what the job channel has; with block, wait for it (or a wake-up)."""
+        with self.read_lock:
+            self._take_in(block)
+
+    def _take_in(self, block: bool) -> None:
         for fd, _ in self.poller.poll(None if block else 0):
             if fd == self.wake_r:
                 try:
@@ -345,6 +368,8 @@ class Worker:
 
     def next_job(self) -> dict[str, Any] | None:
         while True:
+            if self.terminated and (self.jobs or not self.stopping):
+                self.drop_queued()
             with self.lock:
                 if self.jobs:
                     return self.jobs.popleft()
@@ -478,10 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(sock, control, slot, opts.number)
 
     def on_term(signum: int, frame: Any) -> None:
-        worker.stopping = True
-        worker.wake()
+        # Only flags here: the main thread returns what it has not started, after
+        # the running job. Whichever thread the kernel picked, the wake-up fd
+        # wakes a main thread that waits for jobs.
+        worker.terminated = True
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.set_wakeup_fd(worker.wake_w, warn_on_full_buffer=False)
     if control is not None:
         threading.Thread(target=worker.control_loop, name="control-reader", daemon=True).start()
     threading.Thread(target=worker.flush_loop, name="outbox-flusher", daemon=True).start()
