@@ -481,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})  # blocked in a PID-1 supervisor
     if opts.parent and os.getppid() != opts.parent:
         return 1  # the supervisor died before we could ask to die with it
-    # TERM: finish what we hold, then exit. INT: a terminal's Ctrl-C reaches the
-    # whole group; the supervisor decides what happens.
+    # TERM: finish the running job, give back the others, exit. INT: a terminal's
+    # Ctrl-C reaches the whole group; the supervisor decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _raise_time_limit)
     from .logs import setup_logging
