@@ -206,3 +206,31 @@ def test_sigterm_to_a_worker_finishes_its_job_and_it_is_replaced(hq: HQEnv) -> N
     wait_for(lambda: sup.worker_pids() and busy not in sup.worker_pids(), 10,
              "the busy worker to exit after its job and be replaced")
     assert sup.wait_job(sup.submit("add", {"a": 1, "b": 2})["id"])["result"] == 3
+
+
+@pytest.mark.timeout(60)
+def test_hup_gives_back_at_once_the_jobs_a_busy_worker_was_handed_ahead(hq: HQEnv) -> None:
+    """Fast jobs handed to a busy worker ahead of time (prefetch) wait, unread, in its
+    job channel; when the worker is retired they go back at once, uncharged, and run
+    elsewhere while its long job goes on."""
+    sup = hq.supervisor(workers=1)
+    for i in range(5):  # `add` measured fast: later ones are handed to a busy worker ahead
+        sup.wait_job(sup.submit("add", {"a": i, "b": 1})["id"])
+    marker, release = hq.path("started"), hq.path("release")
+    long_job = sup.submit("block", {"marker": marker, "release": release})
+    wait_for(lambda: file_lines(marker), 10, "the long job to start")
+    [old] = sup.worker_pids()
+    ahead = [sup.submit("add", {"a": i, "b": 2})["id"] for i in range(5)]
+    wait_for(lambda: all(sup.get(j)["worker_pid"] == old for j in ahead), 10,
+             "the busy worker to be handed the fast jobs ahead")
+
+    sup.signal(signal.SIGHUP)
+    for job_id in ahead:
+        done = sup.wait_job(job_id, timeout=15)
+        assert done["status"] == "completed" and done["attempts"] == 1, done
+        assert done["worker_pid"] != old, done
+    assert sup.get(long_job["id"])["status"] == "running", "the long job did not go on"
+
+    open(release, "w").close()
+    done = sup.wait_job(long_job["id"])
+    assert done["status"] == "completed" and done["attempts"] == 1 and done["worker_pid"] == old
