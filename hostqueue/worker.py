@@ -295,14 +295,28 @@ class Worker:
     def _on_control(self, message: dict[str, Any]) -> None:
         kind = message.get("t")
         if kind == "abort":
-            job_id = message["id"]
-            with self.lock:
-                if job_id == self.current_id:
-                    self.current_abort.set()
-                else:
-                    self.aborts.add(job_id)
+            self.abort(message["id"])
         elif kind == "drop":
             self.drop_queued()
+
+    def abort(self, job_id: int) -> None:
+        """The running job sees its abort flag; a job not started yet ends at once
+        (aborted), so that it does not wait behind a long one, whose worker the
+        supervisor would replace when the abort is not honoured in time."""
+        self._take_in_unread()
+        with self.lock:
+            if job_id == self.current_id:
+                self.current_abort.set()
+                return
+            queued = next((j for j in self.jobs if j["id"] == job_id), None)
+            if queued is None:
+                self.aborts.add(job_id)  # still on its way: it ends as it starts
+                return
+            self.jobs.remove(queued)
+        now = time.time()
+        self.add_outcome({"id": job_id, "s": "aborted", "st": now, "ft": now,
+                          "e": error_dict(Aborted(f"job {job_id} was aborted before it started"),
+                                          with_traceback=False)})
 
     def drop_queued(self) -> None:
         """Stop after the running job; jobs not started yet go back to the supervisor,
@@ -314,6 +328,12 @@ class Worker:
             queued = list(self.jobs)
             self.jobs.clear()
         self._return(queued)
+        self._take_in_unread()
+        self.wake()
+
+    def _take_in_unread(self) -> None:
+        """From the control thread: read what waits in the job channel, unless the
+        main thread is reading it (then it is idle and sees it at once)."""
         if self.read_lock.acquire(blocking=False):
             try:
                 self._take_in(block=False)
@@ -325,7 +345,6 @@ class Worker:
             except IndexError:
                 break
             self._on_job_message(message)
-        self.wake()
 
     def _read_jobs(self, block: bool) -> None:
         """Take in what the job channel has; with block, wait for it (or a wake-up)."""

@@ -619,3 +619,31 @@ def test_scheduled_retry_survives_a_supervisor_kill(hq: HQEnv) -> None:
     log = sup.get(job_id)["attempt_log"]
     assert [(a["attempt"], a["status"]) for a in log][:1] == [(1, "retrying")]
     assert log[0]["error"]["type"] == "Retry"
+
+
+@pytest.mark.timeout(60)
+def test_abort_of_a_job_waiting_in_a_busy_worker_ends_it_at_once(hq: HQEnv) -> None:
+    """A job handed ahead to a busy worker (prefetch) and aborted ends at once, and
+    the long job in front of it goes on in the same worker."""
+    sup = hq.supervisor(workers=1)
+    for i in range(5):  # `add` measured fast: the next one is handed to the busy worker ahead
+        sup.wait_job(sup.submit("add", {"a": i, "b": 1})["id"])
+    marker, release = hq.path("started"), hq.path("release")
+    long_job = sup.submit("block", {"marker": marker, "release": release})
+    wait_for(lambda: file_lines(marker), 10, "the long job to start")
+    [pid] = sup.worker_pids()
+    waiting = sup.submit("add", {"a": 1, "b": 2})
+    wait_for(lambda: sup.get(waiting["id"])["worker_pid"] == pid, 10,
+             "the busy worker to be handed the job ahead")
+
+    ok(sup.request("abort", job=waiting["id"]))
+    # Well within the 10 s after which an abort not honoured replaces the worker.
+    done = sup.wait_job(waiting["id"], timeout=5)
+    assert done["status"] == "cancelled" and done["result"] is None, done
+    assert sup.get(long_job["id"])["status"] == "running"
+    assert sup.worker_pids() == {pid}, "the worker was replaced"
+
+    open(release, "w").close()
+    finished = sup.wait_job(long_job["id"])
+    assert finished["status"] == "completed" and finished["attempts"] == 1
+    assert finished["worker_pid"] == pid
