@@ -313,8 +313,8 @@ class Worker:
                 self.aborts.add(job_id)  # still on its way: it ends as it starts
                 return
             self.jobs.remove(queued)
-        now = time.time()
-        self.add_outcome({"id": job_id, "s": "aborted", "st": now, "ft": now,
+        # No "st"/"ft": it never ran, and must not teach the task's run time.
+        self.add_outcome({"id": job_id, "s": "aborted",
                           "e": error_dict(Aborted(f"job {job_id} was aborted before it started"),
                                           with_traceback=False)})
 
