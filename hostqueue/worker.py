@@ -524,8 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     def on_term(signum: int, frame: Any) -> None:
         # Only flags here: the main thread returns what it has not started, after
         # the running job. Whichever thread the kernel picked, the wake-up fd
-        # wakes a main thread that waits for jobs.
+        # wakes a main thread that waits for jobs; the write here covers a task
+        # that changed the wake-up fd (an event loop of its own).
         worker.terminated = True
+        worker.wake()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.set_wakeup_fd(worker.wake_w, warn_on_full_buffer=False)
