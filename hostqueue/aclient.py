@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any, Self, cast
 
 from hostqueue.client import (
+    FINAL_EVENTS,
     Job,
     Obj,
     When,
@@ -34,7 +35,6 @@ from hostqueue.client import (
     _encode,
     _error,
     _is_final,
-    FINAL_EVENTS,
     _present,
     _submit_fields,
     _submit_wait,
@@ -418,7 +418,8 @@ class AsyncJobHandle:
         self.job = job
         self.id: int = job["id"]
         self.duplicate = duplicate
-        # Ended when a submit with wait answered: wait() and result() need not ask.
+        # Known to have ended (a submit with wait, a key_ttl answer): wait() and
+        # result() need not ask.
         self.ended = job.get("status") in FINAL_EVENTS
 
     async def status(self) -> str:

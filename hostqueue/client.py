@@ -668,7 +668,8 @@ class JobHandle:
         self.job = job
         self.id: int = job["id"]
         self.duplicate = duplicate
-        # Ended when a submit with wait answered: wait() and result() need not ask.
+        # Known to have ended (a submit with wait, a key_ttl answer): wait() and
+        # result() need not ask.
         self.ended = job.get("status") in FINAL_EVENTS
 
     def status(self) -> str:

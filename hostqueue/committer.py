@@ -116,35 +116,33 @@ class GroupCommitter:
         self._flushing = True
         # Since a failure, writes go to the store's thread until one commits: a
         # store that blocks (busy, slow disk) never blocks the loop.
-        if self.last_error is not None or not self.store.can_apply_now(len(self.batch)):
-            self.loop.create_task(self._flush_loop())
-            return
-        # A small batch (no split needed) commits right here, in this turn: no
-        # task, no hop.
-        retry = False
-        try:
-            batch = self.batch
+        handover: float | None = 0.0
+        if self.last_error is None and self.store.can_apply_now(len(self.batch)):
             try:
-                if len(batch) and not self.store.apply_now(batch):
-                    # The connection was taken after all: through its thread.
-                    retry = True
-                    self.loop.create_task(self._flush_loop())
-                    return
-                self.batch = WriteBatch()
-            except StoreError as exc:
-                self.batch = WriteBatch()
-                self._failed(batch, exc)
-                if self.failing:  # writes to retry: after a delay, submits refused meanwhile
-                    retry = True
-                    self.loop.create_task(self._flush_loop(self._retry_delay))
-                return
-            self._committed(batch)
-        finally:
-            if not retry:
-                self._flushing = False
-                self._idle.set()
-                if len(self.batch) or self.batch.has_callbacks:
-                    self._schedule()
+                handover = self._commit_here()
+            except BaseException:
+                self._flush_done()
+                raise
+        if handover is None:
+            self._flush_done()
+        else:
+            self.loop.create_task(self._flush_loop(handover))
+
+    def _commit_here(self) -> float | None:
+        """Commit a small batch (no split needed) right here, in this turn: no task,
+        no hop. None when done; else the delay after which the flush task takes over."""
+        batch = self.batch
+        try:
+            if len(batch) and not self.store.apply_now(batch):
+                return 0.0  # the connection was taken after all: through its thread
+        except StoreError as exc:
+            self.batch = WriteBatch()
+            self._failed(batch, exc)
+            # Writes to retry: after a delay, submits refused meanwhile.
+            return self._retry_delay if self.failing else None
+        self.batch = WriteBatch()
+        self._committed(batch)
+        return None
 
     async def _flush_loop(self, delay: float = 0.0) -> None:
         try:
@@ -163,10 +161,13 @@ class GroupCommitter:
                     continue
                 self._committed(batch)
         finally:
-            self._flushing = False
-            self._idle.set()
-            if len(self.batch) or self.batch.has_callbacks:
-                self._schedule()
+            self._flush_done()
+
+    def _flush_done(self) -> None:
+        self._flushing = False
+        self._idle.set()
+        if len(self.batch) or self.batch.has_callbacks:
+            self._schedule()
 
     def _failed(self, batch: WriteBatch, exc: StoreError) -> None:
         """A refused submit leaves nothing to retry: the next write is tried at once.
@@ -184,10 +185,9 @@ class GroupCommitter:
 
     def _committed(self, batch: WriteBatch) -> None:
         self._last_end = time.monotonic()
-        if len(batch):
-            took = time.monotonic() - batch.opened
-            self.commit_latency += (took - self.commit_latency) * 0.2
         if len(batch):  # callbacks alone prove nothing about the store
+            took = self._last_end - batch.opened
+            self.commit_latency += (took - self.commit_latency) * 0.2
             if self.failing or self.last_error:
                 log.warning("the store takes writes again")
             self.failing = False

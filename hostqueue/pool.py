@@ -156,6 +156,13 @@ class WorkerHandle:
         if self.control is not None and not self.control.is_closing():
             self.control.write(wire.encode(message))
 
+    def ask_to_stop(self, drop_queued: bool) -> None:
+        """Finish what it holds (with drop_queued: only the running job, the others
+        go back), then exit."""
+        if drop_queued:
+            self.send_control({"t": "drop"})
+        self.send({"t": "stop"})
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the worker's whole process group (its job's children too)."""
         if self.exit_status is not None:
@@ -206,35 +213,29 @@ class Spawner:
         self._numbers += 1
         number = self._numbers
         slot = self.board.allocate()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _PACKAGE_PARENT + (
+            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+        )
         socks: list[socket.socket] = []
         try:
             parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             socks += (parent_sock, child_sock)
             control_sock, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             socks += (control_sock, child_control)
-        except BaseException:
-            for sock in socks:
-                sock.close()
-            self.board.release(slot)
-            raise
-        cmd = [
-            sys.executable, "-m", "hostqueue.worker",
-            "--fd", str(child_sock.fileno()),
-            "--control-fd", str(child_control.fileno()),
-            "--board-fd", str(self.board.fd),
-            "--slot", str(slot),
-            "--number", str(number),
-            "--parent", str(os.getpid()),
-            "--log-level", self.log_level,
-            "--log-format", self.log_format,
-        ]
-        for module in task_modules:
-            cmd += ["--tasks", module]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = _PACKAGE_PARENT + (
-            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
-        )
-        try:
+            cmd = [
+                sys.executable, "-m", "hostqueue.worker",
+                "--fd", str(child_sock.fileno()),
+                "--control-fd", str(child_control.fileno()),
+                "--board-fd", str(self.board.fd),
+                "--slot", str(slot),
+                "--number", str(number),
+                "--parent", str(os.getpid()),
+                "--log-level", self.log_level,
+                "--log-format", self.log_format,
+            ]
+            for module in task_modules:
+                cmd += ["--tasks", module]
             popen = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
@@ -243,13 +244,12 @@ class Spawner:
                 env=env,
             )
         except BaseException:
-            parent_sock.close()
-            control_sock.close()
+            for sock in socks:
+                sock.close()
             self.board.release(slot)
             raise
-        finally:
-            child_sock.close()
-            child_control.close()
+        child_sock.close()  # the worker has them now
+        child_control.close()
         handle: WorkerHandle
         handle = WorkerHandle(
             number=number,

@@ -4,10 +4,10 @@ SQLite through aiosqlite, in WAL mode. The supervisor is the only writer.
 Writes are described as intentions on a ``WriteBatch`` (add jobs, claim jobs,
 finish attempts, schedule retries, ...) and applied in one transaction: the
 group commit, right on the loop's thread when it is small (``apply_now()``),
-else in one hop to aiosqlite's thread (``apply()``). Point reads share that connection (and its
-lock), so they never see half of a transaction of ours; long reads (counts,
-listings) and WAL checkpoints use a second connection, which sees only what is
-committed and never holds up a commit.
+else in one hop to aiosqlite's thread (``apply()``). Point reads share that
+connection (and its lock), so they never see half of a transaction of ours;
+long reads (counts, listings) and WAL checkpoints use a second connection,
+which sees only what is committed and never holds up a commit.
 
 Methods are named for what they do, not for SQL shapes, so that another
 backend can stand behind the same methods.
@@ -38,7 +38,7 @@ T = TypeVar("T")
 log = logging.getLogger("hostqueue.store")
 
 # A write batch of at most this many statements commits on the loop's thread (see
-# Store.apply); larger ones in aiosqlite's.
+# Store.can_apply_now); larger ones in aiosqlite's.
 INLINE_WRITE_OPS = 48
 # Reads of at most this many jobs by id run on the loop's thread too.
 INLINE_READ_IDS = 64
@@ -533,7 +533,7 @@ class Store:
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         # Held by whichever thread uses the connection: aiosqlite's, or the loop's
-        # for a small write (see apply()).
+        # for a small write (see apply_now()).
         self._conn_lock = threading.Lock()
         # WAL pages written since the last checkpoint, estimated: checkpoints run on
         # the second connection, never inside a commit on the loop's thread.
@@ -549,7 +549,7 @@ class Store:
     async def open(self) -> None:
         try:
             # check_same_thread=False: small writes run on the loop's thread, one
-            # thread at a time under _conn_lock (see apply()).
+            # thread at a time under _conn_lock (see apply_now()).
             self._db = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
             await self._run(self._prepare)
             # Opened now, so that the set of descriptors stays the same while we run.
@@ -676,17 +676,15 @@ class Store:
         return True
 
     async def apply(self, batch: WriteBatch) -> None:
-        """Apply every write of the batch in one transaction; raise StoreError on failure.
-        A small batch commits on the loop's thread, a large one in aiosqlite's, where
-        SQLite runs beside the loop."""
+        """Apply every write of the batch in one transaction, in aiosqlite's thread,
+        where SQLite runs beside the loop (a small batch, when the connection is
+        free, goes to apply_now() instead); raise StoreError on failure."""
         ops = batch.all_ops()
-        size = len(batch)
-        inline = size <= INLINE_WRITE_OPS and self.durability != "full"
         try:
-            await self._run(lambda conn: _transaction(conn, ops), inline=inline)
+            await self._run(lambda conn: _transaction(conn, ops))
         except StoreError as exc:
             raise StoreError(f"store write failed: {exc.__cause__ or exc}") from exc
-        self._maybe_checkpoint(size)
+        self._maybe_checkpoint(len(batch))
 
     def _maybe_checkpoint(self, ops: int) -> None:
         """Checkpoint once about CHECKPOINT_PAGES were written, on a connection of its

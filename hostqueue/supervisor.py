@@ -473,9 +473,7 @@ class Supervisor(Dispatch, Outcomes):
             # Not connected yet: nothing it holds; stop it with a polite signal.
             worker.kill(signal.SIGTERM)
         else:
-            if drop_queued:
-                worker.send_control({"t": "drop"})
-            worker.send({"t": "stop"})
+            worker.ask_to_stop(drop_queued)
 
     def _on_worker_message(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         kind = message.get("t")
@@ -490,8 +488,7 @@ class Supervisor(Dispatch, Outcomes):
                 self._wake_dispatch()
                 self._update_title()
             elif worker.state is WorkerState.RETIRING:
-                worker.send_control({"t": "drop"})
-                worker.send({"t": "stop"})
+                worker.ask_to_stop(drop_queued=True)
 
     def _on_worker_exit(self, worker: WorkerHandle) -> None:
         self.workers.pop(worker.pid, None)
@@ -640,7 +637,7 @@ class Supervisor(Dispatch, Outcomes):
         busy = sum(1 for w in self.workers.values() if w.jobs)
         state = "" if self.state is SupervisorState.RUNNING else f", {self.state.value}"
         title = f"{self._title_prefix} [{len(self.workers)} workers, {busy} busy{state}]"
-        if title != self._title and not self.embedded:
+        if title != self._title:
             self._title = title
             set_title(title)
             if self.notifier.enabled:

@@ -201,7 +201,7 @@ def _supervisor_gone() -> None:
 
 
 class Worker:
-    def __init__(self, sock: socket.socket, control: socket.socket | None,
+    def __init__(self, sock: socket.socket, control: socket.socket,
                  slot: SlotWriter | None, number: int) -> None:
         self.sock = sock
         self.control = control
@@ -281,7 +281,6 @@ class Worker:
 
     def control_loop(self) -> None:
         """The control channel's reader thread: aborts and drops, at any time."""
-        assert self.control is not None
         decoder = wire.FrameDecoder(self._on_control)
         while True:
             try:
@@ -331,12 +330,13 @@ class Worker:
         self._take_in_unread()
         self.wake()
 
-    def _take_in_unread(self) -> None:
-        """From the control thread: read what waits in the job channel, unless the
-        main thread is reading it (then it is idle and sees it at once)."""
+    def _take_in_unread(self) -> bool:
+        """Read what waits in the job channel, unless the main thread is reading it
+        (then it is idle and sees it at once), and handle it; whether there was any."""
+        read = False
         if self.read_lock.acquire(blocking=False):
             try:
-                self._take_in(block=False)
+                read = self._take_in(block=False)
             finally:
                 self.read_lock.release()
         while True:
@@ -345,13 +345,16 @@ class Worker:
             except IndexError:
                 break
             self._on_job_message(message)
+        return read
 
     def _read_jobs(self, block: bool) -> None:
         """Take in what the job channel has; with block, wait for it (or a wake-up)."""
         with self.read_lock:
             self._take_in(block)
 
-    def _take_in(self, block: bool) -> None:
+    def _take_in(self, block: bool) -> bool:
+        """Whether the job channel had anything (a wake-up is not counted)."""
+        read = False
         for fd, _ in self.poller.poll(None if block else 0):
             if fd == self.wake_r:
                 try:
@@ -367,6 +370,8 @@ class Worker:
                 if not data:
                     _supervisor_gone()
                 self.decoder.feed(data)
+                read = True
+        return read
 
     def _on_job_message(self, message: dict[str, Any]) -> None:
         kind = message.get("t")
@@ -400,15 +405,9 @@ class Worker:
                 self._on_job_message(self.inbox.popleft())
 
     def return_unread(self) -> None:
-        """On the way out: jobs still in the job channel go back, not started."""
-        while True:
-            self._read_jobs(block=False)
-            if not self.inbox:
-                return
-            while self.inbox:
-                message = self.inbox.popleft()
-                if message.get("t") == "run":
-                    self._return(message["jobs"])
+        """On the way out (stopping): jobs still in the job channel go back, not started."""
+        while self._take_in_unread():
+            pass
 
     def run_forever(self) -> None:
         set_title(f"hostqueue worker {self.number} [idle]")
@@ -486,7 +485,7 @@ def _raise_time_limit(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hostqueue-worker")
     parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--control-fd", type=int, default=-1)
+    parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--board-fd", type=int, default=-1)
     parser.add_argument("--slot", type=int, default=-1)
     parser.add_argument("--number", type=int, default=0)
@@ -509,9 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(opts.log_level, opts.log_format, prefix=f"worker {opts.number} [{os.getpid()}] ")
     sock = socket.socket(fileno=opts.fd)
     sock.setblocking(True)
-    control = socket.socket(fileno=opts.control_fd) if opts.control_fd >= 0 else None
-    if control is not None:
-        control.setblocking(True)
+    control = socket.socket(fileno=opts.control_fd)
+    control.setblocking(True)
     slot = SlotWriter(opts.board_fd, opts.slot) if opts.board_fd >= 0 else None
     set_title(f"hostqueue worker {opts.number} [starting]")
     try:
@@ -531,8 +529,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.set_wakeup_fd(worker.wake_w, warn_on_full_buffer=False)
-    if control is not None:
-        threading.Thread(target=worker.control_loop, name="control-reader", daemon=True).start()
+    threading.Thread(target=worker.control_loop, name="control-reader", daemon=True).start()
     threading.Thread(target=worker.flush_loop, name="outbox-flusher", daemon=True).start()
     worker.send({"t": "ready", "pid": os.getpid()})
     worker.run_forever()
