@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import orjson
 
 from . import __version__, registry
+from .deferred import DeferredReply
 from .errors import ProtocolError
 from .states import JobStatus, SupervisorState, WorkerState
 from .outcomes import final_job
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 TRIM_AFTER_JOBS = 1000
 
 ABORT_GRACE = 10.0  # a running job gets this long to honour an abort before its worker is replaced
+
+
+def wait_timeout(job_id: int, timeout: float) -> ProtocolError:
+    return ProtocolError("timeout", f"job {job_id} did not end within {timeout:g} s")
 
 
 class Actions:
@@ -197,15 +202,53 @@ class Actions:
                 worker.send_control({"t": "abort", "id": job_id})
                 self.sup.loop.call_later(ABORT_GRACE, self.sup._abort_overdue, worker, job_id)
 
+    def _unfinished(self, job_id: int) -> bool:
+        """Known from memory not to have ended: its end will be announced."""
+        sup = self.sup
+        return job_id not in sup.recent_finals and (
+            job_id in sup.running or job_id in sup.claiming or job_id in sup.payloads
+        )
+
+    def _listen(self, job_id: int, ended: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """Call ended(job) once the job's end is committed; returns the way to stop listening."""
+        waiters = self.sup.waiters
+
+        def stop() -> None:
+            listeners = waiters.get(job_id)
+            if listeners and ended in listeners:
+                listeners.remove(ended)
+                if not listeners:
+                    del waiters[job_id]
+
+        waiters.setdefault(job_id, []).append(ended)
+        return stop
+
+    def wait_reply(self, job_id: int, timeout: float | None, wrap: Callable[[dict[str, Any]], Any],
+                   on_timeout: Callable[[DeferredReply], None]) -> DeferredReply | None:
+        """The usual wait, on a job still running or waiting: a reply settled in the
+        turn its end is committed, with wrap(job); after timeout seconds,
+        on_timeout(reply) settles it. None when the job may have ended: wait_job()
+        then knows what to do."""
+        if not self._unfinished(job_id):
+            return None
+        reply = DeferredReply()
+        reply.on_settled(self._listen(job_id, lambda job: reply.resolve(wrap(job))))
+        if timeout is not None:
+            reply.on_settled(self.sup.loop.call_later(timeout, on_timeout, reply).cancel)
+        return reply
+
     async def wait_job(
         self, job_id: int, timeout: float | None) -> dict[str, Any]:
         sup = self.sup
         fut: asyncio.Future[dict[str, Any]] = sup.loop.create_future()
-        sup.waiters.setdefault(job_id, []).append(fut)
+
+        def ended(job: dict[str, Any]) -> None:
+            if not fut.done():
+                fut.set_result(job)
+
+        stop = self._listen(job_id, ended)
         try:
-            unfinished = job_id not in sup.recent_finals and (
-                job_id in sup.running or job_id in sup.claiming or job_id in sup.payloads
-            )
+            unfinished = self._unfinished(job_id)
             recent = None if unfinished else sup.recent_jobs.get(job_id)
             if recent is not None:  # it just ended: known whole from memory, once committed
                 await sup.committer.barrier()
@@ -221,13 +264,9 @@ class Actions:
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout)
             except asyncio.TimeoutError:
-                raise ProtocolError("timeout", f"job {job_id} did not end within {timeout:g} s") from None
+                raise wait_timeout(job_id, timeout) from None
         finally:
-            waiters = self.sup.waiters.get(job_id)
-            if waiters and fut in waiters:
-                waiters.remove(fut)
-                if not waiters:
-                    del self.sup.waiters[job_id]
+            stop()
 
     async def retry_job(
         self, job_id: int) -> dict[str, Any]:

@@ -63,9 +63,11 @@ class Announcer:
                 continue
             if job["status"] in ("completed", "failed", "cancelled", "expired"):
                 event = job["status"]
-                for fut in self.sup.waiters.pop(job_id, ()):
-                    if not fut.done():
-                        fut.set_result(job)
+                for ended in self.sup.waiters.pop(job_id, ()):
+                    try:
+                        ended(job)
+                    except Exception:  # noqa: BLE001 - one waiter must not stop the rest
+                        log.exception("error telling a waiter that job %d ended", job_id)
             self.sup.events.publish(
                 {"event": event, "job_id": job_id, "job": job},
                 job["queue"], job["task"], job["run_id"],

@@ -63,10 +63,12 @@ class GroupCommitter:
         self.batch.add(kind, params)
         self._schedule()
 
-    def after_commit(self, callback: Callable[[], None], job_ids: Iterable[int] | None = None) -> None:
+    def after_commit(self, callback: Callable[[], None], job_ids: Iterable[int] | None = None,
+                     first: bool = False) -> None:
         """Run callback once everything added so far is committed; given job_ids,
-        once everything added so far about those jobs is."""
-        self.batch.after_commit(callback, job_ids)
+        once everything added so far about those jobs is. With first, before the
+        other callbacks of that commit (submits' acknowledgements included)."""
+        self.batch.after_commit(callback, job_ids, first)
         self._schedule()
 
     def add_submit(

@@ -9,7 +9,8 @@ Framing, replies and every op are documented in docs/protocol.md. An example::
 
 A connection is an asyncio Protocol: lines are split from the byte stream,
 parsed with orjson and handed to ``Operations``. A handler returns a dict (the
-reply, written at once), or an awaitable whose result is the reply. No client
+reply, written at once), a ``DeferredReply`` (written in the turn it is settled
+in), or an awaitable whose result is the reply. No client
 can stop the supervisor: every failure becomes an error reply.
 """
 
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .deferred import DeferredReply
 from .errors import ProtocolError
 from .operations import Operations
 
@@ -89,7 +91,7 @@ class Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.discarding = False
         self.closed = False
-        self.tasks: set[asyncio.Future[Any]] = set()
+        self.tasks: set[asyncio.Future[Any] | DeferredReply] = set()
         self.subscriptions: list[Any] = []
         self.peer: tuple[int, int, int] | None = None
         self.eof = False
@@ -122,7 +124,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
-        for task in self.tasks:
+        for task in list(self.tasks):  # a DeferredReply leaves the set as it is cancelled
             task.cancel()
         for sub in self.subscriptions:
             self.ops.supervisor.events.unsubscribe(sub)
@@ -246,13 +248,15 @@ class Connection(asyncio.Protocol):
         if isinstance(result, dict):
             self.reply(request_id, result)
             return
-        future = result if isinstance(result, asyncio.Future) else asyncio.ensure_future(result)
+        future = (result if isinstance(result, (DeferredReply, asyncio.Future))
+                  else asyncio.ensure_future(result))
         self.tasks.add(future)
         due = reply_estimate(request, len(line))
         self.replies_due += due
         future.add_done_callback(lambda f: self._reply_later(request_id, f, due))
 
-    def _reply_later(self, request_id: Any, future: asyncio.Future[Any], due: int) -> None:
+    def _reply_later(self, request_id: Any, future: asyncio.Future[Any] | DeferredReply,
+                     due: int) -> None:
         self.tasks.discard(future)
         self.replies_due -= due
         if self.closed or future.cancelled():
@@ -263,7 +267,7 @@ class Connection(asyncio.Protocol):
             self._unhold()
             self.maybe_close()
 
-    def _write_result(self, request_id: Any, future: asyncio.Future[Any]) -> None:
+    def _write_result(self, request_id: Any, future: asyncio.Future[Any] | DeferredReply) -> None:
         exc = future.exception()
         if exc is None:
             result = future.result()

@@ -207,7 +207,12 @@ class Dispatch(SupervisorParts):
         # At least once, with every run counted: the worker gets the jobs only once
         # their claims (attempt + 1) are committed, so a kill -9 in between leaves
         # them pending with no run to count, never run with the attempt uncounted.
-        self.committer.after_commit(lambda: self._hand_over(worker, messages), ids)
+        # The worker first: it runs the jobs while the commit's other callbacks
+        # (the submits' replies) run here. Their `started` events follow those
+        # callbacks, after `submitted`.
+        self.committer.after_commit(lambda: self._hand_over(worker, messages), ids, first=True)
+        if self.events.everything or self.events.by_job:
+            self.committer.after_commit(lambda: self._announce_started(worker, messages), ids)
         self.sampler.start()
 
     def _hand_over(self, worker: WorkerHandle, messages: list[dict[str, Any]]) -> None:
@@ -225,12 +230,13 @@ class Dispatch(SupervisorParts):
             self._check_drained()
             return
         worker.send({"t": "run", "jobs": live})
-        if self.events.everything or self.events.by_job:
-            for m in live:
-                rj = worker.jobs[m["id"]]
-                if self.events.wants(rj.id):
-                    self.events.publish(
-                        {"event": "started", "job_id": rj.id, "job": rj.to_dict()},
-                        rj.queue, rj.task, rj.run_id,
-                    )
+
+    def _announce_started(self, worker: WorkerHandle, messages: list[dict[str, Any]]) -> None:
+        for m in messages:
+            rj = worker.jobs.get(m["id"])
+            if rj is not None and self.events.wants(rj.id):
+                self.events.publish(
+                    {"event": "started", "job_id": rj.id, "job": rj.to_dict()},
+                    rj.queue, rj.task, rj.run_id,
+                )
 

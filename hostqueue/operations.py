@@ -17,6 +17,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from . import __version__
+from .actions import wait_timeout
+from .deferred import DeferredReply
 from .errors import ProtocolError
 from .events import Subscription
 from .readyindex import PRIORITY_MAX, PRIORITY_MIN
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hostqueue.control")
 audit = logging.getLogger("hostqueue.audit")
 
-Reply = dict[str, Any] | Awaitable[dict[str, Any] | None] | None
+Reply = dict[str, Any] | DeferredReply | Awaitable[dict[str, Any] | None] | None
 FINAL = ("completed", "failed", "cancelled", "expired")
 MAX_LIST = 10_000
 MAX_SECONDS = 30 * 86400.0  # a month: longer time limits are mistakes
@@ -228,8 +230,45 @@ class Operations:
         elif key_ttl is not None:
             reply = self._submit_cached(spec, args, opts, key, key_ttl)
         else:
-            reply = self._submit(spec, [args], opts, many=False)
+            submitted = self._submit(spec, [args], opts, many=False)
+            return submitted if wait is None else self._submit_and_wait(submitted, wait)
         return reply if wait is None else self._then_wait(reply, wait)
+
+    def _submit_and_wait(self, submitted: DeferredReply, wait: float) -> DeferredReply:
+        """_then_wait() without a task: the reply is written in the turn the job's
+        end is committed (the usual case; the rest goes through _then_wait())."""
+        out = DeferredReply()
+
+        def on_submitted(reply: DeferredReply) -> None:
+            if reply.cancelled() or reply.exception() is not None:
+                out.follow(reply)
+                return
+            result = reply.result()
+            job = result["job"]
+            if job["status"] in FINAL:
+                out.resolve(result)
+                return
+            timeout = None if wait == math.inf else wait
+
+            def as_it_stands(waited: DeferredReply) -> None:
+                waited.follow(asyncio.ensure_future(self._as_it_stands(job, result["duplicate"])))
+
+            waited = self.supervisor.actions.wait_reply(
+                job["id"], timeout, lambda ended: {"job": ended, "duplicate": result["duplicate"]},
+                as_it_stands,
+            )
+            if waited is None:
+                waited = DeferredReply()
+                waited.follow(asyncio.ensure_future(self._then_wait(reply, wait)))
+            out.follow(waited)
+
+        submitted.add_done_callback(on_submitted)
+        return out
+
+    async def _as_it_stands(self, job: dict[str, Any], duplicate: bool) -> dict[str, Any]:
+        """A submit's "wait" ran out: the job as it stands (it stays submitted)."""
+        now = await self.supervisor.actions.committed_job(job["id"]) or job
+        return {"job": now, "duplicate": duplicate}
 
     async def _then_wait(self, submitted: Awaitable[dict[str, Any]], wait: float) -> dict[str, Any]:
         """A submit with "wait": its reply once the job has ended, or after `wait`
@@ -244,7 +283,7 @@ class Operations:
         except ProtocolError as exc:
             if exc.code != "timeout":
                 raise
-            ended = await self.supervisor.actions.committed_job(job["id"]) or job
+            return await self._as_it_stands(job, reply["duplicate"])
         return {"job": ended, "duplicate": reply["duplicate"]}
 
     async def _submit_cached(
@@ -269,25 +308,22 @@ class Operations:
         return {"job": job, "duplicate": True}
 
     def _submit(self, spec: Any, args_list: list[dict[str, Any]], opts: dict[str, Any], many: bool,
-                ids_only: bool = False) -> asyncio.Future[dict[str, Any]]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+                ids_only: bool = False) -> DeferredReply:
+        reply = DeferredReply()
 
         def done(jobs: list[dict[str, Any]] | None, error: BaseException | None) -> None:
-            if future.done():
-                return
             if error is not None:
-                future.set_exception(ProtocolError("store_error", f"nothing was stored: {error}"))
+                reply.fail(ProtocolError("store_error", f"nothing was stored: {error}"))
             elif ids_only:
-                future.set_result({"ids": list(ids)})
+                reply.resolve({"ids": list(ids)})
             elif many:
-                future.set_result({"jobs": jobs})
+                reply.resolve({"jobs": jobs})
             else:
                 assert jobs is not None
-                future.set_result({"job": jobs[0], "duplicate": False})
+                reply.resolve({"job": jobs[0], "duplicate": False})
 
         ids = self.supervisor.actions.submit_jobs(spec, args_list, opts, done, ids_only=ids_only)
-        return future
+        return reply
 
     def op_submit_many(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         self._check_accepting()
@@ -343,7 +379,11 @@ class Operations:
         timeout = _field(req, "timeout", float)
         if timeout is not None and timeout < 0:
             raise ProtocolError("bad_request", "field 'timeout' must be >= 0 seconds")
-        return self._wait(job_id, timeout)
+        waited = self.supervisor.actions.wait_reply(
+            job_id, timeout, lambda job: {"job": job},
+            lambda reply: reply.fail(wait_timeout(job_id, timeout or 0.0)),
+        )
+        return waited if waited is not None else self._wait(job_id, timeout)
 
     async def _wait(self, job_id: int, timeout: float | None) -> dict[str, Any]:
         return {"job": await self.supervisor.actions.wait_job(job_id, timeout)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from . import registry
@@ -56,7 +56,7 @@ class SupervisorParts:
         tasks: dict[str, registry.TaskSpec]
         delayed: TimedHeap
         keys: dict[str, int]
-        waiters: dict[int, list[asyncio.Future[dict[str, Any]]]]
+        waiters: dict[int, list[Callable[[dict[str, Any]], None]]]
         runtime: Histogram
         retention: dict[str, float]
         retention_sweeper: Retention

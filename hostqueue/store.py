@@ -241,6 +241,8 @@ class Segment:
     rows: int = 0
     ops: list[Op] = field(default_factory=list)
     callbacks: list[Callable[[], None]] = field(default_factory=list)
+    # run before every other callback (jobs handed to their workers)
+    first_callbacks: list[Callable[[], None]] = field(default_factory=list)
     # (on_commit, on_failure) of its submit
     submits: list[tuple[Callable[[], None], Callable[[BaseException], None]]] = field(
         default_factory=list
@@ -262,6 +264,7 @@ class WriteBatch:
 
     early: list[Op] = field(default_factory=list)
     early_callbacks: list[Callable[[], None]] = field(default_factory=list)
+    early_first_callbacks: list[Callable[[], None]] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     # first ids of the segments that add jobs, in order, and those segments
     _firsts: list[int] = field(default_factory=list)
@@ -332,23 +335,26 @@ class WriteBatch:
             self._adding.append(seg)
         self.new_rows += count
 
-    def after_commit(self, callback: Callable[[], None], job_ids: Iterable[int] | None = None) -> None:
+    def after_commit(self, callback: Callable[[], None], job_ids: Iterable[int] | None = None,
+                     first: bool = False) -> None:
         """Run callback once everything added so far is committed; given job_ids,
-        once everything added so far about those jobs is."""
+        once everything added so far about those jobs is. With first, before the
+        callbacks without it (submits' included)."""
         if job_ids is not None and not self.ordered:
             newest = max(job_ids, default=-1)
             seg = self._segment_of(newest)
             if seg is None:
-                self.early_callbacks.append(callback)
+                (self.early_first_callbacks if first else self.early_callbacks).append(callback)
             else:
-                seg.callbacks.append(callback)
+                (seg.first_callbacks if first else seg.callbacks).append(callback)
             return
-        self._last().callbacks.append(callback)
+        seg = self._last()
+        (seg.first_callbacks if first else seg.callbacks).append(callback)
 
     @property
     def has_callbacks(self) -> bool:
-        return bool(self.early_callbacks) or any(
-            seg.callbacks or seg.submits for seg in self.segments
+        return bool(self.early_callbacks or self.early_first_callbacks) or any(
+            seg.callbacks or seg.first_callbacks or seg.submits for seg in self.segments
         )
 
     def all_ops(self) -> list[Op]:
@@ -361,8 +367,16 @@ class WriteBatch:
         return [pair for seg in self.segments for pair in seg.submits]
 
     def callbacks(self) -> list[Callable[[], None]]:
-        """After a commit: submits' on_commit first, then the rest in order."""
-        return [ok for ok, _ in self.submits()] + self.callbacks_without_submits()
+        """After a commit: those asked to run first, then submits' on_commit, then
+        the rest in order."""
+        firsts = self._first_callbacks()
+        return firsts + [ok for ok, _ in self.submits()] + self.callbacks_without_submits(firsts=False)
+
+    def _first_callbacks(self) -> list[Callable[[], None]]:
+        out = list(self.early_first_callbacks)
+        for seg in self.segments:
+            out.extend(seg.first_callbacks)
+        return out
 
     def split(self, max_rows: int) -> "WriteBatch":
         """Keep the early writes and the first segments adding max_rows new rows (at
@@ -393,10 +407,12 @@ class WriteBatch:
     def prepend(self, failed: "WriteBatch", ops: list[Op]) -> None:
         """Put writes (and the callbacks) of a failed batch first, to be retried; this
         batch's early writes follow them. From now on, writes keep arrival order."""
-        head = Segment(ops=ops + self.early, callbacks=failed.callbacks_without_submits())
+        head = Segment(ops=ops + self.early, callbacks=failed.callbacks_without_submits(),
+                       first_callbacks=self.early_first_callbacks)
         head.callbacks.extend(self.early_callbacks)
         self.early = []
         self.early_callbacks = []
+        self.early_first_callbacks = []
         self.segments.insert(0, head)
         self._size += len(ops)
         self.ordered = True
@@ -405,8 +421,9 @@ class WriteBatch:
         if ops:
             self.opened = failed.opened or self.opened
 
-    def callbacks_without_submits(self) -> list[Callable[[], None]]:
-        out = list(self.early_callbacks)
+    def callbacks_without_submits(self, firsts: bool = True) -> list[Callable[[], None]]:
+        out = self._first_callbacks() if firsts else []
+        out.extend(self.early_callbacks)
         for seg in self.segments:
             out.extend(seg.callbacks)
         return out

@@ -32,7 +32,7 @@ import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__, registry, sdnotify, settings
 from .board import Board
@@ -92,7 +92,7 @@ class Supervisor(Dispatch, Outcomes):
         self.target = 0
         self.paused: set[str] = set()
         self.events = EventHub()
-        self.waiters: dict[int, list[asyncio.Future[dict[str, Any]]]] = {}
+        self.waiters: dict[int, list[Callable[[dict[str, Any]], None]]] = {}
         self.next_id = 1
         self.signal_queue: collections.deque[int] = collections.deque()
         self.counters = collections.Counter[str]()

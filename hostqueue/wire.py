@@ -39,7 +39,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._on_message = on_message
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         buf = self._buf
         buf += data
         pos = 0

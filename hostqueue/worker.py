@@ -211,6 +211,9 @@ class Worker:
         # The job channel, read by the main thread: frames decoded, not yet handled.
         self.inbox: collections.deque[dict[str, Any]] = collections.deque()
         self.decoder = wire.FrameDecoder(self.inbox.append)
+        # recv() of a large size maps and unmaps a fresh block on every read: read
+        # into this one instead.
+        self.chunk = memoryview(bytearray(1 << 20))
         # Written to wake the main thread while it waits for jobs (TERM, a drop).
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Held while reading the job channel (its frame decoder is not shared).
@@ -364,12 +367,12 @@ class Worker:
                     pass
             else:
                 try:
-                    data = self.sock.recv(1 << 20)
+                    size = self.sock.recv_into(self.chunk)
                 except OSError:
-                    data = b""
-                if not data:
+                    size = 0
+                if not size:
                     _supervisor_gone()
-                self.decoder.feed(data)
+                self.decoder.feed(self.chunk[:size])
                 read = True
         return read
 

@@ -1,0 +1,124 @@
+"""A reply that an operation gives later, written in the loop turn it is settled in.
+
+An operation that must wait (for its commit, for a job to end) could return an
+asyncio future or a coroutine; but every future callback, every task step and
+every ``wait_for`` costs a loop turn of its own, and a submit-and-wait crossed
+five of them between its job's commit and its reply. A ``DeferredReply`` calls
+its callbacks at once, in the turn that settles it: the commit's, or the one in
+which the job's end is committed.
+
+It has the part of the future interface that the control connection uses
+(``add_done_callback``, ``result``, ``exception``, ``cancel``), and it can be
+awaited by a coroutine that needs its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Generator
+
+Callback = Callable[[Any], None]
+
+
+class DeferredReply:
+    __slots__ = ("_done", "_cancelled", "_result", "_exception", "_callbacks", "_cleanups")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._cancelled = False
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._callbacks: list[Callback] = []
+        # Run once it is settled or cancelled: a waiter unregistered, a timer stopped.
+        self._cleanups: list[Callable[[], object]] = []
+
+    # -- settling ---------------------------------------------------------------
+
+    def resolve(self, result: Any) -> None:
+        if not self._done:
+            self._result = result
+            self._settle()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self._done:
+            self._exception = exc
+            self._settle()
+
+    def cancel(self) -> bool:
+        """The reply is no longer wanted (its client left): nothing is written."""
+        if self._done:
+            return False
+        self._cancelled = True
+        self._settle()
+        return True
+
+    def follow(self, future: asyncio.Future[Any] | DeferredReply) -> None:
+        """Settle as this future (or reply) does; cancelling this reply cancels it."""
+
+        def copy(f: asyncio.Future[Any] | DeferredReply) -> None:
+            if f.cancelled():
+                self.cancel()
+            elif f.exception() is not None:
+                self.fail(f.exception())  # type: ignore[arg-type]
+            else:
+                self.resolve(f.result())
+
+        future.add_done_callback(copy)
+        self.on_settled(future.cancel)
+
+    def on_settled(self, cleanup: Callable[[], object]) -> None:
+        if self._done:
+            cleanup()
+        else:
+            self._cleanups.append(cleanup)
+
+    def _settle(self) -> None:
+        self._done = True
+        cleanups, self._cleanups = self._cleanups, []
+        for cleanup in cleanups:
+            cleanup()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    # -- the future interface the connection uses --------------------------------
+
+    def add_done_callback(self, callback: Callback) -> None:
+        if self._done:
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def exception(self) -> BaseException | None:
+        if self._cancelled:
+            raise asyncio.CancelledError()
+        return self._exception
+
+    def result(self) -> Any:
+        if self._cancelled:
+            raise asyncio.CancelledError()
+        if self._exception is not None:
+            raise self._exception
+        return self._result
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def copy(reply: DeferredReply) -> None:
+            if future.done():
+                return
+            if reply.cancelled():
+                future.cancel()
+            elif reply.exception() is not None:
+                future.set_exception(reply.exception())  # type: ignore[arg-type]
+            else:
+                future.set_result(reply.result())
+
+        self.add_done_callback(copy)
+        return future.__await__()
