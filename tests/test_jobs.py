@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -48,6 +49,31 @@ def test_submit_with_wait_answers_once_the_job_ended(sup: Supervisor) -> None:
     assert time.monotonic() - t0 < 0.9, "the reply waited for the end, not for `wait`"
     assert slow["job"]["status"] in ("pending", "running") and slow["duplicate"] is False
     assert sup.wait_job(slow["job"]["id"])["status"] == "completed"
+
+
+@pytest.mark.timeout(30)
+def test_waits_on_one_job_each_end_their_own_way(sup: Supervisor) -> None:
+    """Several waits on one running job: one runs out (timeout), one's client goes
+    away, the others hear the end; a wait after the end is answered from the store."""
+    marker, release = sup.env.path("started"), sup.env.path("release")
+    job = sup.submit("block", {"marker": marker, "release": release})
+    wait_for(lambda: os.path.exists(marker), 10, "the job to start")
+    a, b, gone = Conn(sup.socket), Conn(sup.socket), Conn(sup.socket)
+    t0 = time.monotonic()
+    short = error_code(a.request("wait", job=job["id"], timeout=0.2))
+    assert short == "timeout" and time.monotonic() - t0 < 5
+    waiting = [b.send_op("wait", job=job["id"]), b.send_op("wait", job=job["id"], timeout=30)]
+    gone.send_op("wait", job=job["id"])
+    submitted_waiting = b.send_op("submit", task=f"{TASKS}.add", args={"a": 1, "b": 1}, wait=True)
+    gone.close()
+    open(release, "w").close()
+    for rid in waiting:
+        assert ok(b.read_for(rid))["job"]["status"] == "completed"
+    assert ok(b.read_for(submitted_waiting))["job"]["result"] == 2
+    assert ok(a.request("wait", job=job["id"], timeout=0))["job"]["status"] == "completed"
+    for c in (a, b):
+        c.close()
+    assert "Traceback" not in sup.log_text(), sup.log_text()[-3000:]
 
 
 @pytest.mark.timeout(30)
