@@ -125,6 +125,13 @@ def ratio_cell(hq_rounds: list[dict[str, Any]], peer_rounds: list[dict[str, Any]
     return f"{fmt_number(med)}x [{fmt_number(min(ratios))}-{fmt_number(max(ratios))}]"
 
 
+def baseline(hq_rounds: list[dict[str, Any]], depth: list[dict[str, Any]], prefix: str,
+             key: str) -> list[float]:
+    """What a figure at depth is compared with: the same figure taken alongside on an
+    empty store (ref_*), where there is one; else the empty-store rounds."""
+    return values(depth, f"ref_{prefix}_{key}") or values(hq_rounds, key)
+
+
 def change(empty: list[float], deep: list[float], higher_is_better: bool) -> str:
     if not empty or not deep:
         return "-"
@@ -188,6 +195,8 @@ def report(opts: argparse.Namespace, hq_rounds: list[dict[str, Any]], depth: lis
         out.append(f"hostqueue with {opts.depth:,} jobs pending in a paused queue (filled over the socket"
                    f" at {fmt_number(d0.get('deep_fill', 0))} jobs/s in {fmt_number(d0.get('deep_fill_seconds', 0))} s;"
                    f" restart with them: {fmt_number(d0.get('restart_start', 0))} s to serve)")
+        out.append("change: against the same figure taken just before on a second supervisor with an"
+                   " empty store, where it was (else against the empty-store rounds above)")
         out.append("")
         rows = []
         for key in DEPTH_FIGURES:
@@ -196,9 +205,10 @@ def report(opts: argparse.Namespace, hq_rounds: list[dict[str, Any]], depth: lis
             deep = values(depth, f"deep_{key}")
             restart = values(depth, f"restart_{key}")
             rows.append([f.label, fmt_values(empty), cell(depth, f"deep_{key}"),
-                         change(empty, deep, f.higher_is_better),
+                         change(baseline(hq_rounds, depth, "deep", key), deep, f.higher_is_better),
                          cell(depth, f"restart_{key}") if restart else "-",
-                         change(empty, restart, f.higher_is_better) if restart else "-"])
+                         change(baseline(hq_rounds, depth, "restart", key), restart, f.higher_is_better)
+                         if restart else "-"])
         live = values(depth, "deep_rss_supervisor") + values(depth, "deep_rss_after_fill")
         rows.append(["supervisor RSS, highest (MB)", fmt_number(max(values(hq_rounds, "rss_supervisor"))),
                      fmt_number(max(live)) if live else "-", "",
@@ -269,7 +279,9 @@ def targets(hq_rounds: list[dict[str, Any]], depth: list[dict[str, Any]]) -> lis
         d = f"{depth[0].get('depth', 0):,.0f}"
         for prefix, where in (("deep", f"{d} pending (live)"), ("restart", f"{d} pending (after restart)")):
             for key in DEPTH_FIGURES:
-                empty, deep = med(hq_rounds, key), med(depth, f"{prefix}_{key}")
+                deep = med(depth, f"{prefix}_{key}")
+                base = baseline(hq_rounds, depth, prefix, key)
+                empty = statistics.median(base) if base else None
                 if empty is None or deep is None:
                     continue
                 f = BY_KEY[key]

@@ -461,10 +461,16 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
                   log: Callable[[str], None] = lambda s: None) -> list[dict[str, float]]:
     """The figures with sizes.depth jobs pending in a paused queue, `runs` times on one
     supervisor filled over its socket, then `runs` times again after a restart (the
-    pending set then comes from the store). One dict per run, keys deep_* and restart_*."""
+    pending set then comes from the store). One dict per run, keys deep_* and restart_*.
+
+    Each end-to-end and latency figure is paired with the same figure taken just
+    before on a second supervisor with an empty store (keys ref_deep_*,
+    ref_restart_*): this machine drifts by 20-30% within an hour, and the pair
+    compares the depth, not the hour."""
     results: list[dict[str, float]] = [{} for _ in range(runs)]
     capped: set[str] = set()
     sup = Supervisor(source, workers)
+    ref = Supervisor(source, workers)
 
     def take(i: int, prefix: str, figures: dict[str, float]) -> None:
         for k, v in figures.items():
@@ -472,8 +478,13 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
             if k.endswith("_capped"):
                 capped.add(k[: -len("_capped")])
 
+    def paired(i: int, prefix: str, measure: Callable[[Supervisor], dict[str, float]]) -> None:
+        take(i, "ref_" + prefix, {k: v for k, v in measure(ref).items() if not k.endswith("_capped")})
+        take(i, prefix, measure(sup))
+
     try:
         sup.start()
+        ref.start()
         log(f"filling {sizes.depth:,} pending jobs")
         t0 = time.perf_counter()
         results[0]["depth"] = float(sizes.depth)
@@ -491,16 +502,17 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
             # A figure that ran out of time in the first run is not taken again; its
             # unfinished jobs are paused so that they do not hold up the next figure.
             if "e2e_bulk" not in capped:
-                take(i, "deep", end_to_end_bulk(sup, sizes.jobs, queue=q + "b", budget=budget_e2e))
+                paired(i, "deep", lambda s: end_to_end_bulk(s, sizes.jobs, queue=q + "b", budget=budget_e2e))
                 if "e2e_bulk" in capped:
                     sup.client.pause(q + "b")
             if "e2e_one" not in capped:
-                take(i, "deep", end_to_end_pipelined(sup, sizes.jobs, queue=q + "p", budget=budget_e2e))
+                paired(i, "deep", lambda s: end_to_end_pipelined(s, sizes.jobs, queue=q + "p", budget=budget_e2e))
                 if "e2e_one" in capped:
                     sup.client.pause(q + "p")
             if "lat" not in capped:
-                take(i, "deep", latency(sup, sizes.latency, queue=q + "l", budget=15.0))
-                take(i, "deep", latency(sup, sizes.latency, queue=q + "l", budget=15.0, one_request=True))
+                paired(i, "deep", lambda s: latency(s, sizes.latency, queue=q + "l", budget=15.0))
+                paired(i, "deep", lambda s: latency(s, sizes.latency, queue=q + "l", budget=15.0,
+                                                    one_request=True))
             take(i, "deep", memory(sup))
         sup.check_log()
         log("restart with the pending jobs")
@@ -510,16 +522,20 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
         for i in range(runs):
             log(f"after restart, run {i + 1}/{runs}")
             q = f"r{i}"
-            take(i, "restart", end_to_end_bulk(sup, sizes.jobs, queue=q + "b", budget=budget_e2e))
-            take(i, "restart", latency(sup, sizes.latency, queue=q + "l", budget=15.0))
-            take(i, "restart", latency(sup, sizes.latency, queue=q + "l", budget=15.0, one_request=True))
+            paired(i, "restart", lambda s: end_to_end_bulk(s, sizes.jobs, queue=q + "b", budget=budget_e2e))
+            paired(i, "restart", lambda s: latency(s, sizes.latency, queue=q + "l", budget=15.0))
+            paired(i, "restart", lambda s: latency(s, sizes.latency, queue=q + "l", budget=15.0,
+                                                   one_request=True))
             take(i, "restart", memory(sup))
         log(f"idle {min(sizes.idle, 5.0):g} s at depth")
         take(0, "deep", idle(sup, min(sizes.idle, 5.0)))
         sup.check_log()
+        ref.check_log()
         sup.stop()
+        ref.stop()
     except BenchError as exc:
         raise BenchError(f"{exc}\nsupervisor log:\n{sup.log_tail()}") from None
     finally:
         sup.close()
+        ref.close()
     return results

@@ -43,5 +43,6 @@ def test_quick_benchmark_runs(capsys: pytest.CaptureFixture[str], tmp_path: os.P
                 "scale_1", "scale_2", "scale_up", "rss_supervisor", "idle_cpu"):
         assert figures[key] >= 0, key
     (depth,) = result["depth"]
-    for key in ("deep_e2e_bulk", "deep_lat_p50", "restart_e2e_bulk", "restart_lat_p50"):
+    for key in ("deep_e2e_bulk", "deep_lat_p50", "restart_e2e_bulk", "restart_lat_p50",
+                "ref_deep_lat_p50", "ref_restart_lat_p50", "ref_restart_e2e_bulk"):
         assert depth[key] > 0, key
