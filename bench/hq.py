@@ -463,7 +463,7 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
     supervisor filled over its socket, then `runs` times again after a restart (the
     pending set then comes from the store). One dict per run, keys deep_* and restart_*.
 
-    Each end-to-end and latency figure is paired with the same figure taken just
+    Each figure but memory is paired with the same figure taken just
     before on a second supervisor with an empty store (keys ref_deep_*,
     ref_restart_*): this machine drifts by 20-30% within an hour, and the pair
     compares the depth, not the hour."""
@@ -498,7 +498,9 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
         for i in range(runs):
             log(f"at depth, run {i + 1}/{runs}")
             q = f"m{i}"  # a fresh queue each run: jobs left by a capped run stay paused
-            take(i, "deep", enqueue_rates(sup, sizes.one_by_one, sizes.jobs, queue=q + "e", run_after=False))
+            # The reference runs what it enqueued: its store stays without a backlog.
+            paired(i, "deep", lambda s: enqueue_rates(s, sizes.one_by_one, sizes.jobs, queue=q + "e",
+                                                      run_after=s is ref))
             # A figure that ran out of time in the first run is not taken again; its
             # unfinished jobs are paused so that they do not hold up the next figure.
             if "e2e_bulk" not in capped:
