@@ -339,26 +339,35 @@ def latency(sup: Supervisor, n: int, queue: str | None = None, budget: float = 6
     """Submit one job, wait for its result, n times in a row (after 20 to warm up):
     `submit` then `wait` (two requests, figures lat_*), or with one_request a
     `submit` with `wait` (figures lat1_*)."""
-    c = sup.client
+    return latency_interleaved([sup], n, queue, budget, one_request)[0]
+
+
+def latency_interleaved(sups: list[Supervisor], n: int, queue: str | None = None,
+                        budget: float = 60.0, one_request: bool = False) -> list[dict[str, float]]:
+    """latency() on several supervisors at once, one job on each in turn: the
+    machine's drift, minute to minute, then falls on all of them alike."""
     fields: dict[str, Any] = {"queue": queue} if queue else {}
     if one_request:
         fields["wait"] = max(30.0, budget)
-    samples: list[float] = []
+    samples: list[list[float]] = [[] for _ in sups]
     deadline = time.monotonic() + budget
     for i in range(20 + n):
-        t0 = time.perf_counter()
-        job = c.submit(TASK, **fields)
-        done = job.job if one_request else c.wait(job.id, timeout=max(30.0, budget))
-        if i >= 20:
-            samples.append(time.perf_counter() - t0)
-        if done["status"] != "completed" or done["result"] is not True:
-            raise BenchError(f"job {job.id} ended {done['status']} with result {done['result']!r}")
-        if time.monotonic() > deadline and len(samples) >= 10:
+        for sup, taken in zip(sups, samples):
+            c = sup.client
+            t0 = time.perf_counter()
+            job = c.submit(TASK, **fields)
+            done = job.job if one_request else c.wait(job.id, timeout=max(30.0, budget))
+            if i >= 20:
+                taken.append(time.perf_counter() - t0)
+            if done["status"] != "completed" or done["result"] is not True:
+                raise BenchError(f"job {job.id} ended {done['status']} with result {done['result']!r}")
+        if time.monotonic() > deadline and len(samples[0]) >= 10:
             break
-    figures = latency_figures(samples, n)
-    if one_request:
-        return {"lat1" + k[3:]: v for k, v in figures.items()}
-    return figures
+    out = []
+    for taken in samples:
+        figures = latency_figures(taken, n)
+        out.append({"lat1" + k[3:]: v for k, v in figures.items()} if one_request else figures)
+    return out
 
 
 def memory(sup: Supervisor) -> dict[str, float]:
@@ -463,10 +472,10 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
     supervisor filled over its socket, then `runs` times again after a restart (the
     pending set then comes from the store). One dict per run, keys deep_* and restart_*.
 
-    Each figure but memory is paired with the same figure taken just
-    before on a second supervisor with an empty store (keys ref_deep_*,
-    ref_restart_*): this machine drifts by 20-30% within an hour, and the pair
-    compares the depth, not the hour."""
+    Each figure but memory is paired with the same figure taken on a second
+    supervisor with an empty store (keys ref_deep_*, ref_restart_*), just before,
+    or for latency job by job in turn: this machine drifts by 20-30% within an
+    hour, and the pair compares the depth, not the hour."""
     results: list[dict[str, float]] = [{} for _ in range(runs)]
     capped: set[str] = set()
     sup = Supervisor(source, workers)
@@ -481,6 +490,13 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
     def paired(i: int, prefix: str, measure: Callable[[Supervisor], dict[str, float]]) -> None:
         take(i, "ref_" + prefix, {k: v for k, v in measure(ref).items() if not k.endswith("_capped")})
         take(i, prefix, measure(sup))
+
+    def paired_latency(i: int, prefix: str, q: str, one_request: bool) -> None:
+        """Job by job in turn on both supervisors: latency drifts faster than a run."""
+        at_ref, at_depth = latency_interleaved([ref, sup], sizes.latency, queue=q, budget=30.0,
+                                               one_request=one_request)
+        take(i, "ref_" + prefix, {k: v for k, v in at_ref.items() if not k.endswith("_capped")})
+        take(i, prefix, at_depth)
 
     try:
         sup.start()
@@ -512,9 +528,8 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
                 if "e2e_one" in capped:
                     sup.client.pause(q + "p")
             if "lat" not in capped:
-                paired(i, "deep", lambda s: latency(s, sizes.latency, queue=q + "l", budget=15.0))
-                paired(i, "deep", lambda s: latency(s, sizes.latency, queue=q + "l", budget=15.0,
-                                                    one_request=True))
+                paired_latency(i, "deep", q + "l", one_request=False)
+                paired_latency(i, "deep", q + "l", one_request=True)
             take(i, "deep", memory(sup))
         sup.check_log()
         log("restart with the pending jobs")
@@ -525,9 +540,8 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
             log(f"after restart, run {i + 1}/{runs}")
             q = f"r{i}"
             paired(i, "restart", lambda s: end_to_end_bulk(s, sizes.jobs, queue=q + "b", budget=budget_e2e))
-            paired(i, "restart", lambda s: latency(s, sizes.latency, queue=q + "l", budget=15.0))
-            paired(i, "restart", lambda s: latency(s, sizes.latency, queue=q + "l", budget=15.0,
-                                                   one_request=True))
+            paired_latency(i, "restart", q + "l", one_request=False)
+            paired_latency(i, "restart", q + "l", one_request=True)
             take(i, "restart", memory(sup))
         log(f"idle {min(sizes.idle, 5.0):g} s at depth")
         take(0, "deep", idle(sup, min(sizes.idle, 5.0)))
