@@ -499,9 +499,7 @@ class Operations:
         return self._stats(run_id)
 
     async def _stats(self, run_id: str | None) -> dict[str, Any]:
-        sup = self.supervisor
-        await sup.committer.barrier()
-        return {"stats": await sup.store.count_by_state(time.time(), run_id)}
+        return {"stats": await self.supervisor.count_by_state(run_id)}
 
     def op_metrics(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         return self._metrics()

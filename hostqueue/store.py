@@ -923,12 +923,35 @@ class Store:
         return await self._run(fetch)
 
     async def count_by_state(
-        self, now: float, run_id: str | None = None
+        self, now: float, run_id: str | None = None, scheduled_ids: list[int] | None = None
     ) -> dict[str, Any]:
-        """Counts by state and queue; pending jobs due later count as 'scheduled'."""
+        """Counts by state and queue; pending jobs due later count as 'scheduled'.
+
+        With scheduled_ids (the only pending jobs that may be due later, as the
+        supervisor knows them), the pending jobs are counted from the index alone,
+        and only those rows are read for their due time: 0.1 s instead of 0.7 s
+        with 1,000,000 pending."""
 
         def count(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
-            if run_id is None:
+            if run_id is None and scheduled_ids is not None:
+                rows = conn.execute(
+                    "SELECT queue, status, COUNT(*) FROM jobs WHERE status != 'pending'"
+                    " GROUP BY queue, status"
+                ).fetchall()
+                later: dict[str, int] = {}
+                if scheduled_ids:
+                    later = dict(conn.execute(
+                        "SELECT queue, COUNT(*) FROM jobs WHERE id IN (SELECT value FROM json_each(?))"
+                        " AND status = 'pending' AND run_at > ? GROUP BY queue",
+                        (orjson.dumps(scheduled_ids).decode(), now),
+                    ).fetchall())
+                for queue, n in conn.execute(
+                    "SELECT queue, COUNT(*) FROM jobs WHERE status = 'pending' GROUP BY queue"
+                ).fetchall():
+                    rows.append((queue, "pending", n - later.get(queue, 0)))
+                    if later.get(queue):
+                        rows.append((queue, "scheduled", later[queue]))
+            elif run_id is None:
                 rows = conn.execute(
                     "SELECT queue, status, COUNT(*) FROM jobs WHERE status != 'pending'"
                     " GROUP BY queue, status"

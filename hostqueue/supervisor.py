@@ -61,6 +61,10 @@ from .worker import EXIT_BOOT_ERROR
 
 log = logging.getLogger("hostqueue.supervisor")
 
+# `stats` reads the due time of at most this many scheduled jobs by id; with
+# more, it reads every pending row's (as slow as the pending set is large).
+SCHEDULED_BY_ID = 100_000
+
 SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP,
 )
@@ -257,9 +261,17 @@ class Supervisor(Dispatch, Outcomes):
         self.keys = pending.keys
         del pending
 
-    async def metrics_text(self) -> str:
+    async def count_by_state(self, run_id: str | None = None) -> dict[str, Any]:
+        """The store's counts by state and queue, once our writes so far are committed."""
         await self.committer.barrier()
-        stats = await self.store.count_by_state(time.time())
+        now = time.time()
+        later = [job_id for job_id, when in self.delayed.members.items() if when > now]
+        return await self.store.count_by_state(
+            now, run_id, later if len(later) <= SCHEDULED_BY_ID else None
+        )
+
+    async def metrics_text(self) -> str:
+        stats = await self.count_by_state()
         return render(self, stats, await self.store.file_size())
 
     def _watchdog(self, interval: float) -> None:

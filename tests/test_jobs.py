@@ -158,6 +158,31 @@ def test_delayed_job_waits_for_its_time(sup: Supervisor) -> None:
     assert time.time() >= job["run_at"]
 
 
+@pytest.mark.timeout(60)
+def test_stats_tell_scheduled_from_pending_across_a_restart(sup: Supervisor) -> None:
+    """stats counts pending jobs from the index and reads only the scheduled ones'
+    due times (known from memory): the split must hold for paused queues, after a
+    restart, and once a scheduled job is due."""
+    ok(sup.request("pause", queue="held"))
+    for _ in range(3):
+        sup.submit("add", {"a": 1, "b": 1}, queue="held")
+    sup.submit("add", {"a": 1, "b": 1}, queue="held", delay=600)
+    soon = sup.submit("add", {"a": 1, "b": 1}, delay=1.5)
+    sup.submit("add", {"a": 2, "b": 2}, delay=600)
+
+    def counts() -> tuple[int, int, int, int]:
+        stats = sup.call("stats", "stats")
+        held, default = stats["queues"]["held"], stats["queues"]["default"]
+        return held["pending"], held["scheduled"], default["pending"], default["scheduled"]
+
+    assert counts() == (3, 1, 0, 2)
+    sup.stop()
+    sup.start()
+    assert counts() == (3, 1, 0, 2), "after a restart, from the store"
+    assert sup.wait_job(soon["id"], timeout=20)["status"] == "completed"
+    assert counts() == (3, 1, 0, 1)
+
+
 @pytest.mark.timeout(30)
 def test_priority_order(hq: HQEnv) -> None:
     sup = hq.supervisor(workers=1)
