@@ -140,7 +140,7 @@ def change(empty: list[float], deep: list[float], higher_is_better: bool) -> str
         return "-"
     pct = (b / a - 1) * 100
     worse = pct < 0 if higher_is_better else pct > 0
-    return f"{pct:+.0f}%" + (" worse" if worse and abs(pct) >= 20 else "")
+    return f"{pct:+.0f}% of {fmt_number(a)}" + (" worse" if worse and abs(pct) >= 20 else "")
 
 
 # -- reports ------------------------------------------------------------------------
@@ -195,8 +195,8 @@ def report(opts: argparse.Namespace, hq_rounds: list[dict[str, Any]], depth: lis
         out.append(f"hostqueue with {opts.depth:,} jobs pending in a paused queue (filled over the socket"
                    f" at {fmt_number(d0.get('deep_fill', 0))} jobs/s in {fmt_number(d0.get('deep_fill_seconds', 0))} s;"
                    f" restart with them: {fmt_number(d0.get('restart_start', 0))} s to serve)")
-        out.append("change: against the same figure taken just before on a second supervisor with an"
-                   " empty store, where it was (else against the empty-store rounds above)")
+        out.append("change: against the same figure (its median after \"of\") on a second supervisor"
+                   " with an empty store beside it, taken in turn with this one (latency: job by job)")
         out.append("")
         rows = []
         for key in DEPTH_FIGURES:

@@ -487,9 +487,20 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
             if k.endswith("_capped"):
                 capped.add(k[: -len("_capped")])
 
-    def paired(i: int, prefix: str, measure: Callable[[Supervisor], dict[str, float]]) -> None:
-        take(i, "ref_" + prefix, {k: v for k, v in measure(ref).items() if not k.endswith("_capped")})
-        take(i, prefix, measure(sup))
+    def paired(i: int, prefix: str, measure: Callable[[Supervisor], dict[str, float]],
+               queue: str | None = None) -> None:
+        """The figure on both supervisors, the reference first in even runs and
+        second in odd ones. A capped reference run is left out (and its queue
+        paused, so that its jobs do not compete with the next figure)."""
+        for s in ((ref, sup) if i % 2 == 0 else (sup, ref)):
+            figures = measure(s)
+            if s is sup:
+                take(i, prefix, figures)
+            elif any(k.endswith("_capped") for k in figures):
+                if queue is not None:
+                    ref.client.pause(queue)
+            else:
+                take(i, "ref_" + prefix, figures)
 
     def paired_latency(i: int, prefix: str, q: str, one_request: bool) -> None:
         """Job by job in turn on both supervisors: latency drifts faster than a run."""
@@ -520,11 +531,13 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
             # A figure that ran out of time in the first run is not taken again; its
             # unfinished jobs are paused so that they do not hold up the next figure.
             if "e2e_bulk" not in capped:
-                paired(i, "deep", lambda s: end_to_end_bulk(s, sizes.jobs, queue=q + "b", budget=budget_e2e))
+                paired(i, "deep", lambda s: end_to_end_bulk(s, sizes.jobs, queue=q + "b", budget=budget_e2e),
+                       q + "b")
                 if "e2e_bulk" in capped:
                     sup.client.pause(q + "b")
             if "e2e_one" not in capped:
-                paired(i, "deep", lambda s: end_to_end_pipelined(s, sizes.jobs, queue=q + "p", budget=budget_e2e))
+                paired(i, "deep", lambda s: end_to_end_pipelined(s, sizes.jobs, queue=q + "p",
+                                                                 budget=budget_e2e), q + "p")
                 if "e2e_one" in capped:
                     sup.client.pause(q + "p")
             if "lat" not in capped:
@@ -539,7 +552,8 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
         for i in range(runs):
             log(f"after restart, run {i + 1}/{runs}")
             q = f"r{i}"
-            paired(i, "restart", lambda s: end_to_end_bulk(s, sizes.jobs, queue=q + "b", budget=budget_e2e))
+            paired(i, "restart", lambda s: end_to_end_bulk(s, sizes.jobs, queue=q + "b", budget=budget_e2e),
+                   q + "b")
             paired_latency(i, "restart", q + "l", one_request=False)
             paired_latency(i, "restart", q + "l", one_request=True)
             take(i, "restart", memory(sup))
@@ -550,7 +564,8 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
         sup.stop()
         ref.stop()
     except BenchError as exc:
-        raise BenchError(f"{exc}\nsupervisor log:\n{sup.log_tail()}") from None
+        raise BenchError(f"{exc}\nsupervisor log:\n{sup.log_tail()}\n"
+                         f"the empty-store supervisor's log:\n{ref.log_tail()}") from None
     finally:
         sup.close()
         ref.close()

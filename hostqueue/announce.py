@@ -61,15 +61,18 @@ class Announcer:
             job = jobs.get(job_id)
             if job is None:
                 continue
-            if job["status"] in ("completed", "failed", "cancelled", "expired"):
+            final = job["status"] in ("completed", "failed", "cancelled", "expired")
+            if final:
                 event = job["status"]
+            # The event first: a client that watches and waits hears it before the reply.
+            self.sup.events.publish(
+                {"event": event, "job_id": job_id, "job": job},
+                job["queue"], job["task"], job["run_id"],
+            )
+            if final:
                 for ended in self.sup.waiters.pop(job_id, ()):
                     try:
                         ended(job)
                     except Exception:  # noqa: BLE001 - one waiter must not stop the rest
                         log.exception("error telling a waiter that job %d ended", job_id)
-            self.sup.events.publish(
-                {"event": event, "job_id": job_id, "job": job},
-                job["queue"], job["task"], job["run_id"],
-            )
 

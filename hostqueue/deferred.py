@@ -15,7 +15,10 @@ awaited by a coroutine that needs its result.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Callable, Generator
+
+log = logging.getLogger("hostqueue.control")
 
 Callback = Callable[[Any], None]
 
@@ -76,10 +79,16 @@ class DeferredReply:
         self._done = True
         cleanups, self._cleanups = self._cleanups, []
         for cleanup in cleanups:
-            cleanup()
+            try:
+                cleanup()
+            except Exception:  # noqa: BLE001 - the others must still run
+                log.exception("error cleaning up after a reply")
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
-            callback(self)
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - the others must still run
+                log.exception("error delivering a reply")
 
     # -- the future interface the connection uses --------------------------------
 

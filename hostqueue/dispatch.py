@@ -210,12 +210,15 @@ class Dispatch(SupervisorParts):
         # The worker first: it runs the jobs while the commit's other callbacks
         # (the submits' replies) run here. Their `started` events follow those
         # callbacks, after `submitted`.
-        self.committer.after_commit(lambda: self._hand_over(worker, messages), ids, first=True)
+        sent: list[dict[str, Any]] = []
+        self.committer.after_commit(lambda: self._hand_over(worker, messages, sent), ids, first=True)
         if self.events.everything or self.events.by_job:
-            self.committer.after_commit(lambda: self._announce_started(worker, messages), ids)
+            self.committer.after_commit(lambda: self._announce_started(worker, sent), ids)
         self.sampler.start()
 
-    def _hand_over(self, worker: WorkerHandle, messages: list[dict[str, Any]]) -> None:
+    def _hand_over(self, worker: WorkerHandle, messages: list[dict[str, Any]],
+                   sent: list[dict[str, Any]]) -> None:
+        """Send the claimed jobs whose claims committed; those sent go into sent."""
         live = [m for m in messages if m["id"] in worker.jobs]
         if not live or worker.exit_status is not None:
             return  # its exit put them back already
@@ -230,9 +233,10 @@ class Dispatch(SupervisorParts):
             self._check_drained()
             return
         worker.send({"t": "run", "jobs": live})
+        sent.extend(live)
 
-    def _announce_started(self, worker: WorkerHandle, messages: list[dict[str, Any]]) -> None:
-        for m in messages:
+    def _announce_started(self, worker: WorkerHandle, sent: list[dict[str, Any]]) -> None:
+        for m in sent:
             rj = worker.jobs.get(m["id"])
             if rj is not None and self.events.wants(rj.id):
                 self.events.publish(

@@ -263,6 +263,7 @@ class Operations:
             out.follow(waited)
 
         submitted.add_done_callback(on_submitted)
+        out.on_settled(submitted.cancel)  # gone before its commit: nothing to wait for then
         return out
 
     async def _as_it_stands(self, job: dict[str, Any], duplicate: bool) -> dict[str, Any]:

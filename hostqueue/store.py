@@ -407,8 +407,8 @@ class WriteBatch:
     def prepend(self, failed: "WriteBatch", ops: list[Op]) -> None:
         """Put writes (and the callbacks) of a failed batch first, to be retried; this
         batch's early writes follow them. From now on, writes keep arrival order."""
-        head = Segment(ops=ops + self.early, callbacks=failed.callbacks_without_submits(),
-                       first_callbacks=self.early_first_callbacks)
+        head = Segment(ops=ops + self.early, callbacks=failed.callbacks_without_submits(firsts=False),
+                       first_callbacks=failed._first_callbacks() + self.early_first_callbacks)
         head.callbacks.extend(self.early_callbacks)
         self.early = []
         self.early_callbacks = []
@@ -933,6 +933,15 @@ class Store:
         with 1,000,000 pending."""
 
         def count(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+            if conn.in_transaction:
+                return count_in(conn)
+            conn.execute("BEGIN")  # one snapshot for the three counts
+            try:
+                return count_in(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        def count_in(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
             if run_id is None and scheduled_ids is not None:
                 rows = conn.execute(
                     "SELECT queue, status, COUNT(*) FROM jobs WHERE status != 'pending'"

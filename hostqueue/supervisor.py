@@ -265,10 +265,10 @@ class Supervisor(Dispatch, Outcomes):
         """The store's counts by state and queue, once our writes so far are committed."""
         await self.committer.barrier()
         now = time.time()
-        later = [job_id for job_id, when in self.delayed.members.items() if when > now]
-        return await self.store.count_by_state(
-            now, run_id, later if len(later) <= SCHEDULED_BY_ID else None
-        )
+        timed = self.delayed.members
+        later = ([job_id for job_id, when in timed.items() if when > now]
+                 if len(timed) <= SCHEDULED_BY_ID else None)
+        return await self.store.count_by_state(now, run_id, later)
 
     async def metrics_text(self) -> str:
         stats = await self.count_by_state()

@@ -84,6 +84,34 @@ def test_writes_about_older_jobs_go_first_and_new_jobs_follow_their_submit(tmp_p
     assert got[11] == ("pending", 0)
 
 
+def test_hand_overs_run_first_and_stay_first_when_a_failed_batch_is_retried() -> None:
+    """Jobs go to their workers before a commit's other callbacks (submits'
+    replies included), also when their batch failed and is retried with the next."""
+    done: list[str] = []
+    failed = WriteBatch()
+    add(failed, 10, 1, lambda: done.append("submit 10"))
+    failed.add("claim", claim(10))
+    failed.after_commit(lambda: done.append("announce 10"), [10])
+    failed.after_commit(lambda: done.append("hand over 10"), [10], first=True)
+    for callback in failed.callbacks():
+        callback()
+    assert done == ["hand over 10", "submit 10", "announce 10"]
+
+    done.clear()
+    nxt = WriteBatch()
+    add(nxt, 20, 1, lambda: done.append("submit 20"))
+    nxt.add("claim", claim(5))  # an older job: an early write
+    nxt.after_commit(lambda: done.append("announce 5"), [5])
+    nxt.after_commit(lambda: done.append("hand over 5"), [5], first=True)
+    nxt.after_commit(lambda: done.append("hand over 20"), [20], first=True)
+    # failed's submit was refused; its claim and callbacks are retried first
+    nxt.prepend(failed, [op for op in failed.all_ops() if op[0] == "claim"])
+    for callback in nxt.callbacks():
+        callback()
+    assert done == ["hand over 10", "hand over 5", "hand over 20", "submit 20", "announce 10",
+                    "announce 5"]
+
+
 def _batch_with(new: tuple[int, int]) -> WriteBatch:
     batch = WriteBatch()
     add(batch, new[0], new[1])

@@ -77,6 +77,26 @@ def test_waits_on_one_job_each_end_their_own_way(sup: Supervisor) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_watcher_that_waits_hears_the_end_before_the_reply(sup: Supervisor) -> None:
+    """On one connection, a watch of a job and a wait for it: the `completed` event
+    comes before the wait's reply (both follow the commit of the end)."""
+    marker, release = sup.env.path("started"), sup.env.path("release")
+    job = sup.submit("block", {"marker": marker, "release": release})
+    c = Conn(sup.socket)
+    watch = c.send_op("watch", job=job["id"])
+    assert ok(c.read_for(watch))
+    wait_for(lambda: os.path.exists(marker), 10, "the job to start")
+    waiting = c.send_op("wait", job=job["id"])
+    open(release, "w").close()
+    seen = []
+    while not any(m.get("id") == waiting for m in seen):
+        seen.append(c.read(timeout=10))
+    kinds = [m.get("event", "reply") for m in seen if m.get("id") in (watch, waiting)]
+    assert kinds[-2:] == ["completed", "reply"], seen
+    c.close()
+
+
+@pytest.mark.timeout(30)
 def test_submit_with_wait_and_a_key_waits_for_the_existing_job(sup: Supervisor) -> None:
     first = sup.submit("slow", {"seconds": 0.5, "steps": 1}, key="k-wait")
     reply = ok(sup.request("submit", task=f"{TASKS}.slow", args={"seconds": 0.5, "steps": 1},
@@ -158,7 +178,7 @@ def test_delayed_job_waits_for_its_time(sup: Supervisor) -> None:
     assert time.time() >= job["run_at"]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_stats_tell_scheduled_from_pending_across_a_restart(sup: Supervisor) -> None:
     """stats counts pending jobs from the index and reads only the scheduled ones'
     due times (known from memory): the split must hold for paused queues, after a
@@ -167,7 +187,7 @@ def test_stats_tell_scheduled_from_pending_across_a_restart(sup: Supervisor) -> 
     for _ in range(3):
         sup.submit("add", {"a": 1, "b": 1}, queue="held")
     sup.submit("add", {"a": 1, "b": 1}, queue="held", delay=600)
-    soon = sup.submit("add", {"a": 1, "b": 1}, delay=1.5)
+    soon = sup.submit("add", {"a": 1, "b": 1}, delay=6)  # still scheduled after the restart
     sup.submit("add", {"a": 2, "b": 2}, delay=600)
 
     def counts() -> tuple[int, int, int, int]:
@@ -179,7 +199,7 @@ def test_stats_tell_scheduled_from_pending_across_a_restart(sup: Supervisor) -> 
     sup.stop()
     sup.start()
     assert counts() == (3, 1, 0, 2), "after a restart, from the store"
-    assert sup.wait_job(soon["id"], timeout=20)["status"] == "completed"
+    assert sup.wait_job(soon["id"], timeout=30)["status"] == "completed"
     assert counts() == (3, 1, 0, 1)
 
 
