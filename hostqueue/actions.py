@@ -225,15 +225,31 @@ class Actions:
 
     def wait_reply(self, job_id: int, timeout: float | None, wrap: Callable[[dict[str, Any]], Any],
                    on_timeout: Callable[[DeferredReply], None]) -> DeferredReply | None:
-        """The usual wait, on a job still running or waiting: a reply settled in the
-        turn its end is committed, with wrap(job); after timeout seconds,
-        on_timeout(reply) settles it. None when the job may have ended: wait_job()
-        then knows what to do."""
+        """The usual wait, on a job still running or waiting, or one that has just
+        ended: a reply settled in the turn its end is committed, with wrap(job);
+        after timeout seconds, on_timeout(reply) settles it. None when the job
+        may have ended earlier: wait_job() then reads the store."""
         if not self._unfinished(job_id):
-            return None
-        reply = DeferredReply()
-        reply.on_settled(self._listen(job_id, lambda job: reply.resolve(wrap(job))))
+            recent = self.sup.recent_jobs.get(job_id)
+            if recent is None:
+                return None
+            # It just ended, and is known whole from memory: as soon as its end is
+            # committed (a submit's caller often waits while the job runs).
+            reply = DeferredReply()
+            committer = self.sup.committer
+
+            def answer() -> None:
+                reply.resolve(wrap(final_job(*recent)))
+
+            if not committer.busy:
+                answer()
+                return reply
+            committer.after_commit(answer)
+        else:
+            reply = DeferredReply()
+            reply.on_settled(self._listen(job_id, lambda job: reply.resolve(wrap(job))))
         if timeout is not None:
+            # An end not committed in time (a store refusing writes) is not told.
             reply.on_settled(self.sup.loop.call_later(timeout, on_timeout, reply).cancel)
         return reply
 
