@@ -23,6 +23,17 @@ log = logging.getLogger("hostqueue.control")
 Callback = Callable[[Any], None]
 
 
+def _copy_outcome(source: Any, cancel: Callable[[], object],
+                  fail: Callable[[BaseException], object], resolve: Callable[[Any], object]) -> None:
+    """Settle a target (by its three setters) as a settled future or reply is."""
+    if source.cancelled():
+        cancel()
+    elif source.exception() is not None:
+        fail(source.exception())
+    else:
+        resolve(source.result())
+
+
 class DeferredReply:
     __slots__ = ("_done", "_cancelled", "_result", "_exception", "_callbacks", "_cleanups")
 
@@ -57,16 +68,7 @@ class DeferredReply:
 
     def follow(self, future: asyncio.Future[Any] | DeferredReply) -> None:
         """Settle as this future (or reply) does; cancelling this reply cancels it."""
-
-        def copy(f: asyncio.Future[Any] | DeferredReply) -> None:
-            if f.cancelled():
-                self.cancel()
-            elif f.exception() is not None:
-                self.fail(f.exception())  # type: ignore[arg-type]
-            else:
-                self.resolve(f.result())
-
-        future.add_done_callback(copy)
+        future.add_done_callback(lambda f: _copy_outcome(f, self.cancel, self.fail, self.resolve))
         self.on_settled(future.cancel)
 
     def on_settled(self, cleanup: Callable[[], object]) -> None:
@@ -120,14 +122,8 @@ class DeferredReply:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         def copy(reply: DeferredReply) -> None:
-            if future.done():
-                return
-            if reply.cancelled():
-                future.cancel()
-            elif reply.exception() is not None:
-                future.set_exception(reply.exception())  # type: ignore[arg-type]
-            else:
-                future.set_result(reply.result())
+            if not future.done():  # cancelled by the awaiting task
+                _copy_outcome(reply, future.cancel, future.set_exception, future.set_result)
 
         self.add_done_callback(copy)
         return future.__await__()

@@ -933,49 +933,46 @@ class Store:
         with 1,000,000 pending."""
 
         def count(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+            if run_id is not None:
+                rows: list[tuple[str, str, int]] = conn.execute(
+                    "SELECT queue, CASE WHEN status = 'pending' AND run_at > ? THEN 'scheduled'"
+                    " ELSE status END, COUNT(*) FROM jobs WHERE run_id = ? GROUP BY 1, 2",
+                    (now, run_id),
+                ).fetchall()
+                return rows
             if conn.in_transaction:
-                return count_in(conn)
-            conn.execute("BEGIN")  # one snapshot for the three counts
+                return count_all(conn)
+            conn.execute("BEGIN")  # one snapshot for the counts
             try:
-                return count_in(conn)
+                return count_all(conn)
             finally:
                 conn.execute("COMMIT")
 
-        def count_in(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
-            if run_id is None and scheduled_ids is not None:
-                rows = conn.execute(
-                    "SELECT queue, status, COUNT(*) FROM jobs WHERE status != 'pending'"
-                    " GROUP BY queue, status"
-                ).fetchall()
-                later: dict[str, int] = {}
-                if scheduled_ids:
-                    later = dict(conn.execute(
-                        "SELECT queue, COUNT(*) FROM jobs WHERE id IN (SELECT value FROM json_each(?))"
-                        " AND status = 'pending' AND run_at > ? GROUP BY queue",
-                        (orjson.dumps(scheduled_ids).decode(), now),
-                    ).fetchall())
-                for queue, n in conn.execute(
-                    "SELECT queue, COUNT(*) FROM jobs WHERE status = 'pending' GROUP BY queue"
-                ).fetchall():
-                    rows.append((queue, "pending", n - later.get(queue, 0)))
-                    if later.get(queue):
-                        rows.append((queue, "scheduled", later[queue]))
-            elif run_id is None:
-                rows = conn.execute(
-                    "SELECT queue, status, COUNT(*) FROM jobs WHERE status != 'pending'"
-                    " GROUP BY queue, status"
-                ).fetchall()
+        def count_all(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+            rows: list[tuple[str, str, int]] = conn.execute(
+                "SELECT queue, status, COUNT(*) FROM jobs WHERE status != 'pending'"
+                " GROUP BY queue, status"
+            ).fetchall()
+            if scheduled_ids is None:  # every pending row read for its due time
                 rows += conn.execute(
                     "SELECT queue, CASE WHEN run_at > ? THEN 'scheduled' ELSE 'pending' END,"
                     " COUNT(*) FROM jobs WHERE status = 'pending' GROUP BY 1, 2",
                     (now,),
                 ).fetchall()
-            else:
-                rows = conn.execute(
-                    "SELECT queue, CASE WHEN status = 'pending' AND run_at > ? THEN 'scheduled'"
-                    " ELSE status END, COUNT(*) FROM jobs WHERE run_id = ? GROUP BY 1, 2",
-                    (now, run_id),
-                ).fetchall()
+                return rows
+            later: dict[str, int] = {}
+            if scheduled_ids:
+                later = dict(conn.execute(
+                    "SELECT queue, COUNT(*) FROM jobs WHERE id IN (SELECT value FROM json_each(?))"
+                    " AND status = 'pending' AND run_at > ? GROUP BY queue",
+                    (orjson.dumps(scheduled_ids).decode(), now),
+                ).fetchall())
+            for queue, n in conn.execute(
+                "SELECT queue, COUNT(*) FROM jobs WHERE status = 'pending' GROUP BY queue"
+            ).fetchall():
+                rows.append((queue, "pending", n - later.get(queue, 0)))
+                if later.get(queue):
+                    rows.append((queue, "scheduled", later[queue]))
             return rows
 
         rows = await self._read(count)

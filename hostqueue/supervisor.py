@@ -267,7 +267,7 @@ class Supervisor(Dispatch, Outcomes):
         now = time.time()
         timed = self.delayed.members
         later = ([job_id for job_id, when in timed.items() if when > now]
-                 if len(timed) <= SCHEDULED_BY_ID else None)
+                 if run_id is None and len(timed) <= SCHEDULED_BY_ID else None)
         return await self.store.count_by_state(now, run_id, later)
 
     async def metrics_text(self) -> str:
