@@ -31,16 +31,20 @@ MAX_NEW_ROWS = 4000
 # Written only together with the jobs they submit: refused with them.
 SUBMIT_KINDS = frozenset({"add_jobs", "add_claimed", "save_schedule"})
 
-# A write this soon after the last commit ended means load: its transaction waits
-# one more loop turn for company. Later than this (a lone job's next step), it
-# commits in the turn it arrived.
+# A write this soon after the last commit ended, with other jobs in flight, means
+# load: its transaction waits one more loop turn for company. Otherwise (a lone
+# job's next step) it commits in the turn it arrived.
 BUSY_GAP = 0.0002
 
 
 class GroupCommitter:
-    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop,
+                 in_flight: Callable[[], int] = lambda: 2) -> None:
         self.store = store
         self.loop = loop
+        # Jobs running or ready: with one at most, no other write is coming to share
+        # a transaction with, however close the last commit was.
+        self.in_flight = in_flight
         self.batch = WriteBatch()
         self._flushing = False
         self._scheduled = False
@@ -105,7 +109,8 @@ class GroupCommitter:
             self.loop.call_soon(self._start)
 
     def _start(self) -> None:
-        if not self._gathered and time.monotonic() - self._last_end < BUSY_GAP:
+        if (not self._gathered and time.monotonic() - self._last_end < BUSY_GAP
+                and self.in_flight() > 1):
             # Commits follow each other closely: gather one more loop turn's writes
             # (the other workers' outcomes, more submits) into this transaction.
             self._gathered = True

@@ -166,7 +166,8 @@ class Supervisor(Dispatch, Outcomes):
         except StoreError as exc:
             log.error("%s", exc)
             return 1
-        self.committer = GroupCommitter(self.store, self.loop)
+        self.committer = GroupCommitter(
+            self.store, self.loop, lambda: len(self.running) + self.ready.count)
         try:
             await self._recover()
         except StoreError as exc:
