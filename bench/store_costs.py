@@ -4,14 +4,16 @@
 
 Creates a fresh store file under /tmp with hostqueue's schema (its migrations),
 then per variant: 20 transactions of 1,000 INSERTs, of 1,000 claims and of 1,000
-finishes (the store's own statements), and prints microseconds per job for each.
+finishes (the store's own statements), and prints microseconds per job for each;
+and, for a lone job, its two commits (added running, then ended), 2,000 times.
 No supervisor: this is SQLite and Python's sqlite3 alone, the floor under the
-supervisor's SQLite thread.
+supervisor's SQLite work.
 """
 
 from __future__ import annotations
 
 import os
+import json
 import sqlite3
 import sys
 import tempfile
@@ -25,7 +27,10 @@ ROWS = 1000
 ROUNDS = 20
 
 
-def measure(drop: tuple[str, ...], directory: str) -> tuple[float, float, float]:
+LONE_JOBS = 2000
+
+
+def measure(drop: tuple[str, ...], directory: str) -> tuple[float, float, float, float]:
     path = os.path.join(directory, "costs.db")
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
@@ -42,10 +47,11 @@ def measure(drop: tuple[str, ...], directory: str) -> tuple[float, float, float]
     now = time.time()
     spent = [0.0, 0.0, 0.0]
     first = 1
+    args = json.dumps(["{}"] * ROWS)
     for _ in range(ROUNDS):
         ids = range(first, first + ROWS)
         batches = (
-            (WRITES["add_job"], [(i, "t.noop", "default", "{}", 4, 0, None, None, now, now, None, None) for i in ids]),
+            (WRITES["add_jobs"], [(first, "t.noop", "default", 4, 0, None, None, now, now, None, None, args)]),
             (WRITES["claim"], [(1, now, 4242, i) for i in ids]),
             (WRITES["finish"], [("completed", "true", None, now, None, None, 0.0, 1000, i) for i in ids]),
         )
@@ -56,22 +62,32 @@ def measure(drop: tuple[str, ...], directory: str) -> tuple[float, float, float]
             conn.execute("COMMIT")
             spent[k] += time.perf_counter() - t
         first += ROWS
+    # A lone job (submitted to an idle pool): added running, then ended, each a
+    # commit of its own, as the supervisor writes them.
+    one = json.dumps(["{}"])
+    t = time.perf_counter()
+    for job_id in range(first, first + LONE_JOBS):
+        conn.execute(WRITES["add_claimed"], (job_id, "t.noop", "default", 4, 0, None, None, now, now,
+                                             None, None, one, 1, now, 4242))
+        conn.execute(WRITES["finish"], ("completed", "true", None, now, None, None, 0.0, 1000, job_id))
+    lone = time.perf_counter() - t
     conn.close()
     n = ROWS * ROUNDS
-    return spent[0] / n * 1e6, spent[1] / n * 1e6, spent[2] / n * 1e6
+    return spent[0] / n * 1e6, spent[1] / n * 1e6, spent[2] / n * 1e6, lone / LONE_JOBS * 1e6
 
 
 def main() -> int:
     variants: list[tuple[str, ...]] = [
-        (), ("jobs_status",), ("jobs_pending",), ("jobs_status_finished",),
+        (), ("jobs_pending",), ("jobs_ended",),
         ("jobs_key", "jobs_run", "jobs_key_completed"),
     ]
-    print(f"{'without':40s} {'insert':>8s} {'claim':>8s} {'finish':>8s} {'total':>8s}  (us per job)")
+    print(f"{'without':40s} {'insert':>8s} {'claim':>8s} {'finish':>8s} {'total':>8s} {'lone job':>9s}"
+          "  (us per job; batches of 1,000, and a lone job's two commits)")
     with tempfile.TemporaryDirectory(prefix="hq-costs-") as directory:
         for drop in variants:
-            ins, claim, fin = measure(drop, directory)
+            ins, claim, fin, lone = measure(drop, directory)
             label = ", ".join(drop) or "(all indexes)"
-            print(f"{label:40s} {ins:8.1f} {claim:8.1f} {fin:8.1f} {ins + claim + fin:8.1f}")
+            print(f"{label:40s} {ins:8.1f} {claim:8.1f} {fin:8.1f} {ins + claim + fin:8.1f} {lone:9.1f}")
     return 0
 
 

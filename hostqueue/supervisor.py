@@ -269,7 +269,12 @@ class Supervisor(Dispatch, Outcomes):
         timed = self.delayed.members
         later = ([job_id for job_id, when in timed.items() if when > now]
                  if run_id is None and len(timed) <= SCHEDULED_BY_ID else None)
-        return await self.store.count_by_state(now, run_id, later)
+        running: dict[str, int] | None = None
+        if run_id is None:
+            running = {}
+            for rj in self.running.values():
+                running[rj.queue] = running.get(rj.queue, 0) + 1
+        return await self.store.count_by_state(now, run_id, later, running)
 
     async def metrics_text(self) -> str:
         stats = await self.count_by_state()

@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import time
 
 import pytest
 
@@ -139,3 +140,66 @@ def test_store_is_in_wal_mode(hq: HQEnv) -> None:
     finally:
         conn.close()
     assert sup.integrity() == "ok"
+
+
+@pytest.mark.timeout(60)
+def test_a_store_with_the_old_status_index_upgrades_recovers_and_counts(hq: HQEnv) -> None:
+    """A store written before jobs_ended (schema 4, with jobs_status) upgrades in
+    place; jobs it left running are recovered by a scan (requeued, or failed when
+    no attempt is left); counts by state come from the ended-jobs index and, for
+    running jobs, from the supervisor's memory; listing and retry by state work."""
+    from hostqueue.store import MIGRATIONS
+
+    store = hq.dir / "old.db"
+    conn = sqlite3.connect(str(store), isolation_level=None)
+    for _, script in MIGRATIONS[:4]:
+        conn.executescript(script)
+    conn.execute("PRAGMA user_version = 4")
+    noop, t = f"{TASKS}.noop", time.time() - 60  # recent: within retention
+    rows = [  # id, queue, status, attempts, max_attempts, finished_at
+        (1, "default", "completed", 1, 1, t),
+        (2, "q2", "failed", 1, 1, t),
+        (3, "default", "running", 1, 3, None),  # an attempt left: back to pending
+        (4, "default", "running", 2, 2, None),  # none left: failed
+        (5, "q2", "pending", 0, 1, None),
+    ]
+    conn.executemany(
+        "INSERT INTO jobs (id, task, queue, status, args, attempts, max_attempts, created_at,"
+        " run_at, finished_at) VALUES (?, ?, ?, ?, '{}', ?, ?, ?, ?, ?)",
+        [(i, noop, q, s, a, m, t, t, f) for i, q, s, a, m, f in rows],
+    )
+    conn.close()
+
+    sup = hq.supervisor(workers=1, store=store, start=False)
+    sup.start()
+    assert sup.db_query("PRAGMA user_version")[0][0] == len(MIGRATIONS)
+    indexes = {r[0] for r in sup.db_query("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "jobs_ended" in indexes and not {"jobs_status", "jobs_status_finished"} & indexes
+    assert sup.wait_job(3)["status"] == "completed"
+    assert sup.db_job(3)["attempts"] == 2, "the interrupted attempt stays counted"
+    assert sup.wait_job(5)["status"] == "completed"
+    lost = sup.wait_job(4)
+    assert lost["status"] == "failed" and lost["error"]["type"] == "WorkerLost", lost
+
+    stats = sup.call("stats", "stats")
+    assert (stats["completed"], stats["failed"], stats["running"], stats["pending"]) == (3, 2, 0, 0)
+    assert stats["queues"]["default"]["completed"] == 2 and stats["queues"]["default"]["failed"] == 1
+    assert stats["queues"]["q2"]["completed"] == 1 and stats["queues"]["q2"]["failed"] == 1
+    assert {j["id"] for j in sup.call("list", "jobs", status="failed")} == {2, 4}
+
+    marker, release = hq.path("started"), hq.path("release")
+    held = sup.submit("block", {"marker": marker, "release": release}, queue="q2")
+    wait_for(lambda: file_lines(marker), 10, "the blocking job to start")
+    stats = sup.call("stats", "stats")
+    assert stats["running"] == 1 and stats["queues"]["q2"]["running"] == 1, stats
+    assert [j["id"] for j in sup.call("list", "jobs", status="running")] == [held["id"]]
+    open(release, "w").close()
+    assert sup.wait_job(held["id"])["status"] == "completed"
+
+    revived = sup.call("retry_all", "jobs", status="failed", queue="q2")
+    assert [j["id"] for j in revived] == [2]
+    assert sup.wait_job(2)["status"] == "completed"
+    assert sup.call("stats", "stats")["queues"]["q2"] == {
+        **{k: 0 for k in ("pending", "scheduled", "running", "failed", "cancelled", "expired")},
+        "completed": 3,
+    }
