@@ -37,8 +37,10 @@ FINAL = ("completed", "failed", "cancelled", "expired")
 MAX_LIST = 10_000
 MAX_SECONDS = 30 * 86400.0  # a month: longer time limits are mistakes
 # The fields _submit_options() reads.
-SUBMIT_OPTIONS = ("queue", "priority", "retries", "timeout", "key", "run_id", "delay", "run_at",
-                  "deadline", "deadline_at")
+SUBMIT_OPTIONS = frozenset(("queue", "priority", "retries", "timeout", "key", "run_id", "delay",
+                            "run_at", "deadline", "deadline_at"))
+# Names, checked for length (MAX_NAME).
+NAME_FIELDS = frozenset(("task", "queue", "key", "run_id", "status"))
 MAX_NAME = 200
 
 _MISSING = object()
@@ -56,6 +58,13 @@ def _field(
         if required:
             raise ProtocolError("bad_request", f"field '{name}' is required for op '{req.get('op')}'")
         return default
+    # The usual cases, on every submit, first: a name, the args.
+    if kind is str and type(value) is str:
+        if len(value) > MAX_NAME and name in NAME_FIELDS:
+            raise ProtocolError("bad_request", f"field '{name}' is longer than {MAX_NAME} characters")
+        return value
+    if kind is dict and type(value) is dict:
+        return value
     kinds = kind if isinstance(kind, tuple) else (kind,)
     # JSON has no separate bool: never let true stand for 1.
     if isinstance(value, bool) and bool not in kinds:
@@ -74,7 +83,7 @@ def _field(
         raise ProtocolError("bad_request", f"field '{name}' must be {names}, got {type(value).__name__} {_short(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ProtocolError("bad_request", f"field '{name}' must be a finite number")
-    if isinstance(value, str) and name != "args" and len(value) > MAX_NAME and name in ("task", "queue", "key", "run_id", "status"):
+    if isinstance(value, str) and len(value) > MAX_NAME and name in NAME_FIELDS:
         raise ProtocolError("bad_request", f"field '{name}' is longer than {MAX_NAME} characters")
     return value
 
@@ -152,7 +161,7 @@ class Operations:
     # -- jobs -------------------------------------------------------------------------
 
     def _submit_options(self, req: dict[str, Any]) -> dict[str, Any]:
-        if not any(name in req for name in SUBMIT_OPTIONS):  # the usual submit: defaults all
+        if SUBMIT_OPTIONS.isdisjoint(req):  # the usual submit: defaults all
             return dict.fromkeys(("queue", "priority", "retries", "timeout", "key", "run_id",
                                   "run_at", "deadline"))
         now = time.time()
@@ -220,7 +229,7 @@ class Operations:
         wait = submit_wait(req)
         sup = self.supervisor
         key = opts["key"]
-        key_ttl = _field(req, "key_ttl", float)
+        key_ttl = _field(req, "key_ttl", float) if "key_ttl" in req else None
         if key_ttl is not None and (key is None or key_ttl <= 0):
             raise ProtocolError("bad_request", "field 'key_ttl' needs a 'key' and must be > 0 seconds")
         reply: Awaitable[dict[str, Any]]
