@@ -166,10 +166,11 @@ MIGRATIONS: list[tuple[str, str]] = [
         -- jobs_status took a write when a job was added running and two when it ended:
         -- about a sixth of a lone job's commit time. Counts of running jobs come from
         -- the supervisor's memory, recovery at start scans for them once, and the
-        -- ended states (counts by queue, retention, listing) have jobs_ended.
+        -- ended states have jobs_ended: counts by state and queue in its order,
+        -- retention by state and queue (the oldest first), listing and retry.
         DROP INDEX jobs_status;
         DROP INDEX jobs_status_finished;
-        CREATE INDEX jobs_ended ON jobs (status, finished_at, queue)
+        CREATE INDEX jobs_ended ON jobs (status, queue, finished_at)
             WHERE finished_at IS NOT NULL;
         """,
     ),
@@ -529,6 +530,22 @@ class DispatchRow:
     created_at: float
     run_at: float
     deadline: float | None
+
+
+def _ended_queues(conn: sqlite3.Connection, status: str) -> list[str]:
+    """The queues holding ended jobs in this state: one search of jobs_ended per
+    queue (it is ordered by state, then queue), not a read of every ended job."""
+    queues: list[str] = []
+    row = conn.execute(
+        "SELECT MIN(queue) FROM jobs WHERE finished_at IS NOT NULL AND status = ?", (status,)
+    ).fetchone()
+    while row[0] is not None:
+        queues.append(row[0])
+        row = conn.execute(
+            "SELECT MIN(queue) FROM jobs WHERE finished_at IS NOT NULL AND status = ? AND queue > ?",
+            (status, row[0]),
+        ).fetchone()
+    return queues
 
 
 def _transaction(conn: sqlite3.Connection, ops: list[Op]) -> None:
@@ -980,7 +997,7 @@ class Store:
         def count_all(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
             rows: list[tuple[str, str, int]] = conn.execute(
                 "SELECT queue, status, COUNT(*) FROM jobs WHERE finished_at IS NOT NULL"
-                " GROUP BY queue, status"
+                " GROUP BY status, queue"  # jobs_ended's order: no sort
             ).fetchall()
             if running is None:
                 rows += conn.execute(
@@ -1042,16 +1059,17 @@ class Store:
         def fetch(conn: sqlite3.Connection) -> list[int]:
             ids: list[int] = []
             for status, cutoff in cutoffs.items():
-                if len(ids) >= limit:
-                    break
-                ids.extend(
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
-                        " AND status = ? LIMIT ?",
-                        (cutoff, status, limit - len(ids)),
+                for queue in _ended_queues(conn, status):
+                    if len(ids) >= limit:
+                        return ids
+                    ids.extend(
+                        r[0]
+                        for r in conn.execute(
+                            "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND status = ?"
+                            " AND queue = ? AND finished_at < ? LIMIT ?",
+                            (status, queue, cutoff, limit - len(ids)),
+                        )
                     )
-                )
             return ids
 
         return await self._run(fetch)
@@ -1062,12 +1080,16 @@ class Store:
         def fetch(conn: sqlite3.Connection) -> dict[str, float]:
             out = {}
             for status in states:
-                row = conn.execute(
-                    "SELECT MIN(finished_at) FROM jobs WHERE finished_at IS NOT NULL AND status = ?",
-                    (status,),
-                ).fetchone()
-                if row[0] is not None:
-                    out[status] = float(row[0])
+                oldest = [
+                    conn.execute(
+                        "SELECT MIN(finished_at) FROM jobs WHERE finished_at IS NOT NULL"
+                        " AND status = ? AND queue = ?",
+                        (status, queue),
+                    ).fetchone()[0]
+                    for queue in _ended_queues(conn, status)
+                ]
+                if oldest:
+                    out[status] = float(min(oldest))
             return out
 
         return await self._read(fetch)

@@ -341,6 +341,9 @@ def test_retention_deletes_completed_jobs_and_keeps_failed_ones(
     # Two attempts each, so that both have rows in the attempts table.
     completed = sup.submit("flaky", {"log": hq.path("flaky.log"), "fail_times": 1})["id"]
     failed = sup.submit("fail", retries=1)["id"]
+    # Retention goes queue by queue (the ended-jobs index is by state, then queue).
+    elsewhere = sup.submit("noop", queue="other")["id"]
+    assert sup.wait_job(elsewhere)["status"] == "completed"
     done = sup.wait_job(completed)
     assert done["status"] == "completed" and done["attempts"] == 2
     assert sup.wait_job(failed)["status"] == "failed"
@@ -354,6 +357,8 @@ def test_retention_deletes_completed_jobs_and_keeps_failed_ones(
         return time.time() if not sup.db_query("SELECT id FROM jobs WHERE id = ?", (completed,)) else None
 
     gone_at = wait_for(gone, 8, "the completed job's row to be deleted after 1 s")
+    wait_for(lambda: not sup.db_query("SELECT id FROM jobs WHERE id = ?", (elsewhere,)), 8,
+             "the completed job of the other queue to be deleted too")
     assert gone_at >= done["finished_at"] + 1.0 - 0.05, "deleted before its retention was over"
     assert attempt_rows(completed) == 0, "the deleted job's attempts stayed behind"
     assert error_code(sup.request("get", job=completed)) == "not_found"
