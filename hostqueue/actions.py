@@ -243,7 +243,7 @@ class Actions:
 
             if not committer.busy:
                 answer()
-                return reply
+                return reply  # settled: no timer to arm
             committer.after_commit(answer)
         else:
             reply = DeferredReply()

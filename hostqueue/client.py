@@ -265,6 +265,9 @@ class Client:
         self._inbox: dict[int, deque[dict[str, Any]]] = {}
         self._lost: set[int] = set()  # ids whose connection closed under them
         self._orphan_error: str | None = None  # an error the server sent for no request
+        self._poller: Any = None
+        self._poller_of: _socket.socket | None = None  # the socket _poller watches
+        self._poller_events = 0
 
     # -- connection
 
@@ -330,8 +333,16 @@ class Client:
 
     def _poll(self, events: int, deadline: float | None) -> int:
         assert self._sock is not None
-        poller = select.poll()
-        poller.register(self._sock, events)
+        # One poller per connection, kept: a new one per read costs an object and a
+        # registration on every request.
+        if self._poller_of is not self._sock:
+            self._poller = select.poll()
+            self._poller.register(self._sock, events)
+            self._poller_of, self._poller_events = self._sock, events
+        elif self._poller_events != events:
+            self._poller.modify(self._sock, events)
+            self._poller_events = events
+        poller = self._poller
         while True:
             if deadline is None:
                 wait_ms = None
@@ -389,7 +400,10 @@ class Client:
             return  # a request given up on, or a stream closed by its reader
         if op == "watch" and msg.get("ok") is True:
             self._streams.add(rid)
-        self._inbox.setdefault(rid, deque()).append(msg)
+        queue = self._inbox.get(rid)
+        if queue is None:
+            queue = self._inbox[rid] = deque()
+        queue.append(msg)
 
     def _next_message(self, request_id: int, deadline: float | None) -> dict[str, Any]:
         while True:
@@ -436,6 +450,16 @@ class Client:
 
     def _send_all(self, data: bytes) -> None:
         view = memoryview(data)
+        if self._sock is not None:  # the usual case first: all of it at once
+            try:
+                sent = self._sock.send(view)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise self._connection_lost(exc.strerror or str(exc)) from None
+            if sent == len(data):
+                return
+            view = view[sent:]
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while view:
             if self._sock is None:

@@ -78,6 +78,8 @@ class Dispatch(SupervisorParts):
         max_jobs = self.config.max_jobs_per_worker
         runtime = self.task_runtime
         for worker in idle:
+            if not self.ready.count:
+                break  # all taken: the other workers need not look (a lone job, usually)
             picked: list[tuple[Lane, int]] = []
             budget = min(per_worker, prefetch - len(worker.jobs))
             if max_jobs is not None:  # recycle on time: no more than it may still run

@@ -65,6 +65,10 @@ def _field(
         return value
     if kind is dict and type(value) is dict:
         return value
+    if kind is int and type(value) is int and -(2**63) <= value < 2**63:  # a job id
+        return value
+    if kind is float and type(value) is float and math.isfinite(value):  # a timeout
+        return value
     kinds = kind if isinstance(kind, tuple) else (kind,)
     # JSON has no separate bool: never let true stand for 1.
     if isinstance(value, bool) and bool not in kinds:
