@@ -39,12 +39,19 @@ BUSY_GAP = 0.0002
 
 class GroupCommitter:
     def __init__(self, store: Store, loop: asyncio.AbstractEventLoop,
-                 in_flight: Callable[[], int] = lambda: 2) -> None:
+                 in_flight: Callable[[], int] = lambda: 2,
+                 on_commit: Callable[[WriteBatch], None] | None = None) -> None:
         self.store = store
         self.loop = loop
         # Jobs running or ready: with one at most, no other write is coming to share
         # a transaction with, however close the last commit was.
         self.in_flight = in_flight
+        # Told of every committed batch, before its callbacks: what the store now holds.
+        self.on_commit = on_commit
+        # While held (hold()), no transaction starts: a reader may open a snapshot
+        # that matches what on_commit has been told.
+        self._holds = 0
+        self._on_quiet: list[Callable[[], None]] = []
         self.batch = WriteBatch()
         self._flushing = False
         self._scheduled = False
@@ -102,8 +109,22 @@ class GroupCommitter:
         self.after_commit(release)
         await done
 
+    def hold(self, quiet: Callable[[], None]) -> None:
+        """Start no transaction until release(); call quiet() once none is in flight
+        (at once, or when the one in flight has ended)."""
+        self._holds += 1
+        if self._flushing:
+            self._on_quiet.append(quiet)
+        else:
+            quiet()
+
+    def release(self) -> None:
+        self._holds -= 1
+        if not self._holds and (len(self.batch) or self.batch.has_callbacks):
+            self._schedule()
+
     def _schedule(self) -> None:
-        if not self._scheduled and not self._flushing:
+        if not self._scheduled and not self._flushing and not self._holds:
             self._scheduled = True
             self._idle.clear()
             self.loop.call_soon(self._start)
@@ -118,8 +139,8 @@ class GroupCommitter:
             return
         self._gathered = False
         self._scheduled = False
-        if self._flushing:
-            return
+        if self._flushing or self._holds:
+            return  # release() schedules it again
         self._flushing = True
         # Since a failure, writes go to the store's thread until one commits: a
         # store that blocks (busy, slow disk) never blocks the loop.
@@ -155,7 +176,7 @@ class GroupCommitter:
         try:
             if delay:
                 await asyncio.sleep(delay)
-            while len(self.batch) or self.batch.has_callbacks:
+            while (len(self.batch) or self.batch.has_callbacks) and not self._holds:
                 batch = self.batch
                 self.batch = batch.split(MAX_NEW_ROWS)
                 try:
@@ -173,6 +194,9 @@ class GroupCommitter:
     def _flush_done(self) -> None:
         self._flushing = False
         self._idle.set()
+        quiet, self._on_quiet = self._on_quiet, []
+        for callback in quiet:
+            callback()
         if len(self.batch) or self.batch.has_callbacks:
             self._schedule()
 
@@ -192,6 +216,11 @@ class GroupCommitter:
 
     def _committed(self, batch: WriteBatch) -> None:
         self._last_end = time.monotonic()
+        if len(batch) and self.on_commit is not None:
+            try:
+                self.on_commit(batch)
+            except Exception:  # noqa: BLE001 - the callbacks must still run
+                log.exception("error noting a commit")
         if len(batch):  # callbacks alone prove nothing about the store
             took = self._last_end - batch.opened
             self.commit_latency += (took - self.commit_latency) * 0.2

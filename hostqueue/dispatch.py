@@ -200,6 +200,7 @@ class Dispatch(SupervisorParts):
             if p.deadline is not None:
                 self.deadlines.discard(job_id)
             add("claim", (attempt, now, pid, job_id))
+            self.running_count.claimed(job_id, p.queue)
             messages.append(
                 {"id": job_id, "task": p.task, "args": p.args, "attempt": attempt,
                  "max_attempts": p.max_attempts, "timeout": p.timeout,

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .pool import RunningJob, WorkerHandle
     from .readyindex import Payload, ReadyIndex, TimedHeap
     from .retention import Retention
+    from .runcount import RunningCount
     from .sampler import ProgressSampler
     from .settings import SupervisorConfig
     from .shaping import Shaper
@@ -38,6 +39,7 @@ class SupervisorParts:
         deadlines: TimedHeap
         payloads: dict[int, Payload]
         running: dict[int, RunningJob]
+        running_count: RunningCount
         claiming: set[int]
         claim_aborts: set[int]
         recent_finals: collections.OrderedDict[int, str]

@@ -48,6 +48,7 @@ from .logs import setup_logging
 from .metrics import Histogram, MetricsServer, render
 from .outcomes import Outcomes, error_json, lost_error
 from .retention import Retention
+from .runcount import RunningCount
 from .sampler import ProgressSampler
 from .reaper import ZombieReaper, block_sigchld
 from .schedules import Scheduler
@@ -166,8 +167,11 @@ class Supervisor(Dispatch, Outcomes):
         except StoreError as exc:
             log.error("%s", exc)
             return 1
+        self.running_count = RunningCount(self.loop)
         self.committer = GroupCommitter(
-            self.store, self.loop, lambda: len(self.running) + self.ready.count)
+            self.store, self.loop, lambda: len(self.running) + self.ready.count,
+            on_commit=self.running_count.committed)
+        self.running_count.committer = self.committer
         try:
             await self._recover()
         except StoreError as exc:
@@ -269,11 +273,7 @@ class Supervisor(Dispatch, Outcomes):
         timed = self.delayed.members
         later = ([job_id for job_id, when in timed.items() if when > now]
                  if run_id is None and len(timed) <= SCHEDULED_BY_ID else None)
-        running: dict[str, int] | None = None
-        if run_id is None:
-            running = {}
-            for rj in self.running.values():
-                running[rj.queue] = running.get(rj.queue, 0) + 1
+        running = self.running_count.in_snapshot if run_id is None else None
         return await self.store.count_by_state(now, run_id, later, running)
 
     async def metrics_text(self) -> str:
@@ -615,6 +615,7 @@ class Supervisor(Dispatch, Outcomes):
         or claimed with its hand-over waiting for a commit (which will skip it)."""
         self.payloads.pop(job_id, None)
         self.deadlines.discard(job_id)
+        self.running_count.withdrawn(job_id)
         if job_id in self.claiming:
             return  # its claim is being read from the store: it finds no row, and drops it
         rj = self.running.pop(job_id, None)

@@ -203,6 +203,36 @@ def test_stats_tell_scheduled_from_pending_across_a_restart(sup: Supervisor) -> 
     assert counts() == (3, 1, 0, 1)
 
 
+@pytest.mark.timeout(120)
+def test_stats_add_up_while_jobs_start_and_end(hq: HQEnv) -> None:
+    """No index of the store lists running jobs: stats counts them in memory and
+    the rest in a read snapshot of the store. Both must describe one moment, so
+    the counts add up to every job at every sample while 4,000 jobs drain."""
+    sup = hq.supervisor(workers=4)
+    states = ("pending", "scheduled", "running", "completed", "failed", "cancelled", "expired")
+    n = 0
+    with sup.conn() as c:
+        for _ in range(4):
+            ok(c.request("submit_many", task=f"{TASKS}.sleeper", args=[{"seconds": 0.002}] * 1000,
+                         reply="ids"))
+            n += 1000
+    wrong: list[tuple[int, dict[str, int]]] = []
+    samples = most_running = 0
+    deadline = time.monotonic() + 90
+    while True:
+        stats = sup.call("stats", "stats")
+        samples += 1
+        total = sum(stats[k] for k in states)
+        if total != n:
+            wrong.append((total - n, {k: stats[k] for k in ("pending", "running", "completed")}))
+        most_running = max(most_running, stats["running"])
+        if stats["completed"] == n:
+            break
+        assert time.monotonic() < deadline, f"the jobs did not drain: {stats}"
+    assert not wrong, f"{len(wrong)} of {samples} samples do not add up to {n}: {wrong[:5]}"
+    assert samples > 20 and most_running > 0, (samples, most_running)
+
+
 @pytest.mark.timeout(30)
 def test_priority_order(hq: HQEnv) -> None:
     sup = hq.supervisor(workers=1)
