@@ -16,7 +16,7 @@ import orjson
 from . import __version__, registry
 from .deferred import DeferredReply
 from .errors import ProtocolError
-from .states import JobStatus, SupervisorState, WorkerState
+from .states import FINAL_STATES, JobStatus, SupervisorState, WorkerState
 from .outcomes import final_job
 from .readyindex import PAYLOAD_CACHE, Payload
 from .store import Store
@@ -255,8 +255,17 @@ class Actions:
 
     async def wait_job(
         self, job_id: int, timeout: float | None) -> dict[str, Any]:
-        sup = self.sup
-        fut: asyncio.Future[dict[str, Any]] = sup.loop.create_future()
+        waited = self.wait_reply(job_id, timeout, lambda job: job,
+                                 lambda reply: reply.fail(wait_timeout(job_id, timeout or 0.0)))
+        if waited is not None:  # known from memory
+            try:
+                result: dict[str, Any] = await waited
+                return result
+            finally:
+                waited.cancel()  # given up on (its client left): stop listening
+        # It may have ended long ago: listen first, so that an end committed while
+        # the store is read is heard.
+        fut: asyncio.Future[dict[str, Any]] = self.sup.loop.create_future()
 
         def ended(job: dict[str, Any]) -> None:
             if not fut.done():
@@ -264,17 +273,11 @@ class Actions:
 
         stop = self._listen(job_id, ended)
         try:
-            unfinished = self._unfinished(job_id)
-            recent = None if unfinished else sup.recent_jobs.get(job_id)
-            if recent is not None:  # it just ended: known whole from memory, once committed
-                await sup.committer.barrier()
-                return final_job(*recent)
-            if not unfinished:  # else known from memory: no need to read the store first
-                job = await self.committed_job(job_id)
-                if job is None:
-                    raise ProtocolError("not_found", f"no job has id {job_id}")
-                if job["status"] in ("completed", "failed", "cancelled", "expired"):
-                    return job
+            job = await self.committed_job(job_id)
+            if job is None:
+                raise ProtocolError("not_found", f"no job has id {job_id}")
+            if job["status"] in FINAL_STATES:
+                return job
             if timeout is None:
                 return await fut
             try:

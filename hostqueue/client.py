@@ -265,8 +265,9 @@ class Client:
         self._inbox: dict[int, deque[dict[str, Any]]] = {}
         self._lost: set[int] = set()  # ids whose connection closed under them
         self._orphan_error: str | None = None  # an error the server sent for no request
+        # Made with the socket and kept: a new one per read costs an object and a
+        # registration on every request.
         self._poller: Any = None
-        self._poller_of: _socket.socket | None = None  # the socket _poller watches
         self._poller_events = 0
 
     # -- connection
@@ -286,6 +287,9 @@ class Client:
         # pipelined send can take in replies meanwhile instead of deadlocking.
         sock.setblocking(False)
         self._sock = sock
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
+        self._poller_events = select.POLLIN
         self._buffer.clear()
         self._scanned = 0
         return self
@@ -333,16 +337,10 @@ class Client:
 
     def _poll(self, events: int, deadline: float | None) -> int:
         assert self._sock is not None
-        # One poller per connection, kept: a new one per read costs an object and a
-        # registration on every request.
-        if self._poller_of is not self._sock:
-            self._poller = select.poll()
-            self._poller.register(self._sock, events)
-            self._poller_of, self._poller_events = self._sock, events
-        elif self._poller_events != events:
-            self._poller.modify(self._sock, events)
-            self._poller_events = events
         poller = self._poller
+        if self._poller_events != events:
+            poller.modify(self._sock, events)
+            self._poller_events = events
         while True:
             if deadline is None:
                 wait_ms = None
@@ -450,17 +448,7 @@ class Client:
 
     def _send_all(self, data: bytes) -> None:
         view = memoryview(data)
-        if self._sock is not None:  # the usual case first: all of it at once
-            try:
-                sent = self._sock.send(view)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise self._connection_lost(exc.strerror or str(exc)) from None
-            if sent == len(data):
-                return
-            view = view[sent:]
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        deadline: float | None = None  # set once a send has to wait (most never do)
         while view:
             if self._sock is None:
                 raise self._connection_lost("not connected")
@@ -474,6 +462,8 @@ class Client:
                 raise self._connection_lost(exc.strerror or str(exc)) from None
             # The server stops reading a client that leaves its replies unread,
             # so take them in while our send cannot proceed.
+            if deadline is None and self.timeout is not None:
+                deadline = time.monotonic() + self.timeout
             try:
                 if self._poll(select.POLLIN | select.POLLOUT, deadline) & select.POLLIN:
                     self._pump(deadline)

@@ -216,12 +216,12 @@ class GroupCommitter:
 
     def _committed(self, batch: WriteBatch) -> None:
         self._last_end = time.monotonic()
-        if len(batch) and self.on_commit is not None:
-            try:
-                self.on_commit(batch)
-            except Exception:  # noqa: BLE001 - the callbacks must still run
-                log.exception("error noting a commit")
         if len(batch):  # callbacks alone prove nothing about the store
+            if self.on_commit is not None:
+                try:
+                    self.on_commit(batch)
+                except Exception:  # noqa: BLE001 - the callbacks must still run
+                    log.exception("error noting a commit")
             took = self._last_end - batch.opened
             self.commit_latency += (took - self.commit_latency) * 0.2
             if self.failing or self.last_error:

@@ -60,9 +60,7 @@ def _field(
         return default
     # The usual cases, on every submit, first: a name, the args.
     if kind is str and type(value) is str:
-        if len(value) > MAX_NAME and name in NAME_FIELDS:
-            raise ProtocolError("bad_request", f"field '{name}' is longer than {MAX_NAME} characters")
-        return value
+        return _name_length_checked(name, value)
     if kind is dict and type(value) is dict:
         return value
     if kind is int and type(value) is int and -(2**63) <= value < 2**63:  # a job id
@@ -87,7 +85,13 @@ def _field(
         raise ProtocolError("bad_request", f"field '{name}' must be {names}, got {type(value).__name__} {_short(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ProtocolError("bad_request", f"field '{name}' must be a finite number")
-    if isinstance(value, str) and len(value) > MAX_NAME and name in NAME_FIELDS:
+    if isinstance(value, str):
+        return _name_length_checked(name, value)
+    return value
+
+
+def _name_length_checked(name: str, value: str) -> str:
+    if len(value) > MAX_NAME and name in NAME_FIELDS:
         raise ProtocolError("bad_request", f"field '{name}' is longer than {MAX_NAME} characters")
     return value
 
