@@ -20,7 +20,8 @@ acknowledged once committed), 2 workers and a task that returns True, and takes:
 - supervisor and worker RSS; CPU and wake-ups of all its processes while idle for 10 s;
 - then, once, the same with 1,000,000 pending jobs in a paused queue behind the
   measured ones: filled over the socket (submit_many), measured, then again after
-  a restart (the supervisor loads them from the store).
+  a restart (the supervisor loads them from the store); last, the paused queue is
+  resumed and the supervisor's RSS sampled for 5 s while they run.
 
 With --peers, each round also runs every peer on the same task, job count (where the
 peer can do it within the time budget; the count is printed), worker count and
@@ -219,6 +220,10 @@ def report(opts: argparse.Namespace, hq_rounds: list[dict[str, Any]], depth: lis
         rows.append(["CPU while idle (s)", fmt_values(values(hq_rounds, "idle_cpu")),
                      "", "", fmt_values(values(depth, "deep_idle_cpu")), ""])
         out.append(table(["figure", "empty store", "pending (live)", "change", "after restart", "change"], rows))
+        if values(depth, "drain_rate"):
+            out.append(f"after the restart, the {opts.depth:,} pending jobs resumed: they ran at"
+                       f" {cell(depth, 'drain_rate')} jobs/s for {cell(depth, 'drain_seconds')} s,"
+                       f" the supervisor's RSS at most {cell(depth, 'drain_rss_supervisor')} MB")
         peer_deep = {p: r for p, r in peers.items() if values(r, "deep_e2e_one")}
         for p, r in peer_deep.items():
             out.append("")
@@ -298,6 +303,9 @@ def targets(hq_rounds: list[dict[str, Any]], depth: list[dict[str, Any]]) -> lis
             None if not rss else max(rss) < 80, " MB")
         rss = values(depth, "restart_rss_supervisor")
         add(f"supervisor RSS < 80 MB with {d} pending (after restart)", max(rss) if rss else None,
+            None if not rss else max(rss) < 80, " MB")
+        rss = values(depth, "drain_rss_supervisor")
+        add(f"supervisor RSS < 80 MB with {d} pending (draining them after restart)", max(rss) if rss else None,
             None if not rss else max(rss) < 80, " MB")
     idle = values(hq_rounds, "idle_cpu") + values(depth, "deep_idle_cpu")
     wake = values(hq_rounds, "idle_wakeups") + values(depth, "deep_idle_wakeups")

@@ -36,6 +36,7 @@ def noop(ctx):
 TASK = "benchtasks.noop"
 CHUNK = 1000  # jobs per submit_many request
 SETTLE = 1.0  # seconds after a fill before its memory is measured
+DRAIN_SECONDS = 5.0  # the pending jobs draining after the restart: RSS sampled this long
 FILL_CHUNK = 10_000  # jobs per submit_many request when filling the deep queue
 
 
@@ -435,6 +436,30 @@ def fill_deep(sup: Supervisor, n: int) -> float:
     return n / took
 
 
+def drain(sup: Supervisor, queue: str, seconds: float) -> dict[str, float]:
+    """Resume the paused queue and sample the supervisor's RSS while its jobs run:
+    after a restart, none of their rows is in memory, and each batch is read from
+    the store before it is handed out. Jobs/s, and the highest RSS."""
+    s, _ = sup.processes()
+    db = sup.db()
+    try:
+        def done() -> int:
+            return db.execute("SELECT COUNT(*) FROM jobs WHERE queue = ? AND status = 'completed'",
+                              (queue,)).fetchone()[0]
+
+        before, highest = done(), rss_mb([s])
+        t0 = time.perf_counter()
+        sup.client.resume(queue)
+        while time.perf_counter() - t0 < seconds:
+            time.sleep(0.1)
+            highest = max(highest, rss_mb([s]))
+        took = time.perf_counter() - t0
+        return {"drain_rate": (done() - before) / took, "drain_rss_supervisor": highest,
+                "drain_seconds": took}
+    finally:
+        db.close()
+
+
 def check_deep(sup: Supervisor, n: int) -> None:
     db = sup.db()
     try:
@@ -576,6 +601,8 @@ def measure_depth(source: str, workers: int, sizes: Sizes, runs: int,
             take(i, "restart", memory(sup))
         log(f"idle {min(sizes.idle, 5.0):g} s at depth")
         take(0, "deep", idle(sup, min(sizes.idle, 5.0)))
+        log("the pending jobs drain")
+        results[0].update(drain(sup, "deep", DRAIN_SECONDS if sizes.depth >= 100_000 else 1.0))
         sup.check_log()
         ref.check_log()
         sup.stop()

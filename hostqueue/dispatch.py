@@ -64,7 +64,7 @@ class Dispatch(SupervisorParts):
         refill = [
             w for w in self.workers.values()
             if w.state is WorkerState.BUSY and w.transport and len(w.jobs) < prefetch
-            and w.busy_until - now_m < window
+            and w.busy_until - now_m < window and not w.fetching
         ]
         if not idle and not refill:
             self.sizer.grow()
@@ -102,6 +102,7 @@ class Dispatch(SupervisorParts):
             ids = [unpack_id(packed) for _, packed in picked]
             if any(i not in self.payloads for i in ids):
                 self.claiming.update(ids)
+                worker.fetching = True
                 self.loop.create_task(self._fetch_and_send(worker, picked))
             else:
                 self._send_jobs(worker, ids, now)
@@ -151,6 +152,8 @@ class Dispatch(SupervisorParts):
         except StoreError as exc:
             log.error("cannot read jobs to dispatch: %s", exc)
             rows = None
+        finally:
+            worker.fetching = False
         sendable = []
         for lane, packed in picked:
             job_id = unpack_id(packed)

@@ -142,6 +142,10 @@ class WorkerHandle:
     # When the jobs it holds should be done, by their tasks' recent run times
     # (monotonic): how much work it holds, without summing over its jobs.
     busy_until: float = 0.0
+    # Jobs picked for it are being read from the store (their rows were not in
+    # memory): it gets no other batch until they arrive, since the prefetch limit
+    # counts only the jobs it holds.
+    fetching: bool = False
     idle_since: float | None = None
     rss_now: int | None = None
     state_at_exit: WorkerState = WorkerState.STARTING

@@ -44,5 +44,6 @@ def test_quick_benchmark_runs(capsys: pytest.CaptureFixture[str], tmp_path: os.P
         assert figures[key] >= 0, key
     (depth,) = result["depth"]
     for key in ("deep_e2e_bulk", "deep_lat_p50", "restart_e2e_bulk", "restart_lat_p50",
-                "ref_deep_lat_p50", "ref_restart_lat_p50", "ref_restart_e2e_bulk", "ref_deep_enqueue_one"):
+                "ref_deep_lat_p50", "ref_restart_lat_p50", "ref_restart_e2e_bulk", "ref_deep_enqueue_one",
+                "drain_rate", "drain_rss_supervisor"):
         assert depth[key] > 0, key

@@ -233,6 +233,45 @@ def test_stats_add_up_while_jobs_start_and_end(hq: HQEnv) -> None:
     assert samples > 20 and most_running > 0, (samples, most_running)
 
 
+@pytest.mark.timeout(90)
+def test_jobs_read_back_from_the_store_are_handed_out_within_prefetch(hq: HQEnv) -> None:
+    """Jobs whose rows the supervisor does not hold in memory (pending at start, or
+    beyond its cache) are read from the store before they are handed out, and a
+    worker still holds at most `prefetch` of them. Before the fix, every dispatch
+    turn read another batch for a busy worker while the last was being read:
+    thousands of jobs were claimed, counted and stored as running long before they
+    could start (94,000 at once while a million drained), and the supervisor's
+    memory grew with them."""
+    prefetch, workers = 256, 2  # the default prefetch
+    sup = hq.supervisor(workers=workers)
+    assert sup.call("pause", "paused") == ["*"]
+    n = 10_000  # 4,158 were stored as running at once before the fix
+    with sup.conn() as c:
+        for _ in range(n // 1000):
+            ok(c.request("submit_many", task=f"{TASKS}.noop", args=[{}] * 1000, reply="ids"))
+    assert sup.stop() == 0
+    sup.start()  # the pause is kept; the jobs come from the store
+    assert sup.call("resume", "paused") == []
+    db = sup.db()
+    most = samples = 0
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            ((running, completed),) = db.execute(
+                "SELECT SUM(status = 'running'), SUM(status = 'completed') FROM jobs").fetchall()
+            most = max(most, running or 0)
+            samples += 1
+            if completed == n:
+                break
+            assert time.monotonic() < deadline, f"{completed} of {n} jobs completed"
+    finally:
+        db.close()
+    # A worker holds `prefetch` jobs; those it finished may still be stored as
+    # running until their ends commit, which the next claims can share.
+    assert most <= 2 * workers * prefetch, f"{most} jobs stored as running at once"
+    assert samples > 20 and most > 0, (samples, most)
+
+
 @pytest.mark.timeout(30)
 def test_priority_order(hq: HQEnv) -> None:
     sup = hq.supervisor(workers=1)
