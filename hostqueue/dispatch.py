@@ -63,8 +63,8 @@ class Dispatch(SupervisorParts):
         # claims commit while they run this one.
         refill = [
             w for w in self.workers.values()
-            if w.state is WorkerState.BUSY and w.transport and len(w.jobs) < prefetch
-            and w.busy_until - now_m < window and not w.fetching
+            if w.state is WorkerState.BUSY and w.transport and not w.fetching
+            and len(w.jobs) < prefetch and w.busy_until - now_m < window
         ]
         if not idle and not refill:
             self.sizer.grow()
@@ -81,9 +81,10 @@ class Dispatch(SupervisorParts):
             if not self.ready.count:
                 break  # all taken: the other workers need not look (a lone job, usually)
             picked: list[tuple[Lane, int]] = []
-            budget = min(per_worker, prefetch - len(worker.jobs))
+            holds = len(worker.jobs) + worker.fetching
+            budget = min(per_worker, prefetch - holds)
             if max_jobs is not None:  # recycle on time: no more than it may still run
-                budget = min(budget, max_jobs - worker.jobs_done - len(worker.jobs))
+                budget = min(budget, max_jobs - worker.jobs_done - holds)
             if budget <= 0:
                 continue
             expected = max(0.0, worker.busy_until - now_m) if worker.jobs else 0.0
@@ -102,7 +103,7 @@ class Dispatch(SupervisorParts):
             ids = [unpack_id(packed) for _, packed in picked]
             if any(i not in self.payloads for i in ids):
                 self.claiming.update(ids)
-                worker.fetching = True
+                worker.fetching += len(ids)
                 self.loop.create_task(self._fetch_and_send(worker, picked))
             else:
                 self._send_jobs(worker, ids, now)
@@ -152,8 +153,11 @@ class Dispatch(SupervisorParts):
         except StoreError as exc:
             log.error("cannot read jobs to dispatch: %s", exc)
             rows = None
+        except Exception:  # noqa: BLE001 - the jobs must go back, whatever went wrong
+            log.exception("error reading jobs to dispatch; they go back to the queue")
+            rows = None
         finally:
-            worker.fetching = False
+            worker.fetching -= len(ids)
         sendable = []
         for lane, packed in picked:
             job_id = unpack_id(packed)
@@ -176,8 +180,9 @@ class Dispatch(SupervisorParts):
             sendable.append(job_id)
         if sendable:
             self._send_jobs(worker, sendable, time.time())
-        elif worker.state is WorkerState.BUSY and not worker.jobs:
+        elif worker.state is WorkerState.BUSY and not worker.jobs and not worker.fetching:
             worker.state = WorkerState.IDLE
+            self.sizer.became_idle(worker)
         self._wake_dispatch()
 
     def _send_jobs(self, worker: WorkerHandle, ids: list[int], now: float) -> None:

@@ -86,7 +86,7 @@ class Outcomes(SupervisorParts):
                 self._fail_attempt(rj, o.get("e"), now, delay=o.get("d"), attempt_started=o.get("st"))
         self._wake_dispatch()
         self.sizer.maybe_recycle(worker)
-        if not worker.jobs and worker.state is WorkerState.BUSY:
+        if not worker.jobs and not worker.fetching and worker.state is WorkerState.BUSY:
             worker.state = WorkerState.IDLE
             self.sizer.became_idle(worker)
             self._wake_dispatch()

@@ -626,7 +626,7 @@ class Supervisor(Dispatch, Outcomes):
         worker = self.workers.get(rj.worker_pid)
         if worker is not None and worker.jobs.pop(job_id, None) is not None:
             self._job_left_worker(rj)
-            if not worker.jobs and worker.state is WorkerState.BUSY:
+            if not worker.jobs and not worker.fetching and worker.state is WorkerState.BUSY:
                 worker.state = WorkerState.IDLE
                 self.sizer.became_idle(worker)
 
