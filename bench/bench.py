@@ -200,7 +200,8 @@ def report(opts: argparse.Namespace, hq_rounds: list[dict[str, Any]], depth: lis
                    f" at {fmt_number(d0.get('deep_fill', 0))} jobs/s in {fmt_number(d0.get('deep_fill_seconds', 0))} s;"
                    f" restart with them: {fmt_number(d0.get('restart_start', 0))} s to serve)")
         out.append("change: against the same figure (its median after \"of\") on a second supervisor"
-                   " with an empty store beside it, taken in turn with this one (latency: job by job)")
+                   " with an empty store beside it, taken in turn with this one (latency: job by job,"
+                   f" {opts.depth_latency:,} jobs each)")
         out.append("")
         rows = []
         for key in DEPTH_FIGURES:
@@ -350,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         if opts.peers:
             parser.error("--quick runs hostqueue only; leave out --peers")
     opts.jobs, opts.depth, opts.idle, opts.bursts = sizes.jobs, sizes.depth, sizes.idle, sizes.bursts
+    opts.depth_latency = sizes.depth_latency
     source = os.path.abspath(opts.source)
 
     context: dict[str, Any] = {
