@@ -366,14 +366,18 @@ def latency(sup: Supervisor, n: int, queue: str | None = None, budget: float = 6
 def latency_interleaved(sups: list[Supervisor], n: int, queue: str | None = None,
                         budget: float = 60.0, one_request: bool = False) -> list[dict[str, float]]:
     """latency() on several supervisors at once, one job on each in turn: the
-    machine's drift, minute to minute, then falls on all of them alike."""
+    machine's drift, minute to minute, then falls on all of them alike. The turn
+    starts with each supervisor in rotation: the one measured right after
+    another's job shares the machine with that supervisor's work after its reply."""
     fields: dict[str, Any] = {"queue": queue} if queue else {}
     if one_request:
         fields["wait"] = max(30.0, budget)
     samples: list[list[float]] = [[] for _ in sups]
     deadline = time.monotonic() + budget
+    pairs = list(zip(sups, samples))
     for i in range(20 + n):
-        for sup, taken in zip(sups, samples):
+        k = i % len(pairs)
+        for sup, taken in pairs[k:] + pairs[:k]:
             c = sup.client
             t0 = time.perf_counter()
             job = c.submit(TASK, **fields)
