@@ -1,7 +1,7 @@
 """hostqueue benchmark: no-op jobs on a real supervisor, optionally side by side with peers.
 
-    python bench/bench.py                 # hostqueue alone, 3 runs (about 3 minutes)
-    python bench/bench.py --peers         # and Huey, Celery, RQ, Dramatiq (about 15 minutes)
+    python bench/bench.py                 # hostqueue alone, 3 runs (about 2-3 minutes)
+    python bench/bench.py --peers         # and Huey, Celery, RQ, Dramatiq (about 12 minutes)
     python bench/bench.py --quick         # a few seconds: checks that everything works
 
 Every run starts a fresh supervisor (`python -m hostqueue run`) on a temporary

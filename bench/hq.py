@@ -451,7 +451,8 @@ def drain(sup: Supervisor, queue: str, seconds: float) -> dict[str, float]:
     db = sup.db()
     try:
         def done() -> int:
-            return db.execute("SELECT COUNT(*) FROM jobs WHERE queue = ? AND status = 'completed'",
+            return db.execute("SELECT COUNT(*) FROM jobs WHERE finished_at IS NOT NULL AND status = 'completed'"
+                              " AND queue = ?",
                               (queue,)).fetchone()[0]
 
         before, highest = done(), rss_mb([s])

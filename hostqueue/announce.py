@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .states import FINAL_STATES
 from .store import StoreError
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class Announcer:
             job = jobs.get(job_id)
             if job is None:
                 continue
-            final = job["status"] in ("completed", "failed", "cancelled", "expired")
+            final = job["status"] in FINAL_STATES
             if final:
                 event = job["status"]
             # The event first: a client that watches and waits hears it before the reply.

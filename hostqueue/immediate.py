@@ -68,14 +68,13 @@ from .exceptions import Aborted, Permanent
 from .operations import Operations, _field, _job_id, submit_many_reply, submit_wait
 from .registry import TaskModuleError, TaskSpec
 from .settings import DEFAULT_MAX_LINE, MAX_WORKERS
-from .states import ALL_STATES
+from .states import ALL_STATES, FINAL_STATES
 from .store import JOB_COLUMNS
 from .worker import run_attempt
 
 __all__ = ["ImmediateClient", "ImmediateSupervisor", "load_tasks", "shared_supervisor",
            "reset_shared_supervisor", "MAX_PROGRESS_EVENTS"]
 
-FINAL = ("completed", "failed", "cancelled", "expired")
 UNFINISHED = ("pending", "running")
 # Progress events kept per job for replay (live watchers get every one).
 MAX_PROGRESS_EVENTS = 1000
@@ -391,7 +390,7 @@ class ImmediateSupervisor:
         if timeout is not None and timeout < 0:
             raise ProtocolError("bad_request", "field 'timeout' must be >= 0 seconds")
         job = self._get_job(job_id)
-        if job["status"] in FINAL:
+        if job["status"] in FINAL_STATES:
             return {"job": self._job_view(job_id)}
         expires = None if timeout is None else time.time() + timeout
         self._waiters.append(_Waiter(client, rid, job_id, expires, timeout))
@@ -409,7 +408,7 @@ class ImmediateSupervisor:
             # Everything the job did so far, then live events until its final one.
             for event in self.events.get(job_id, ()):
                 client._deliver({"id": rid, **event})
-            if self.jobs[job_id]["status"] in FINAL:
+            if self.jobs[job_id]["status"] in FINAL_STATES:
                 return None
         self._subs.append(sub)
         return None
@@ -420,7 +419,7 @@ class ImmediateSupervisor:
 
     def _abort(self, job_id: int) -> dict[str, Any]:
         job = self._get_job(job_id)
-        if job["status"] in FINAL:
+        if job["status"] in FINAL_STATES:
             raise ProtocolError("invalid_state", f"job {job_id} has already ended ({job['status']}); nothing to abort")
         if job["status"] == "pending":
             self._end(job, "cancelled", None,
@@ -762,7 +761,7 @@ class ImmediateSupervisor:
         job = self.jobs[event["job_id"]]
         if record:
             self.events[job["id"]].append(event)
-        final = event["event"] in FINAL
+        final = event["event"] in FINAL_STATES
         for sub in list(self._subs):
             if not sub.client._wants(sub.rid):
                 self._subs.remove(sub)  # its stream was closed by its reader

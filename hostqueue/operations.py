@@ -23,7 +23,7 @@ from .errors import ProtocolError
 from .events import Subscription
 from .readyindex import PRIORITY_MAX, PRIORITY_MIN
 from .settings import MAX_WORKERS
-from .states import ALL_STATES, SupervisorState
+from .states import ALL_STATES, FINAL_STATES, SupervisorState
 
 if TYPE_CHECKING:
     from .control import Connection
@@ -33,7 +33,6 @@ log = logging.getLogger("hostqueue.control")
 audit = logging.getLogger("hostqueue.audit")
 
 Reply = dict[str, Any] | DeferredReply | Awaitable[dict[str, Any] | None] | None
-FINAL = ("completed", "failed", "cancelled", "expired")
 MAX_LIST = 10_000
 MAX_SECONDS = 30 * 86400.0  # a month: longer time limits are mistakes
 # The fields _submit_options() reads.
@@ -262,7 +261,7 @@ class Operations:
                 return
             result = reply.result()
             job = result["job"]
-            if job["status"] in FINAL:
+            if job["status"] in FINAL_STATES:
                 out.resolve(result)
                 return
             timeout = None if wait == math.inf else wait
@@ -293,7 +292,7 @@ class Operations:
         seconds with the job as it stands then (it stays submitted either way)."""
         reply = await submitted
         job = reply["job"]
-        if job["status"] in FINAL:
+        if job["status"] in FINAL_STATES:
             return reply
         timeout = None if wait == math.inf else wait
         try:
@@ -430,7 +429,7 @@ class Operations:
                 held.append(message)
                 return
             conn.write(message)
-            if sub.job_id is not None and event["event"] in FINAL:
+            if sub.job_id is not None and event["event"] in FINAL_STATES:
                 sup.events.unsubscribe(sub)
                 if sub in conn.subscriptions:
                     conn.subscriptions.remove(sub)
@@ -448,7 +447,7 @@ class Operations:
                 raise ProtocolError("not_found", f"no job has id {sub.job_id}")
         conn.reply(request_id, {"watching": sub.job_id})
         acked = True
-        if job is not None and job["status"] in FINAL and not any(m.get("event") in FINAL for m in held):
+        if job is not None and job["status"] in FINAL_STATES and not any(m.get("event") in FINAL_STATES for m in held):
             held.append({"id": request_id, "event": job["status"], "job_id": job["id"], "job": job})
         for message in held:
             sink({k: v for k, v in message.items() if k != "id"})

@@ -46,7 +46,7 @@ class RunningCount:
     def committed(self, batch: WriteBatch) -> None:
         """The committer's on_commit: the batch's writes are in the store now."""
         for kind, params in batch.all_ops():
-            if kind == "claim" or kind == "add_claimed":
+            if kind in ("claim", "add_claimed"):
                 job_id = params[-1] if kind == "claim" else params[0]
                 queue = self.claims.pop(job_id, None)
                 if queue is not None and job_id not in self.jobs:
