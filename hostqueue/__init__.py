@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .context import JobContext
-from .errors import HostqueueError, JobFailed, ProtocolError, SupervisorUnavailable
-from .exceptions import Aborted, Permanent, Retry, TimeLimit
+from hostqueue.core.context import JobContext
+from hostqueue.core.errors import HostqueueError, JobFailed, ProtocolError, SupervisorUnavailable
+from hostqueue.core.exceptions import Aborted, Permanent, Retry, TimeLimit
 
-from .registry import task
+from hostqueue.core.registry import task
 
 __version__ = "0.1.0"
 
@@ -36,17 +36,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .aclient import AsyncClient, AsyncJobHandle
-    from .client import Client, EventStream, JobHandle
-    from .embed import Supervisor, SupervisorFailed
-    from .immediate import ImmediateClient, ImmediateSupervisor
+    from hostqueue.client.aio import AsyncClient, AsyncJobHandle
+    from hostqueue.client.sync import Client, EventStream, JobHandle
+    from hostqueue.client.embed import Supervisor, SupervisorFailed
+    from hostqueue.client.immediate import ImmediateClient, ImmediateSupervisor
 
 # Where each client name lives (loaded on first use).
 _CLIENT_NAMES = {
-    "Client": "client", "JobHandle": "client", "EventStream": "client",
-    "AsyncClient": "aclient", "AsyncJobHandle": "aclient",
-    "Supervisor": "embed", "SupervisorFailed": "embed",
-    "ImmediateClient": "immediate", "ImmediateSupervisor": "immediate",
+    "Client": "client.sync", "JobHandle": "client.sync", "EventStream": "client.sync",
+    "AsyncClient": "client.aio", "AsyncJobHandle": "client.aio",
+    "Supervisor": "client.embed", "SupervisorFailed": "client.embed",
+    "ImmediateClient": "client.immediate", "ImmediateSupervisor": "client.immediate",
 }
 
 

@@ -1,6 +1,6 @@
 """``python -m hostqueue``: the same as the ``hostqueue`` command."""
 
-from hostqueue.cli import main
+from hostqueue.cli.commands import main
 
 if __name__ == "__main__":
     main()

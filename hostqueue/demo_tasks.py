@@ -10,10 +10,10 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from hostqueue.registry import task
+from hostqueue.core.registry import task
 
 if TYPE_CHECKING:
-    from hostqueue.context import JobContext
+    from hostqueue.core.context import JobContext
 
 
 @task

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:  # imported when a fixture is used: pytest sessions that use none pay nothing
-    from .client import Client
-    from .immediate import ImmediateClient
+    from hostqueue.client.sync import Client
+    from hostqueue.client.immediate import ImmediateClient
 
 __all__ = ["HostqueueProcess", "hostqueue_supervisor", "hostqueue_client", "hostqueue_immediate"]
 
@@ -255,7 +255,7 @@ class HostqueueProcess:
 
     def wait_ready(self) -> None:
         """Until the socket answers and every worker of the pool is up and idle."""
-        from .errors import HostqueueError
+        from hostqueue.core.errors import HostqueueError
 
         deadline = time.monotonic() + self.startup_timeout
         last: BaseException | str = "no answer yet"
@@ -317,7 +317,7 @@ class HostqueueProcess:
 def _real_client(socket: str, timeout: float) -> Client:
     """A Client of the socket even under HOSTQUEUE_IMMEDIATE=1 (which makes every
     ``Client(...)`` of the test process an immediate one)."""
-    from .client import Client
+    from hostqueue.client.sync import Client
 
     client = object.__new__(Client)
     client.__init__(socket, timeout)  # type: ignore[misc]
@@ -358,7 +358,7 @@ def hostqueue_client(hostqueue_supervisor: HostqueueProcess) -> Client:
 @pytest.fixture
 def hostqueue_immediate(request: pytest.FixtureRequest) -> Iterator[ImmediateClient]:
     """A client whose jobs run inline in the test process (hostqueue.immediate)."""
-    from .immediate import ImmediateClient, ImmediateSupervisor
+    from hostqueue.client.immediate import ImmediateClient, ImmediateSupervisor
 
     options = _options(request)
     workers = options.get("workers")

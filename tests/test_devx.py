@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import hostqueue  # noqa: E402
-from hostqueue.immediate import ImmediateClient, ImmediateSupervisor, reset_shared_supervisor  # noqa: E402
+from hostqueue.client.immediate import ImmediateClient, ImmediateSupervisor, reset_shared_supervisor  # noqa: E402
 
 
 def _plugin_installed() -> bool:

@@ -22,9 +22,9 @@ if str(ROOT) not in sys.path:
 import click
 import pytest
 
-from hostqueue import cli as cli_module
-from hostqueue.errors import ERROR_CODES
-from hostqueue.operations import Operations
+from hostqueue.cli import commands as cli_module
+from hostqueue.core.errors import ERROR_CODES
+from hostqueue.supervisor.operations import Operations
 
 CLI_MD = ROOT / "docs" / "cli.md"
 PROTOCOL_MD = ROOT / "docs" / "protocol.md"
@@ -126,7 +126,7 @@ def generate_cli_md() -> str:
         "# The `hostqueue` command line",
         "",
         "<!-- Generated from the click command tree by `python3 tests/test_docs.py`;",
-        "     do not edit by hand: change the commands' help in hostqueue/cli.py and",
+        "     do not edit by hand: change the commands' help in hostqueue/cli/commands.py and",
         "     run it again. tests/test_docs.py fails if a command is missing here. -->",
         "",
         "Every command takes `-h` / `--help`. Every command that prints data takes",
@@ -200,7 +200,7 @@ _SETTINGS_BLOCK = re.compile(r"(<!-- settings:[^\n]*-->\n).*?(\n<!-- /settings -
 
 
 def generate_configuration_md() -> str:
-    from hostqueue.settings import reference_table
+    from hostqueue.core.settings import reference_table
 
     return _SETTINGS_BLOCK.sub(lambda m: m.group(1) + reference_table() + m.group(2), CONFIG_MD.read_text())
 
@@ -225,7 +225,7 @@ def test_the_settings_table_is_current() -> None:
 
 
 def test_every_setting_is_in_the_configuration_reference() -> None:
-    from hostqueue.settings import SETTINGS, TABLE_SECTIONS
+    from hostqueue.core.settings import SETTINGS, TABLE_SECTIONS
 
     doc = (ROOT / "docs" / "configuration.md").read_text()
     missing = [s.toml for s in SETTINGS if f"`{s.toml}`" not in doc or f"`{s.env}`" not in doc]
@@ -234,7 +234,7 @@ def test_every_setting_is_in_the_configuration_reference() -> None:
 
 
 def test_the_example_configuration_is_valid(tmp_path) -> None:
-    from hostqueue.settings import read_config_file
+    from hostqueue.core.settings import read_config_file
 
     values = read_config_file(str(ROOT / "docs" / "hostqueue.example.toml"))
     assert values["workers"] == 4 and "queues" in values and "schedules" in values

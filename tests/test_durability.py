@@ -53,7 +53,10 @@ def test_kill9_supervisor_loses_no_acknowledged_job(hq: HQEnv) -> None:
     assert len(runs) == 60, "a job that never started before the kill ran more than once"
     assert sorted(runs) == sorted([f"m{i}" for i in range(40)] + [f"s{i}" for i in range(20)])
     for long_job in acked[:2]:
-        assert sup.db_job(long_job)["attempts"] == 2, "the interrupted attempt counts"
+        # The interruption by the supervisor's death uses up no attempt; it is recorded.
+        assert sup.db_job(long_job)["attempts"] == 1, "the interrupted attempt is not charged"
+        logged = sup.db_query("SELECT status FROM attempts WHERE job_id = ?", (long_job,))
+        assert [r["status"] for r in logged][:1] == ["interrupted"], [tuple(r) for r in logged]
 
     assert sup.stop() == 0
     wait_for(lambda: not sup.session(), 10, "no process left after a clean stop")
@@ -145,10 +148,11 @@ def test_store_is_in_wal_mode(hq: HQEnv) -> None:
 @pytest.mark.timeout(60)
 def test_a_store_with_the_old_status_index_upgrades_recovers_and_counts(hq: HQEnv) -> None:
     """A store written before jobs_ended (schema 4, with jobs_status) upgrades in
-    place; jobs it left running are recovered by a scan (requeued, or failed when
-    no attempt is left); counts by state come from the ended-jobs index and, for
-    running jobs, from the supervisor's memory; listing and retry by state work."""
-    from hostqueue.store import MIGRATIONS
+    place (schema 6 adds interruptions); jobs it left running are recovered by a
+    scan and run again, uncharged (the supervisor's death uses up no attempt, even
+    the last); counts by state come from the ended-jobs index and, for running
+    jobs, from the supervisor's memory; listing and retry by state work."""
+    from hostqueue.store.sqlite import MIGRATIONS
 
     store = hq.dir / "old.db"
     conn = sqlite3.connect(str(store), isolation_level=None)
@@ -159,8 +163,8 @@ def test_a_store_with_the_old_status_index_upgrades_recovers_and_counts(hq: HQEn
     rows = [  # id, queue, status, attempts, max_attempts, finished_at
         (1, "default", "completed", 1, 1, t),
         (2, "q2", "failed", 1, 1, t),
-        (3, "default", "running", 1, 3, None),  # an attempt left: back to pending
-        (4, "default", "running", 2, 2, None),  # none left: failed
+        (3, "default", "running", 1, 3, None),  # interrupted: runs again, uncharged
+        (4, "default", "running", 2, 2, None),  # its last attempt: runs again, uncharged
         (5, "q2", "pending", 0, 1, None),
     ]
     conn.executemany(
@@ -176,16 +180,17 @@ def test_a_store_with_the_old_status_index_upgrades_recovers_and_counts(hq: HQEn
     indexes = {r[0] for r in sup.db_query("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "jobs_ended" in indexes and not {"jobs_status", "jobs_status_finished"} & indexes
     assert sup.wait_job(3)["status"] == "completed"
-    assert sup.db_job(3)["attempts"] == 2, "the interrupted attempt stays counted"
+    assert sup.db_job(3)["attempts"] == 1, "the interrupted attempt is not charged"
     assert sup.wait_job(5)["status"] == "completed"
-    lost = sup.wait_job(4)
-    assert lost["status"] == "failed" and lost["error"]["type"] == "WorkerLost", lost
+    last = sup.wait_job(4)
+    assert last["status"] == "completed" and last["attempts"] == 2, last
+    assert sup.db_job(4)["interruptions"] == 0, "an attempt that ends resets the count"
 
     stats = sup.call("stats", "stats")
-    assert (stats["completed"], stats["failed"], stats["running"], stats["pending"]) == (3, 2, 0, 0)
-    assert stats["queues"]["default"]["completed"] == 2 and stats["queues"]["default"]["failed"] == 1
+    assert (stats["completed"], stats["failed"], stats["running"], stats["pending"]) == (4, 1, 0, 0)
+    assert stats["queues"]["default"]["completed"] == 3 and stats["queues"]["default"]["failed"] == 0
     assert stats["queues"]["q2"]["completed"] == 1 and stats["queues"]["q2"]["failed"] == 1
-    assert {j["id"] for j in sup.call("list", "jobs", status="failed")} == {2, 4}
+    assert {j["id"] for j in sup.call("list", "jobs", status="failed")} == {2}
 
     marker, release = hq.path("started"), hq.path("release")
     held = sup.submit("block", {"marker": marker, "release": release}, queue="q2")

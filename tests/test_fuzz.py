@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from hostqueue.errors import ERROR_CODES
+from hostqueue.core.errors import ERROR_CODES
 
 # Hypothesis keeps caches (unicode tables, constants) in ./.hypothesis even without an
 # example database: keep them out of the repository.
@@ -134,7 +134,8 @@ def assert_healthy(sup: Supervisor) -> None:
     # The fuzz may have paused queues or scaled the pool (to 0, say): undo both.
     ok(sup.request("resume"))
     ok(sup.request("scale", n=sup.workers_arg or 1))
-    job = sup.submit("add", {"a": 40, "b": 2})
+    # Ahead of whatever the test left waiting (a resumed backlog of 200,000 jobs, say).
+    job = sup.submit("add", {"a": 40, "b": 2}, priority=1_000_000)
     assert sup.wait_job(job["id"])["result"] == 42
     assert sup.integrity() == "ok"
 

@@ -17,7 +17,7 @@ from typing import Callable
 import orjson
 import pytest
 
-from hostqueue.store import Store, StoreError, WriteBatch
+from hostqueue.store import SQLiteStore as Store, StoreError, WriteBatch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,11 +33,13 @@ def add(batch: WriteBatch, first: int, n: int, ok: Callable[[], None] = lambda: 
 
 
 def claim(job_id: int, attempt: int = 1) -> tuple[object, ...]:
-    return (attempt, NOW, 4242, job_id)
+    """A job's start (held -> running), guarded by the pending state it leaves."""
+    return (attempt, NOW, 4242, "pending", job_id)
 
 
 def finish(job_id: int) -> tuple[object, ...]:
-    return ("completed", "true", None, NOW, None, None, 0.0, 1000, job_id)
+    """Its end (running -> completed), guarded by the running state it leaves."""
+    return ("completed", "true", None, NOW, None, None, 0.0, 1000, 1, NOW, 4242, "running", job_id)
 
 
 def statuses(path: str) -> dict[int, tuple[str, int]]:
@@ -65,16 +67,16 @@ def test_writes_about_older_jobs_go_first_and_new_jobs_follow_their_submit(tmp_p
     batch = WriteBatch()
     add(batch, 10, 5, lambda: done.append("submit 10"))
     add(batch, 20, 5, lambda: done.append("submit 20"))
-    batch.add("claim", claim(1))  # an old job: needs none of the inserts
-    batch.add("claim", claim(12))  # a job of the first submit
-    batch.add("claim", claim(22))
+    batch.add("start", claim(1))  # an old job: needs none of the inserts
+    batch.add("start", claim(12))  # a job of the first submit
+    batch.add("start", claim(22))
     batch.after_commit(lambda: done.append("hand over 1"), [1])
     batch.after_commit(lambda: done.append("hand over 12"), [12])
     batch.after_commit(lambda: done.append("barrier"))
     ops = batch.all_ops()
-    assert ops[0] == ("claim", claim(1)), "the old job's claim is not held behind the inserts"
-    assert ops.index(("claim", claim(12))) == 2, "job 12's claim follows its submit's rows"
-    assert ops.index(("claim", claim(22))) == len(ops) - 1
+    assert ops[0] == ("start", claim(1)), "the old job's claim is not held behind the inserts"
+    assert ops.index(("start", claim(12))) == 2, "job 12's claim follows its submit's rows"
+    assert ops.index(("start", claim(22))) == len(ops) - 1
     apply_all(path, [batch])
     for callback in batch.callbacks():
         callback()
@@ -90,7 +92,7 @@ def test_hand_overs_run_first_and_stay_first_when_a_failed_batch_is_retried() ->
     done: list[str] = []
     failed = WriteBatch()
     add(failed, 10, 1, lambda: done.append("submit 10"))
-    failed.add("claim", claim(10))
+    failed.add("start", claim(10))
     failed.after_commit(lambda: done.append("announce 10"), [10])
     failed.after_commit(lambda: done.append("hand over 10"), [10], first=True)
     for callback in failed.callbacks():
@@ -100,12 +102,12 @@ def test_hand_overs_run_first_and_stay_first_when_a_failed_batch_is_retried() ->
     done.clear()
     nxt = WriteBatch()
     add(nxt, 20, 1, lambda: done.append("submit 20"))
-    nxt.add("claim", claim(5))  # an older job: an early write
+    nxt.add("start", claim(5))  # an older job: an early write
     nxt.after_commit(lambda: done.append("announce 5"), [5])
     nxt.after_commit(lambda: done.append("hand over 5"), [5], first=True)
     nxt.after_commit(lambda: done.append("hand over 20"), [20], first=True)
     # failed's submit was refused; its claim and callbacks are retried first
-    nxt.prepend(failed, [op for op in failed.all_ops() if op[0] == "claim"])
+    nxt.prepend(failed, [op for op in failed.all_ops() if op[0] == "start"])
     for callback in nxt.callbacks():
         callback()
     assert done == ["hand over 10", "hand over 5", "hand over 20", "submit 20", "announce 10",
@@ -124,21 +126,21 @@ def test_split_cuts_a_backlog_at_whole_submits_and_keeps_each_write_after_its_ro
     batch = WriteBatch()
     for first in (100, 1100, 2100, 3100):
         add(batch, first, 1000)
-    batch.add("claim", claim(5))
-    batch.add("claim", claim(150))
-    batch.add("claim", claim(2150))
+    batch.add("start", claim(5))
+    batch.add("start", claim(150))
+    batch.add("start", claim(2150))
     late: list[int] = []
     batch.after_commit(lambda: late.append(2150), [2150])
     batch.after_commit(lambda: late.append(150), [150])
     rest = batch.split(1500)
     assert batch.new_rows == 2000 and rest.new_rows == 2000, "whole submits, at least 1500 rows"
     head_ops = batch.all_ops()
-    assert ("claim", claim(5)) in head_ops and ("claim", claim(150)) in head_ops
-    assert ("claim", claim(2150)) in rest.all_ops()
+    assert ("start", claim(5)) in head_ops and ("start", claim(150)) in head_ops
+    assert ("start", claim(2150)) in rest.all_ops()
     assert batch.callbacks_without_submits() and rest.callbacks_without_submits()
     # Writes that arrive while the head commits: about old and new jobs alike.
     rest.add("finish", finish(5))
-    rest.add("claim", claim(3150))
+    rest.add("start", claim(3150))
     assert rest.all_ops()[0] == ("finish", finish(5)), "the head's jobs count as old for the rest"
     apply_all(path, [batch])
     got = statuses(path)
@@ -166,7 +168,7 @@ def test_after_a_failed_batch_retried_writes_keep_their_order(tmp_path: str) -> 
     failed = WriteBatch()
     refused: list[BaseException] = []
     add(failed, 10, 2, fail=refused.append)
-    failed.add("claim", claim(1))
+    failed.add("start", claim(1))
     handed: list[int] = []
     failed.after_commit(lambda: handed.append(1), [1])
     nxt = WriteBatch()
@@ -174,7 +176,7 @@ def test_after_a_failed_batch_retried_writes_keep_their_order(tmp_path: str) -> 
     kept = [op for op in failed.all_ops() if op[0] != "add_jobs"]
     nxt.prepend(failed, kept)
     nxt.add("request_abort", (2,))
-    assert nxt.all_ops() == [("claim", claim(1)), ("finish", finish(1)), ("request_abort", (2,))]
+    assert nxt.all_ops() == [("start", claim(1)), ("finish", finish(1)), ("request_abort", (2,))]
     apply_all(path, [nxt])
     for callback in nxt.callbacks():
         callback()
@@ -191,3 +193,37 @@ def test_a_failing_store_refuses_the_whole_batch(tmp_path: str) -> None:
     with pytest.raises(StoreError, match="store write failed"):
         apply_all(path, [batch])
     assert sorted(statuses(path)) == [1, 2, 3], "nothing of the failed transaction stays"
+
+
+def test_retention_keeps_a_job_retried_after_it_was_found(tmp_path: str) -> None:
+    """Retention reads the ended jobs past their cutoff, then deletes them in a later
+    transaction; a job an operator retried in between (revived: pending again) must
+    stay. The delete is guarded by the state and end time it read."""
+    path = os.path.join(str(tmp_path), "q.db")
+    apply_all(path, [_batch_with((1, 2))])
+    ended = WriteBatch()
+    for job_id in (1, 2):
+        ended.add("start", claim(job_id))
+        ended.add("finish", ("failed", None, '{"type": "E"}', NOW - 100, None, None, None, None,
+                             1, NOW - 101, 4242, "running", job_id))
+    apply_all(path, [ended])
+
+    async def sweep() -> None:
+        store = Store(path)
+        await store.open()
+        try:
+            found = await store.ended_before({"failed": NOW - 10}, 100)
+            assert sorted(job_id for job_id, _, _ in found) == [1, 2]
+            revive = WriteBatch()  # job 2 is retried by an operator meanwhile
+            revive.add("revive", (NOW, "failed", 2))
+            await store.apply(revive)
+            forget = WriteBatch()
+            for job_id, status, cutoff in found:
+                forget.add("forget_ended", (job_id, status, cutoff))
+                forget.add("forget_attempts", (job_id, job_id))
+            await store.apply(forget)
+        finally:
+            await store.close()
+
+    asyncio.run(sweep())
+    assert statuses(path) == {2: ("pending", 0)}, "the retried job was deleted"

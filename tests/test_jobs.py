@@ -237,15 +237,16 @@ def test_stats_add_up_while_jobs_start_and_end(hq: HQEnv) -> None:
 def test_jobs_read_back_from_the_store_are_handed_out_within_prefetch(hq: HQEnv) -> None:
     """Jobs whose rows the supervisor does not hold in memory (pending at start, or
     beyond its cache) are read from the store before they are handed out, and a
-    worker still holds at most `prefetch` of them. Before the fix, every dispatch
-    turn read another batch for a busy worker while the last was being read:
-    thousands of jobs were claimed, counted and stored as running long before they
-    could start (94,000 at once while a million drained), and the supervisor's
-    memory grew with them."""
+    worker still holds at most `prefetch` of them (those being read for it
+    included). Once, every dispatch turn read another batch for a busy worker while
+    the last was being read: thousands of jobs were handed out long before they could
+    start (94,000 at once while a million drained), and the supervisor's memory grew
+    with them. Held jobs stay pending in the store: only started ones read running,
+    one per worker at most."""
     prefetch, workers = 256, 2  # the default prefetch
     sup = hq.supervisor(workers=workers)
     assert sup.call("pause", "paused") == ["*"]
-    n = 10_000  # 4,158 were stored as running at once before the fix
+    n = 10_000
     with sup.conn() as c:
         for _ in range(n // 1000):
             ok(c.request("submit_many", task=f"{TASKS}.noop", args=[{}] * 1000, reply="ids"))
@@ -253,25 +254,25 @@ def test_jobs_read_back_from_the_store_are_handed_out_within_prefetch(hq: HQEnv)
     sup.start()  # the pause is kept; the jobs come from the store
     assert sup.call("resume", "paused") == []
     db = sup.db()
-    most = samples = 0
+    most_handed = most_stored = samples = 0
     deadline = time.monotonic() + 60
     try:
-        while True:
-            ((running, completed),) = db.execute(
-                "SELECT SUM(status = 'running'), SUM(status = 'completed') FROM jobs").fetchall()
-            most = max(most, running or 0)
-            samples += 1
-            if completed == n:
-                break
-            assert time.monotonic() < deadline, f"{completed} of {n} jobs completed"
+        with sup.conn() as c:
+            while True:
+                st = ok(c.request("status"))["status"]
+                most_handed = max(most_handed, st["running_jobs"] + st["held_jobs"])
+                ((running, completed),) = db.execute(
+                    "SELECT SUM(status = 'running'), SUM(status = 'completed') FROM jobs").fetchall()
+                most_stored = max(most_stored, running or 0)
+                samples += 1
+                if completed == n:
+                    break
+                assert time.monotonic() < deadline, f"{completed} of {n} jobs completed"
     finally:
         db.close()
-    # A worker holds at most `prefetch` jobs, those being read for it included; the
-    # ends of those it finished commit with (or before) the claims of the jobs that
-    # replace them. Twice that leaves room; a first fix, which let a worker that
-    # emptied start a second read beside the first, reached 1,055-1,235.
-    assert most <= 2 * workers * prefetch, f"{most} jobs stored as running at once"
-    assert samples > 20 and most > 0, (samples, most)
+    assert most_handed <= workers * prefetch, f"{most_handed} jobs handed to {workers} workers at once"
+    assert most_stored <= workers, f"{most_stored} jobs stored as running at once on {workers} workers"
+    assert samples > 20 and most_handed > workers, (samples, most_handed)
 
 
 @pytest.mark.timeout(30)

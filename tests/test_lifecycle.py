@@ -628,23 +628,29 @@ def test_scheduled_retry_survives_a_supervisor_kill(hq: HQEnv) -> None:
 
 @pytest.mark.timeout(60)
 def test_abort_of_a_job_waiting_in_a_busy_worker_ends_it_at_once(hq: HQEnv) -> None:
-    """A job handed ahead to a busy worker (prefetch) and aborted ends at once, and
-    the long job in front of it goes on in the same worker."""
+    """A job handed ahead to a busy worker (prefetch), not started, is pending to
+    everyone; aborted, it ends at once, and the long job in front of it goes on in
+    the same worker."""
     sup = hq.supervisor(workers=1)
-    for i in range(5):  # `add` measured fast: the next one is handed to the busy worker ahead
-        sup.wait_job(sup.submit("add", {"a": i, "b": 1})["id"])
     marker, release = hq.path("started"), hq.path("release")
-    long_job = sup.submit("block", {"marker": marker, "release": release})
+    open(release, "w").close()
+    for _ in range(5):  # `block` measured fast: two of them are handed out together
+        sup.wait_job(sup.submit("block", {"marker": hq.path("warm"), "release": release})["id"])
+    os.unlink(release)
+    long_job, waiting = sup.call("submit_many", "jobs", task=f"{TASKS}.block",
+                                 args=[{"marker": marker, "release": release}] * 2)
     wait_for(lambda: file_lines(marker), 10, "the long job to start")
     [pid] = sup.worker_pids()
-    waiting = sup.submit("add", {"a": 1, "b": 2})
-    wait_for(lambda: sup.get(waiting["id"])["worker_pid"] == pid, 10,
-             "the busy worker to be handed the job ahead")
+    wait_for(lambda: sup.status()["workers"][0]["held"] == 1, 10,
+             "the busy worker to hold the second job, not started")
+    held = sup.get(waiting["id"])
+    assert held["status"] == "pending" and held["started_at"] is None, held
 
     ok(sup.request("abort", job=waiting["id"]))
     # Well within the 10 s after which an abort not honoured replaces the worker.
     done = sup.wait_job(waiting["id"], timeout=5)
     assert done["status"] == "cancelled" and done["result"] is None, done
+    assert done["attempts"] == 0 and done["started_at"] is None, done
     assert sup.get(long_job["id"])["status"] == "running"
     assert sup.worker_pids() == {pid}, "the worker was replaced"
 
@@ -652,3 +658,4 @@ def test_abort_of_a_job_waiting_in_a_busy_worker_ends_it_at_once(hq: HQEnv) -> N
     finished = sup.wait_job(long_job["id"])
     assert finished["status"] == "completed" and finished["attempts"] == 1
     assert finished["worker_pid"] == pid
+    assert len(file_lines(marker)) == 1, "the aborted job never ran"

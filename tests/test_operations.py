@@ -624,7 +624,7 @@ def test_top_throughput_counts_completions(hq: HQEnv) -> None:
 
 def test_top_model_eta_rates_and_small_screens() -> None:
     """The view's arithmetic and layout, without a supervisor."""
-    from hostqueue.top import TopModel, render
+    from hostqueue.cli.top import TopModel, render
 
     now = 1000.0
     model = TopModel(clock=lambda: now)

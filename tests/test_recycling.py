@@ -171,10 +171,11 @@ def test_autoscale_grows_shrinks_and_scale_turns_it_off(hq: HQEnv) -> None:
 
 
 BREAKS_IN_WORKERS = '''
+import os
 import sys
 
 # Imports in the supervisor (so it starts) but not in a worker: every worker dies at start.
-if sys.argv[0].endswith("worker.py"):
+if sys.argv[0].endswith(("worker.py", os.path.join("worker", "__main__.py"))):
     raise RuntimeError("this module cannot be imported in a worker")
 '''
 

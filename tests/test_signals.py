@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import Counter
 
 import pytest
 
-from conftest import HQEnv, error_code, file_lines, wait_for
+from conftest import TASKS, HQEnv, error_code, file_lines, wait_for
 
 
 @pytest.mark.timeout(60)
@@ -210,19 +211,24 @@ def test_sigterm_to_a_worker_finishes_its_job_and_it_is_replaced(hq: HQEnv) -> N
 
 @pytest.mark.timeout(60)
 def test_hup_gives_back_at_once_the_jobs_a_busy_worker_was_handed_ahead(hq: HQEnv) -> None:
-    """Fast jobs handed to a busy worker ahead of time (prefetch) wait, unread, in its
-    job channel; when the worker is retired they go back at once, uncharged, and run
-    elsewhere while its long job goes on."""
+    """Fast jobs handed to a busy worker ahead of time (prefetch) wait, not started, in
+    it; when the worker is retired they go back at once, uncharged, and run elsewhere
+    while its long job goes on."""
     sup = hq.supervisor(workers=1)
-    for i in range(5):  # `add` measured fast: later ones are handed to a busy worker ahead
-        sup.wait_job(sup.submit("add", {"a": i, "b": 1})["id"])
     marker, release = hq.path("started"), hq.path("release")
-    long_job = sup.submit("block", {"marker": marker, "release": release})
+    open(release, "w").close()
+    for _ in range(5):  # `block` measured fast: several are handed out together
+        sup.wait_job(sup.submit("block", {"marker": hq.path("warm"), "release": release})["id"])
+    os.unlink(release)
+    log = hq.path("ahead")
+    jobs = sup.call("submit_many", "jobs", task=f"{TASKS}.block",
+                    args=[{"marker": marker, "release": release}]
+                    + [{"marker": log, "release": hq.path("warm")}] * 5)
+    long_job, ahead = jobs[0], [j["id"] for j in jobs[1:]]
     wait_for(lambda: file_lines(marker), 10, "the long job to start")
     [old] = sup.worker_pids()
-    ahead = [sup.submit("add", {"a": i, "b": 2})["id"] for i in range(5)]
-    wait_for(lambda: all(sup.get(j)["worker_pid"] == old for j in ahead), 10,
-             "the busy worker to be handed the fast jobs ahead")
+    wait_for(lambda: sup.status()["workers"][0]["held"] == 5, 10,
+             "the busy worker to hold the fast jobs, not started")
 
     sup.signal(signal.SIGHUP)
     for job_id in ahead:

@@ -13,11 +13,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from array import array
 
-from hostqueue import settings
-from hostqueue.readyindex import ReadyIndex, TimedHeap, pack, unpack_id
-from hostqueue.schedules import ScheduleError, ScheduleSpec, ScheduleState, parse, plan_start
-from hostqueue.settings import SettingsError, from_environment, read_config_file
-from hostqueue.shaping import Limiter, LimitSpec, Shaper, ShapingConfig, ShapingError
+from hostqueue.core import settings
+from hostqueue.supervisor.readyindex import ReadyIndex, TimedHeap, pack, unpack_id
+from hostqueue.supervisor.schedules import ScheduleError, ScheduleSpec, ScheduleState, parse, plan_start
+from hostqueue.core.settings import SettingsError, from_environment, read_config_file
+from hostqueue.supervisor.shaping import Limiter, LimitSpec, Shaper, ShapingConfig, ShapingError
 
 pytestmark = pytest.mark.timeout(20)
 

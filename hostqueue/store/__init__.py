@@ -1,0 +1,19 @@
+"""The store: every SQL statement of hostqueue lives in this package.
+
+``base.py`` is the interface the supervisor talks to (intentions, not SQL),
+``batch.py`` the write batch it fills, ``sqlite.py`` the SQLite engine.
+"""
+
+from __future__ import annotations
+
+from hostqueue.store.base import (  # noqa: F401
+    JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreBusy, StoreError,
+)
+from hostqueue.store.batch import WriteBatch  # noqa: F401
+from hostqueue.store.lock import StoreLock, StoreLocked  # noqa: F401
+from hostqueue.store.sqlite import SQLiteStore  # noqa: F401
+
+
+def open_store(location: str, durability: str = "normal") -> Store:
+    """The store engine for a --store value (a SQLite file path)."""
+    return SQLiteStore(location, durability)

@@ -1,0 +1,189 @@
+"""The store's interface: what the supervisor asks of a store, in intentions.
+
+The supervisor never speaks SQL. It gathers writes on a ``WriteBatch`` (batch.py:
+add jobs, start, finish, retry later, requeue, cancel, revive, record
+progress and attempts, forget ended jobs, save settings and schedules), hands
+the batch to ``apply()`` (or ``apply_now()``) to commit in one transaction, and
+reads through the methods below. Each engine (``sqlite.py``; a PostgreSQL store
+later) maps every write kind to its statements and guards each transition by
+the state it leaves.
+
+Errors: ``StoreError`` for a store that refuses a write or read (disk full,
+read-only, corrupt); ``StoreBusy``, a ``StoreError``, for one that another
+process keeps locked past the store's patience.
+"""
+
+from __future__ import annotations
+
+import abc
+from array import array
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from hostqueue.store.batch import WriteBatch
+
+JOB_COLUMNS = (
+    "id", "task", "queue", "status", "args", "result", "error", "attempts", "max_attempts",
+    "priority", "progress", "progress_message", "key", "run_id", "created_at", "started_at",
+    "finished_at", "run_at", "deadline", "timeout", "abort_requested", "worker_pid",
+    "cpu_seconds", "peak_rss",
+)
+
+
+class StoreError(Exception):
+    """The store could not carry out a write or a read (disk full, read-only, corrupt)."""
+
+
+class StoreBusy(StoreError):
+    """Another process holds the store's lock (a backup, a sqlite3 shell) past our patience."""
+
+
+@dataclass
+class PendingSet:
+    """Every pending job at start, in the compact shapes the ready index keeps."""
+
+    # lane -> priority -> ids in increasing order
+    ready: dict[tuple[str, str], dict[int, "array[int]"]] = field(default_factory=dict)
+    # ready jobs the scan met out of id order (the arrays above must stay sorted)
+    unordered: list[tuple[tuple[str, str], int, int]] = field(default_factory=list)
+    delayed: list[tuple[float, int]] = field(default_factory=list)
+    deadlines: list[tuple[float, int]] = field(default_factory=list)
+    keys: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DispatchRow:
+    """What dispatch needs of a pending job whose row is not in memory."""
+
+    id: int
+    task: str
+    queue: str
+    args: str
+    attempts: int
+    max_attempts: int
+    timeout: float | None
+    abort_requested: bool
+    run_id: str | None
+    priority: int
+    key: str | None
+    created_at: float
+    run_at: float
+    deadline: float | None
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """A job found running at start: its supervisor died while it ran."""
+
+    id: int
+    attempts: int
+    interruptions: int
+    worker_pid: int | None
+    started_at: float | None
+
+
+class Store(abc.ABC):
+    """A store engine. Writes arrive as batches; reads are coroutines."""
+
+    path: str
+
+    # -- life ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, migrate the schema, and check the store takes writes."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # -- writes -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def can_apply_now(self, size: int) -> bool:
+        """Whether apply_now() would take a batch of this many writes at once."""
+
+    @abc.abstractmethod
+    def apply_now(self, batch: WriteBatch) -> bool:
+        """Commit a small batch without leaving the caller's thread, never waiting on a
+        lock; False (nothing done) when that cannot be done now: use apply()."""
+
+    @abc.abstractmethod
+    async def apply(self, batch: WriteBatch) -> None:
+        """Commit every write of the batch in one transaction, off the event loop."""
+
+    def refused_transitions(self) -> int:
+        """How many guarded transitions, since the last call, found their job in
+        another state than the one they leave (and so changed nothing)."""
+        return 0
+
+    # -- start-up -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def recover_interrupted(
+        self, now: float, decide: Callable[[Interrupted], tuple[str, Any]]
+    ) -> tuple[int, int]:
+        """Jobs left running by a supervisor that died: decide(job) says what each
+        becomes (("pending", error) or ("failed", error)); returns (requeued, failed)."""
+
+    @abc.abstractmethod
+    async def load_pending(self, now: float) -> PendingSet: ...
+
+    @abc.abstractmethod
+    async def last_job_id(self) -> int: ...
+
+    @abc.abstractmethod
+    async def load_settings(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def load_schedules(self) -> dict[str, tuple[float, float | None, int | None, str, str]]: ...
+
+    # -- reads --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def jobs_for_dispatch(self, ids: list[int]) -> dict[int, DispatchRow]: ...
+
+    @abc.abstractmethod
+    async def get_jobs(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]: ...
+
+    async def get_job(self, job_id: int) -> dict[str, Any] | None:
+        return (await self.get_jobs([job_id])).get(job_id)
+
+    @abc.abstractmethod
+    async def list_jobs(self, status: str | None = None, queue: str | None = None,
+                        task: str | None = None, run_id: str | None = None, limit: int = 100,
+                        before: int | None = None) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def unfinished_ids(self, run_id: str) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def ended_ids(self, status: str, queue: str | None = None,
+                        task: str | None = None) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def count_by_state(
+        self, now: float, run_id: str | None = None, scheduled_ids: list[int] | None = None,
+        running: Callable[[Callable[[], None]], dict[str, int]] | None = None,
+    ) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def completed_with_key(self, key: str, since: float) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def ended_before(self, cutoffs: dict[str, float], limit: int) -> list[tuple[int, str, float]]:
+        """Up to ``limit`` ended jobs older than their state's cutoff: (id, status, cutoff)."""
+
+    @abc.abstractmethod
+    async def oldest_finished(self, states: list[str]) -> dict[str, float]: ...
+
+    @abc.abstractmethod
+    async def attempts_of(self, job_id: int) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def file_size(self) -> int: ...
+
+    @staticmethod
+    def setting_params(name: str, value: Any) -> tuple[str, str]:
+        import orjson
+
+        return (name, orjson.dumps(value).decode())

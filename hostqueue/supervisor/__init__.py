@@ -1,0 +1,1 @@
+"""The supervisor process: the event loop (main.py) and its parts."""

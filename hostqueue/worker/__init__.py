@@ -1,0 +1,1 @@
+"""The worker process (main.py), started as ``python -m hostqueue.worker``."""
