@@ -1,8 +1,11 @@
-"""hostqueue benchmark: no-op jobs on a real supervisor, optionally side by side with peers.
+"""hostqueue benchmark: no-op jobs on a real supervisor, optionally side by side with peers,
+or with another checkout of hostqueue (A/B).
 
     python bench/bench.py                 # hostqueue alone, 3 runs (about 2-3 minutes)
     python bench/bench.py --peers         # and Huey, Celery, RQ, Dramatiq (about 12 minutes)
     python bench/bench.py --quick         # a few seconds: checks that everything works
+    python bench/bench.py --against /work/main --depth 0
+                                          # this checkout against another, round by round
 
 Every run starts a fresh supervisor (`python -m hostqueue run`) on a temporary
 store with the default durable settings (WAL, synchronous=NORMAL: a submit is
@@ -18,10 +21,29 @@ acknowledged once committed), 2 workers and a task that returns True, and takes:
 - throughput (end to end, bulk) with 1, 2, 4 and 8 workers, and the time to scale
   from 1 to 16 workers (`scale`, until `status` shows 16 idle workers);
 - supervisor and worker RSS; CPU and wake-ups of all its processes while idle for 10 s;
+- fast jobs beside one slow job (hostqueue only; peers print n/a), on another fresh
+  supervisor with 2 workers: 2,000 jobs of a task `work(i, slow=0.0)` (it sleeps
+  `slow` seconds) run to completion, so that the supervisor knows it as fast; then
+  one submit_many of 200 jobs, the one with i == 5 sleeping 2 s. The figure is the
+  longest finished_at - created_at of the 199 fast ones (ms; target < 100): with a
+  worker free, none should wait behind the slow job (a fair queue ends each within a
+  few tens of ms, an unfair one holds some for the whole 2 s). Also their median, and
+  how many fast jobs ended over 1 s after the slow one started;
 - then, once, the same with 1,000,000 pending jobs in a paused queue behind the
   measured ones: filled over the socket (submit_many), measured, then again after
   a restart (the supervisor loads them from the store); last, the paused queue is
   resumed and the supervisor's RSS sampled for 5 s while they run.
+
+The benchmark talks to hostqueue through its CLI and socket protocol only (its own
+client, hqsocket.py; it imports nothing of hostqueue), so it measures any checkout:
+--source PATH (default: this one) is the checkout whose hostqueue/ runs.
+
+With --against PATH, a second checkout (e.g. today's main) is measured in the same
+run with the same settings, each figure taken the same way for both (fresh supervisors,
+the same temporary store setup): rounds alternate, source then against, then against
+then source, and so on, so that neither is always first. One table gives both medians
+and the change of --source against --against in %; then each round's values (all in
+--json too). The depth run is taken for both unless --depth 0. Not with --peers.
 
 With --peers, each round also runs every peer on the same task, job count (where the
 peer can do it within the time budget; the count is printed), worker count and
@@ -45,6 +67,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,6 +96,9 @@ FIGURES = [
     Figure("rss_total", "RSS of everything (MB)", "MB", False),
     Figure("idle_cpu", "CPU while idle, 10 s (s)", "s", False, "0"),
     Figure("idle_wakeups", "wake-ups while idle, 10 s", "", False),
+    Figure("slow_wait", "fast jobs beside one slow job: longest wait (ms)", "ms", False, "< 100"),
+    Figure("slow_wait_p50", "fast jobs beside one slow job: median wait (ms)", "ms", False),
+    Figure("slow_late", "fast jobs ending > 1 s after the slow one started", "", False),
 ]
 BY_KEY = {f.key: f for f in FIGURES}
 DEPTH_FIGURES = ["enqueue_one", "enqueue_bulk", "e2e_bulk", "e2e_one", "lat_p50", "lat_p99",
@@ -81,6 +107,11 @@ DEPTH_FIGURES = ["enqueue_one", "enqueue_bulk", "e2e_bulk", "e2e_one", "lat_p50"
 
 def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def prefixed(who: str) -> Callable[[str], None]:
+    """log() with the name of what is measured in front."""
+    return lambda text: log(f"  {who}: {text}")
 
 
 def git_state(source: str) -> str:
@@ -179,6 +210,8 @@ def report(opts: argparse.Namespace, hq_rounds: list[dict[str, Any]], depth: lis
         rows.append(["jobs per end-to-end run", f"{opts.jobs:,}"]
                     + [fmt_values(values(peers[p], "jobs")) for p in names])
     out.append(table(header, rows))
+    out.append("")
+    out.append(SLOW_NOTE)
 
     if names:
         out.append("")
@@ -263,6 +296,106 @@ def report(opts: argparse.Namespace, hq_rounds: list[dict[str, Any]], depth: lis
     return "\n".join(out)
 
 
+SLOW_NOTE = (f"fast jobs beside one slow job (hostqueue only): a fresh supervisor with {hq.SLOW_WORKERS} workers"
+             f" runs {hq.SLOW_TEACH:,} fast jobs, then one submit_many of {hq.SLOW_JOBS} of which one sleeps"
+             f" {hq.SLOW_SECONDS:g} s; wait = a fast job's finished_at - created_at (longest, median);"
+             " with a worker free, none should wait behind the slow one")
+
+
+def ab_change(a: list[float], b: list[float], higher_is_better: bool) -> str:
+    """--source against --against: median over median, in %."""
+    if not a or not b:
+        return "-"
+    ma, mb = statistics.median(a), statistics.median(b)
+    if mb == 0:
+        return "-" if ma == 0 else "new"
+    pct = (ma / mb - 1) * 100
+    if round(pct) == 0:
+        return "0%"
+    better = pct > 0 if higher_is_better else pct < 0
+    return f"{pct:+.0f}% ({'better' if better else 'worse'})"
+
+
+def report_ab(opts: argparse.Namespace, rounds: dict[str, list[dict[str, Any]]],
+              depths: dict[str, list[dict[str, Any]]], context: dict[str, Any]) -> str:
+    """--source and --against side by side: medians, the change, each round's values."""
+    a, b = rounds["source"], rounds["against"]
+    n = max(len(a), len(b))
+    out = [f"source:  {context['source']} ({context['hostqueue']})",
+           f"against: {context['against']} ({context['against_state']})",
+           f"on {context['machine']}",
+           f"{opts.workers} workers, a no-op task, {opts.jobs:,} jobs per end-to-end run and bulk enqueue;"
+           f" {n} round{'s' if n > 1 else ''} of each, taken in turn (source, against, then against,"
+           " source, ...), every one on fresh supervisors and temporary stores;"
+           " median [min-max]; * = stopped at its time budget; idle figures from the first round",
+           "change: the median of source against the median of against",
+           f"load average before/after: {context['load_before']} / {context['load_after']}"
+           " (the machine's other work competes for the same cores)"]
+    if opts.quick:
+        out.append("QUICK MODE: small counts and one round each; it checks that everything works,"
+                   " its figures say little about speed")
+    out.append("")
+    rows = []
+    for f in FIGURES:
+        if not values(a, f.key) and not values(b, f.key):
+            continue
+        rows.append([f.label.replace("10 s", f"{opts.idle:g} s"), cell(a, f.key), cell(b, f.key),
+                     ab_change(values(a, f.key), values(b, f.key), f.higher_is_better), f.target or ""])
+    out.append(table(["figure", "source", "against", "change", "target"], rows))
+    out.append("")
+    out.append(SLOW_NOTE)
+
+    out.append("")
+    out.append("each round's values, in the order taken")
+    out.append("")
+    taken = sorted([(r.get("round", 0), r.get("order", 0), name, r)
+                    for name, rs in rounds.items() for r in rs], key=lambda t: t[:2])
+    header = ["figure"] + [f"{i} {name}" for i, _, name, _ in taken]
+    rows = []
+    for f in FIGURES:
+        cells = [fmt_number(r[f.key]) if isinstance(r.get(f.key), (int, float)) else "-"
+                 for *_, r in taken]
+        if any(c != "-" for c in cells):
+            rows.append([f.label.replace("10 s", f"{opts.idle:g} s")] + cells)
+    out.append(table(header, rows))
+
+    da, db = depths.get("source") or [], depths.get("against") or []
+    if da or db:
+        out.append("")
+        out.append(f"with {opts.depth:,} jobs pending in a paused queue (one depth run of each, source first;"
+                   " latency job by job beside an empty-store supervisor, as without --against)")
+        out.append("")
+        rows = []
+        for key, label, hib in (("deep_fill", "filling them over the socket (jobs/s)", True),
+                                ("deep_rss_after_fill", "supervisor RSS after filling (MB)", False),
+                                ("restart_start", "restart with them, until served (s)", False)):
+            if values(da, key) or values(db, key):
+                rows.append([label, cell(da, key), cell(db, key), ab_change(values(da, key), values(db, key), hib)])
+        for prefix, where in (("deep", "pending (live)"), ("restart", "after restart")):
+            for key in DEPTH_FIGURES + ["rss_supervisor"]:
+                k = f"{prefix}_{key}"
+                if not values(da, k) and not values(db, k):
+                    continue
+                f = BY_KEY[key]
+                rows.append([f"{where}: {f.label}", cell(da, k), cell(db, k),
+                             ab_change(values(da, k), values(db, k), f.higher_is_better)])
+        for key, label, hib in (("drain_rate", "draining them after restart (jobs/s)", True),
+                                ("drain_rss_supervisor", "supervisor RSS while draining (MB)", False)):
+            if values(da, key) or values(db, key):
+                rows.append([label, cell(da, key), cell(db, key), ab_change(values(da, key), values(db, key), hib)])
+        out.append(table(["figure", "source", "against", "change"], rows))
+
+    out.append("")
+    out.append("targets")
+    out.append("")
+    ta = {r[0]: r[1:] for r in targets(a, da)}
+    tb = {r[0]: r[1:] for r in targets(b, db)}
+    labels = list(ta) + [k for k in tb if k not in ta]
+    out.append(table(["target", "source", "met", "against", "met"],
+                     [[k] + ta.get(k, ["-", "-"]) + tb.get(k, ["-", "-"]) for k in labels]))
+    return "\n".join(out)
+
+
 def targets(hq_rounds: list[dict[str, Any]], depth: list[dict[str, Any]]) -> list[list[str]]:
     rows: list[list[str]] = []
 
@@ -284,6 +417,8 @@ def targets(hq_rounds: list[dict[str, Any]], depth: list[dict[str, Any]]) -> lis
     add("latency p50 < 0.5 ms (submit with wait)", p50, None if p50 is None else p50 < 0.5, " ms")
     add("latency p99 < 2 ms (submit with wait)", p99, None if p99 is None else p99 < 2, " ms")
     add("bulk enqueue >= 100,000 jobs/s", enq, None if enq is None else enq >= 100_000)
+    slow = med(hq_rounds, "slow_wait")
+    add("fast jobs beside one slow job: longest wait < 100 ms", slow, None if slow is None else slow < 100, " ms")
     if depth:
         d = f"{depth[0].get('depth', 0):,.0f}"
         for prefix, where in (("deep", f"{d} pending (live)"), ("restart", f"{d} pending (after restart)")):
@@ -321,19 +456,30 @@ def targets(hq_rounds: list[dict[str, Any]], depth: list[dict[str, Any]]) -> lis
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Benchmark hostqueue (and, with --peers, Huey, Celery, RQ and Dramatiq).",
+        description="Benchmark hostqueue (and, with --peers, Huey, Celery, RQ and Dramatiq; with --against,"
+                    " another checkout of hostqueue).",
+        epilog=__doc__.split("\n\n")[1] + "\n\nWhat is measured, and how: the docstring of bench/bench.py.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds, small counts, hostqueue only: checks that it works, not how fast")
     parser.add_argument("--peers", nargs="?", const="all", metavar="LIST",
                         help="also run peers: all (default) or a comma-separated list of"
                              " huey-sqlite,huey-redis,celery,rq,dramatiq")
-    parser.add_argument("--runs", type=int, default=3, help="rounds; figures are medians (default 3)")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="rounds (of each checkout with --against); figures are medians (default 3)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--jobs", type=int, help="jobs per end-to-end run (default 20,000)")
     parser.add_argument("--depth", type=int, help="pending jobs behind the measured ones (default 1,000,000; 0: skip)")
     parser.add_argument("--idle", type=float, help="seconds of the idle measurement (default 10)")
-    parser.add_argument("--source", default=ROOT, help="the checkout whose hostqueue/ is measured (default: this one)")
+    parser.add_argument("--source", default=ROOT, metavar="PATH",
+                        help="the checkout whose hostqueue/ is measured (default: this one); it runs as"
+                             " `python -m hostqueue run` with PATH first on PYTHONPATH")
+    parser.add_argument("--against", metavar="PATH",
+                        help="A/B: also measure the checkout at PATH (e.g. today's main) in the same run, with"
+                             " the same settings, a round of each in turn (source, against, then against,"
+                             " source, ...); one table of both (medians), the change of --source against it"
+                             " in %%, and each round's values; not with --peers. With --depth other than 0,"
+                             " the depth run is taken for both (--depth 0 skips it)")
     parser.add_argument("--json", metavar="FILE", help="write every run's raw figures to FILE")
     parser.add_argument("--no-install-redis", action="store_true",
                         help="with --peers, skip the Redis peers instead of apt-get installing redis-server")
@@ -350,11 +496,20 @@ def main(argv: list[str] | None = None) -> int:
         opts.runs = 1
         if opts.peers:
             parser.error("--quick runs hostqueue only; leave out --peers")
+    if opts.against and opts.peers:
+        parser.error("--against compares two checkouts of hostqueue; leave out --peers")
     opts.jobs, opts.depth, opts.idle, opts.bursts = sizes.jobs, sizes.depth, sizes.idle, sizes.bursts
     opts.depth_latency = sizes.depth_latency
     source = os.path.abspath(opts.source)
+    against = os.path.abspath(opts.against) if opts.against else None
+    for path in (source, against):
+        if path is not None and not os.path.isfile(os.path.join(path, "hostqueue", "__main__.py")):
+            parser.error(f"{path} holds no hostqueue package (hostqueue/__main__.py)")
+    if against == source:
+        parser.error("--against names the same checkout as --source")
 
     context: dict[str, Any] = {
+        "source": source,
         "hostqueue": git_state(source),
         "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}",
         "load_before": "{load1:.2f}".format(**machine_note()),
@@ -382,16 +537,28 @@ def main(argv: list[str] | None = None) -> int:
                 context["redis"] = redis.version()
                 log(f"redis-server {context['redis']} on {redis.url}")
 
-    hq_rounds: list[dict[str, Any]] = []
+    if against:
+        context["against"] = against
+        context["against_state"] = git_state(against)
+    checkouts = [("source", source)] + ([("against", against)] if against else [])
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in checkouts}
+    depths: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in checkouts}
+    hq_rounds, depth = rounds["source"], depths["source"]
     peer_rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in peer_names}
-    depth: list[dict[str, Any]] = []
     failed: str | None = None
     started = time.monotonic()
     try:
         for i in range(opts.runs):
-            log(f"round {i + 1}/{opts.runs}: hostqueue")
-            hq_rounds.append(hq.measure_round(source, opts.workers, sizes, sizes.idle if i == 0 else 0,
-                                              log=lambda s: log(f"  hostqueue: {s}")))
+            # With --against, a round of each checkout in turn, the pair's order
+            # rotated each round: neither is always first (or always second).
+            for order, (name, path) in enumerate(checkouts if i % 2 == 0 else checkouts[::-1]):
+                who = f"hostqueue ({name}: {path})" if against else "hostqueue"
+                log(f"round {i + 1}/{opts.runs}: {who}")
+                result = hq.measure_round(path, opts.workers, sizes, sizes.idle if i == 0 else 0,
+                                          log=prefixed(who))
+                if against:
+                    result.update(round=i + 1, order=order)
+                rounds[name].append(result)
             for p in peer_names:
                 log(f"round {i + 1}/{opts.runs}: {p}")
                 spec = {
@@ -408,9 +575,10 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"  {p} failed: {result.get('error')}")
                 peer_rounds[p].append(result)
         if sizes.depth:
-            log(f"hostqueue with {sizes.depth:,} pending jobs")
-            depth = hq.measure_depth(source, opts.workers, sizes, opts.runs,
-                                     log=lambda s: log(f"  hostqueue: {s}"))
+            for name, path in checkouts:
+                who = f"hostqueue ({name}: {path})" if against else "hostqueue"
+                log(f"{who} with {sizes.depth:,} pending jobs")
+                depths[name][:] = hq.measure_depth(path, opts.workers, sizes, opts.runs, log=prefixed(who))
     except BenchError as exc:
         failed = str(exc)
     finally:
@@ -419,13 +587,19 @@ def main(argv: list[str] | None = None) -> int:
     context["load_after"] = "{load1:.2f}".format(**machine_note())
     context["seconds"] = time.monotonic() - started
 
-    if hq_rounds:
+    if against and (hq_rounds or rounds["against"]):
+        print(report_ab(opts, rounds, depths, context))
+        print(f"\n(took {context['seconds']:.0f} s)")
+    elif hq_rounds:
         print(report(opts, hq_rounds, depth, peer_rounds, context))
         print(f"\n(took {context['seconds']:.0f} s)")
     if opts.json:
+        raw: dict[str, Any] = {"context": context, "hostqueue": hq_rounds, "depth": depth, "peers": peer_rounds,
+                               "options": vars(opts), "error": failed}
+        if against:
+            raw["against"] = {"path": against, "hostqueue": rounds["against"], "depth": depths["against"]}
         with open(opts.json, "w") as f:
-            json.dump({"context": context, "hostqueue": hq_rounds, "depth": depth, "peers": peer_rounds,
-                       "options": vars(opts), "error": failed}, f, indent=1)
+            json.dump(raw, f, indent=1)
     if failed:
         print(f"\nFUNCTIONAL ERROR: {failed}", file=sys.stderr)
         return 1

@@ -1,6 +1,13 @@
 """hostqueue's side of the benchmark: a real supervisor (`python -m hostqueue run`)
-on a temporary store with the default durable settings, driven by
-hostqueue.client.Client over its socket, as a user's program would.
+on a temporary store with the default durable settings, driven over its socket
+by the benchmark's own protocol client (hqsocket.py), as a user's program would.
+
+Only the CLI and the socket protocol (and, read-only, the store's jobs table)
+are used: nothing of hostqueue is imported here, so that any checkout can be
+measured whatever its module layout, and two checkouts side by side
+(bench.py --against) with the same client code. The supervisor and its workers
+import hostqueue from the checkout given (PYTHONPATH); Supervisor.start checks
+that they did.
 
 Every figure is taken by ``measure_round``; bench.py repeats rounds and prints
 the medians. A functional failure (a job lost, failed or never answered) raises
@@ -25,15 +32,30 @@ from typing import Any
 
 import psutil
 from common import BenchError, idle_usage, latency_figures, rss_mb, wait_until
+from hqsocket import Client
 
+# The task module of every supervisor: public API only (hostqueue.task).
 TASKS = '''
+import time
+
 import hostqueue
 
 @hostqueue.task
 def noop(ctx):
     return True
+
+@hostqueue.task
+def work(ctx, i, slow=0.0):
+    if slow:
+        time.sleep(slow)
+    return i
+
+@hostqueue.task
+def where(ctx):
+    return hostqueue.__file__
 '''
 TASK = "benchtasks.noop"
+WORK_TASK = "benchtasks.work"  # sleeps `slow` seconds (fast jobs beside a slow one)
 CHUNK = 1000  # jobs per submit_many request
 SETTLE = 1.0  # seconds after a fill before its memory is measured
 DRAIN_SECONDS = 5.0  # the pending jobs draining after the restart: RSS sampled this long
@@ -64,13 +86,8 @@ QUICK = Sizes(jobs=2_000, bursts=1, one_by_one=300, latency=50, depth_latency=50
               depth=20_000, idle=1.0, warmup=100)
 
 
-def import_client(source: str) -> Any:
-    """hostqueue.client.Client from the checkout under test."""
-    if source not in sys.path:
-        sys.path.insert(0, source)
-    from hostqueue.client import Client
-
-    return Client
+# Checkouts whose workers were seen to import hostqueue from them (once per process).
+_CHECKED: set[str] = set()
 
 
 class Supervisor:
@@ -78,7 +95,6 @@ class Supervisor:
 
     def __init__(self, source: str, workers: int, workdir: str | None = None) -> None:
         self.source = source
-        self.Client = import_client(source)
         self.workers = workers
         self.own_dir = workdir is None
         self.dir = workdir or tempfile.mkdtemp(prefix="hqbench-", dir="/tmp")
@@ -108,16 +124,31 @@ class Supervisor:
                 raise BenchError(f"the supervisor exited with code {self.proc.returncode}; "
                                  f"its log:\n{self.log_tail()}")
             try:
-                with self.Client(self.socket, timeout=5) as c:
+                with Client(self.socket, timeout=5) as c:
                     return self._idle_count(c.status()) >= self.workers
             except Exception:  # noqa: BLE001 - not up yet
                 return False
 
         wait_until(up, timeout, "the supervisor to start", interval=0.01)
         took = time.perf_counter() - t0
-        self.client = self.Client(self.socket, timeout=120)
+        self.client = Client(self.socket, timeout=120)
         self.client.connect()
+        if self.source not in _CHECKED:
+            self.check_source()
         return took
+
+    def check_source(self) -> None:
+        """That the workers run the hostqueue of self.source (PYTHONPATH comes first,
+        before an installed or editable hostqueue), by one job of the task `where`.
+        The job goes to a queue of its own, out of every figure's way."""
+        job = self.client.submit("benchtasks.where", queue="bench-where", wait=60).job
+        want = os.path.join(os.path.realpath(self.source), "hostqueue") + os.sep
+        got = job.get("result")
+        if job["status"] != "completed" or not isinstance(got, str) \
+                or not os.path.realpath(got).startswith(want):
+            raise BenchError(f"the workers do not run the hostqueue of {self.source}:"
+                             f" job 'where' ended {job['status']} with {got!r} {job.get('error')!r}")
+        _CHECKED.add(self.source)
 
     def stop(self) -> None:
         if self.client is not None:
@@ -226,7 +257,7 @@ def submit_bulk(sup: Supervisor, n: int, queue: str | None = None, run_id: str |
     for size in sizes:
         if len(inflight) >= window:
             take()
-        # The ids alone come back (Client.submit_many_ids), as a batch producer would ask.
+        # The ids alone come back (reply="ids"), as a batch producer would ask.
         inflight.append(c.send("submit_many", task=TASK, args=[{}] * size, reply="ids", **fields))
     while inflight:
         take()
@@ -436,6 +467,61 @@ def scale_up_time(sup: Supervisor, to: int, back_to: int) -> dict[str, float]:
     return {"scale_up": took}
 
 
+# Fast jobs beside one slow job (slow_wait): the scenario's sizes.
+SLOW_WORKERS = 2
+SLOW_TEACH = 2_000  # fast jobs run first, so that the supervisor knows the task as fast
+SLOW_JOBS = 200  # then one submit_many of this many,
+SLOW_INDEX = 5  # of which the job with i == SLOW_INDEX sleeps
+SLOW_SECONDS = 2.0  # this long, and every other one not at all
+
+
+def slow_wait(source: str, log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
+    """Fast jobs beside one slow one, on a fresh supervisor with 2 workers: with a
+    worker free, no fast job should wait behind the slow one.
+
+    The task `work` runs SLOW_TEACH times (all fast) to completion; then one
+    submit_many of SLOW_JOBS jobs, job i == SLOW_INDEX sleeping SLOW_SECONDS. Figures
+    from the jobs' own times (the `wait` replies: created_at, started_at,
+    finished_at, Unix seconds of the supervisor): slow_wait, the longest
+    finished_at - created_at of the fast jobs (ms); slow_wait_p50, their median;
+    slow_late, how many fast jobs finished over 1 s after the slow one started;
+    slow_job, the slow job's own created-to-finished (ms)."""
+    sup = Supervisor(source, SLOW_WORKERS)
+    try:
+        sup.start()
+        c = sup.client
+        log(f"fast jobs beside a slow one: teaching ({SLOW_TEACH:,} fast jobs)")
+        ids: list[int] = []
+        for k in range(0, SLOW_TEACH, CHUNK):
+            ids += c.submit_many_ids(WORK_TASK, [{"i": i} for i in range(k, min(k + CHUNK, SLOW_TEACH))])
+        if len(ids) != SLOW_TEACH or ids[-1] - ids[0] + 1 != SLOW_TEACH:
+            raise BenchError(f"submit_many acknowledged {len(ids)} jobs of {SLOW_TEACH}")
+        wait_done(sup, ids[0], ids[-1], budget=60.0)
+        log(f"fast jobs beside a slow one: {SLOW_JOBS} jobs, one of {SLOW_SECONDS:g} s")
+        args = [{"i": i, "slow": SLOW_SECONDS if i == SLOW_INDEX else 0.0} for i in range(SLOW_JOBS)]
+        ids = c.submit_many_ids(WORK_TASK, args)
+        if len(ids) != SLOW_JOBS:
+            raise BenchError(f"submit_many acknowledged {len(ids)} jobs of {SLOW_JOBS}")
+        rids = [c.send("wait", job=j, timeout=60) for j in ids]
+        jobs = [c.receive(r, timeout=90)["job"] for r in rids]
+        for a, job in zip(args, jobs):
+            if job["status"] != "completed" or job["result"] != a["i"]:
+                raise BenchError(f"job {job['id']} (i={a['i']}) ended {job['status']} with"
+                                 f" result {job['result']!r}, error {job.get('error')!r}")
+        slow = jobs[SLOW_INDEX]
+        fast = [j for k, j in enumerate(jobs) if k != SLOW_INDEX]
+        waits = sorted((j["finished_at"] - j["created_at"]) * 1000 for j in fast)
+        late = sum(1 for j in fast if j["finished_at"] > slow["started_at"] + 1.0)
+        sup.check_log()
+        sup.stop()
+    except BenchError as exc:
+        raise BenchError(f"{exc}\nsupervisor log (fast jobs beside a slow one):\n{sup.log_tail()}") from None
+    finally:
+        sup.close()
+    return {"slow_wait": waits[-1], "slow_wait_p50": statistics.median(waits), "slow_late": float(late),
+            "slow_job": (slow["finished_at"] - slow["created_at"]) * 1000}
+
+
 def fill_deep(sup: Supervisor, n: int) -> float:
     """n pending jobs in the paused queue 'deep', by submit_many over the socket; jobs/s."""
     sup.client.pause("deep")
@@ -485,7 +571,7 @@ def check_deep(sup: Supervisor, n: int) -> None:
 def measure_round(source: str, workers: int, sizes: Sizes, idle_seconds: float,
                   log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
     """Every figure of an empty store once, on a fresh supervisor (the idle one when
-    idle_seconds is not 0)."""
+    idle_seconds is not 0), then slow_wait on another fresh one."""
     out: dict[str, float] = {}
     sup = Supervisor(source, workers)
     try:
@@ -513,6 +599,7 @@ def measure_round(source: str, workers: int, sizes: Sizes, idle_seconds: float,
         raise BenchError(f"{exc}\nsupervisor log:\n{sup.log_tail()}") from None
     finally:
         sup.close()
+    out.update(slow_wait(source, log))
     return out
 
 

@@ -3,9 +3,10 @@
     python bench/store_costs.py
 
 Creates a fresh store file under /tmp with hostqueue's schema (its migrations),
-then per variant: 20 transactions of 1,000 INSERTs, of 1,000 claims and of 1,000
+then per variant: 20 transactions of 1,000 INSERTs, of 1,000 starts and of 1,000
 finishes (the store's own statements), and prints microseconds per job for each;
-and, for a lone job, its two commits (added running, then ended), 2,000 times.
+and, for a lone fast job, its two commits (added pending, then ended: its start
+rides with its end), 2,000 times.
 No supervisor: this is SQLite and Python's sqlite3 alone, the floor under the
 supervisor's SQLite work.
 """
@@ -21,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hostqueue.store import MIGRATIONS, WRITES  # noqa: E402
+from hostqueue.store.sqlite_schema import MIGRATIONS, WRITES  # noqa: E402
 
 ROWS = 1000
 ROUNDS = 20
@@ -52,8 +53,9 @@ def measure(drop: tuple[str, ...], directory: str) -> tuple[float, float, float,
         ids = range(first, first + ROWS)
         batches = (
             (WRITES["add_jobs"], [(first, "t.noop", "default", 4, 0, None, None, now, now, None, None, args)]),
-            (WRITES["claim"], [(1, now, 4242, i) for i in ids]),
-            (WRITES["finish"], [("completed", "true", None, now, None, None, 0.0, 1000, i) for i in ids]),
+            (WRITES["start"], [(1, now, 4242, "pending", i) for i in ids]),
+            (WRITES["finish"], [("completed", "true", None, now, None, None, 0.0, 1000, 1, now, 4242,
+                                 "running", i) for i in ids]),
         )
         for k, (sql, rows) in enumerate(batches):
             t = time.perf_counter()
@@ -62,14 +64,15 @@ def measure(drop: tuple[str, ...], directory: str) -> tuple[float, float, float,
             conn.execute("COMMIT")
             spent[k] += time.perf_counter() - t
         first += ROWS
-    # A lone job (submitted to an idle pool): added running, then ended, each a
-    # commit of its own, as the supervisor writes them.
+    # A lone fast job (submitted to an idle pool): added pending, then ended (started
+    # and ended in one write), each a commit of its own, as the supervisor writes them.
     one = json.dumps(["{}"])
     t = time.perf_counter()
     for job_id in range(first, first + LONE_JOBS):
-        conn.execute(WRITES["add_claimed"], (job_id, "t.noop", "default", 4, 0, None, None, now, now,
-                                             None, None, one, 1, now, 4242))
-        conn.execute(WRITES["finish"], ("completed", "true", None, now, None, None, 0.0, 1000, job_id))
+        conn.execute(WRITES["add_jobs"], (job_id, "t.noop", "default", 4, 0, None, None, now, now,
+                                          None, None, one))
+        conn.execute(WRITES["finish"], ("completed", "true", None, now, None, None, 0.0, 1000, 1, now,
+                                        4242, "pending", job_id))
     lone = time.perf_counter() - t
     conn.close()
     n = ROWS * ROUNDS
@@ -81,7 +84,7 @@ def main() -> int:
         (), ("jobs_pending",), ("jobs_ended",),
         ("jobs_key", "jobs_run", "jobs_key_completed"),
     ]
-    print(f"{'without':40s} {'insert':>8s} {'claim':>8s} {'finish':>8s} {'total':>8s} {'lone job':>9s}"
+    print(f"{'without':40s} {'insert':>8s} {'start':>8s} {'finish':>8s} {'total':>8s} {'lone job':>9s}"
           "  (us per job; batches of 1,000, and a lone job's two commits)")
     with tempfile.TemporaryDirectory(prefix="hq-costs-") as directory:
         for drop in variants:
