@@ -70,7 +70,7 @@ from hostqueue.core.context import JobContext
 from hostqueue.core.errors import ProtocolError
 from hostqueue.core.exceptions import Aborted, Permanent
 from hostqueue.supervisor.operations import Operations, _field, _job_id, submit_many_reply, submit_wait
-from hostqueue.core.registry import TaskModuleError, TaskSpec
+from hostqueue.core.registry import TaskModule, TaskModuleError, TaskSpec, _module_name, load_tasks
 from hostqueue.core.settings import DEFAULT_MAX_LINE, MAX_WORKERS
 from hostqueue.core import outcome
 from hostqueue.core.states import ALL_STATES, FINAL_STATES, Event, State, transition
@@ -85,67 +85,6 @@ UNFINISHED = ("pending", "running")
 MAX_PROGRESS_EVENTS = 1000
 ENV_FLAG = "HOSTQUEUE_IMMEDIATE"
 
-TaskModule = str | ModuleType
-
-
-# ---------------------------------------------------------------------------
-# task modules
-
-
-def _module_name(spec: str) -> str:
-    """The module name of a --tasks entry (a module name or a .py path), as
-    registry._import_one resolves it (a file's directory goes on sys.path)."""
-    if spec.endswith(".py") or os.sep in spec:
-        path = os.path.abspath(spec)
-        if not os.path.isfile(path):
-            raise TaskModuleError(f"task module file {spec!r} does not exist")
-        directory, filename = os.path.split(path)
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
-        return filename[:-3] if filename.endswith(".py") else filename
-    return spec
-
-
-def _defined_in(spec: TaskSpec, module: str) -> bool:
-    defined = getattr(spec.func, "__module__", None) or ""
-    return defined == module or defined.startswith(module + ".")
-
-
-def load_tasks(modules: Iterable[TaskModule]) -> dict[str, TaskSpec]:
-    """The tasks that the given modules register, like ``hostqueue run --tasks``.
-
-    Unlike the supervisor, a module that is already imported is not re-imported (a
-    test's monkeypatches and the identity of its classes survive), unless the
-    registry no longer holds its tasks (``registry.load_task_modules`` clears it,
-    e.g. for an embedded supervisor in the same process).
-    """
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    found: dict[str, TaskSpec] = {}
-    for entry in modules:
-        if isinstance(entry, ModuleType):
-            name, label = entry.__name__, entry.__name__
-        else:
-            name, label = _module_name(entry), entry
-        for attempt in ("import", "reload"):
-            before = registry.registered()
-            try:
-                if name not in sys.modules:
-                    importlib.import_module(name)
-                elif attempt == "reload":
-                    importlib.reload(sys.modules[name])
-            except TaskModuleError:
-                raise
-            except Exception as exc:
-                raise TaskModuleError(
-                    f"cannot import task module {label!r}: {type(exc).__name__}: {exc}"
-                ) from exc
-            after = registry.registered()
-            mine = {k: s for k, s in after.items() if before.get(k) is not s or _defined_in(s, name)}
-            if mine:
-                break
-        found.update(mine)
-    return found
 
 
 # ---------------------------------------------------------------------------

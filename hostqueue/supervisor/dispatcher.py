@@ -135,7 +135,7 @@ class Dispatcher:
         if self._state() is not SupervisorState.RUNNING:
             return
         now_m = time.monotonic()
-        if not self.book.ready.count:
+        if not self.book.ready_count:
             self._balance(now_m)
             return
         # A worker is handed about this much work ahead: enough to keep it busy
@@ -157,7 +157,7 @@ class Dispatcher:
             self._grow()
             return
         # The count is a hint for batch sizes; _next_job() is the truth.
-        available = max(book.ready.available(self.paused), 1)
+        available = max(book.available(self.paused), 1)
         per_worker = max(1, min(prefetch, -(-available // (len(idle) + len(refill)))))
         now = time.time()
         self._limit_wake = math.inf
@@ -165,7 +165,7 @@ class Dispatcher:
         runtime = self.runtime
         handed_any = False
         for worker in idle + refill:
-            if not book.ready.count:
+            if not book.ready_count:
                 break  # all taken: the other workers need not look (a lone job, usually)
             plan = self.plan(worker.pid)
             holds = book.holds(worker.pid) + plan.fetching
@@ -213,7 +213,7 @@ class Dispatcher:
             self._limit_timer.arm(self._limit_wake)  # a rate-limited lane may start then
         if handed_any:
             self._on_handed()
-        if book.ready.count:
+        if book.ready_count:
             self._grow()
         self._balance(now_m)
 

@@ -3,10 +3,11 @@ place where a job changes state.
 
 A job is waiting (``PENDING``: in the ready index, or timed for later), held by
 a worker that has not started it (``HELD``), or running (``RUNNING``). Every
-move goes through ``_move()``, which asks the transition table
-(core/states.py) and adds the store write of that transition, guarded by the
-state it leaves, to the group commit. Nothing else in the supervisor changes
-a job's state or writes one.
+move goes through a method of the book (submitted, hand, start, end,
+cancel_waiting, revive), which asks the transition table (core/states.py) and
+adds the store write of that transition, guarded by the state it leaves, to
+the group commit. Nothing else in the supervisor changes a job's state or
+writes one.
 
 What the book owns: the ready index (ready jobs by lane, priority and id), the
 timed heaps (delayed jobs, deadlines), the payload cache (rows of pending jobs,
@@ -26,7 +27,7 @@ import orjson
 
 from hostqueue.core.outcome import Decision
 from hostqueue.core.states import Event, State, stored, transition
-from hostqueue.store.base import DispatchRow
+from hostqueue.store.base import DispatchRow, PendingSet
 from hostqueue.supervisor.readyindex import (
     PAYLOAD_CACHE, Lane, Payload, ReadyIndex, TimedHeap, unpack_id,
 )
@@ -139,11 +140,11 @@ class JobBook:
         self._on_start_written = on_start_written  # running counts (runcount.py)
         # A job waits (again) from run_at, bounded by a deadline: timers and dispatch.
         self._on_wait = on_wait
-        self.ready = ReadyIndex()
-        self.delayed = TimedHeap()
-        self.deadlines = TimedHeap()
-        self.payloads: dict[int, Payload] = {}
-        self.keys: dict[str, int] = {}
+        self._ready = ReadyIndex()
+        self._delayed = TimedHeap()
+        self._deadlines = TimedHeap()
+        self._payloads: dict[int, Payload] = {}
+        self._keys: dict[str, int] = {}
         self._active: dict[int, Attempt] = {}
         self._by_worker: dict[int, dict[int, Attempt]] = {}
         self._running = 0
@@ -163,7 +164,7 @@ class JobBook:
             return a.state
         if job_id in self._fetching:
             return State.HELD
-        if job_id in self.payloads or job_id in self.delayed:
+        if job_id in self._payloads or job_id in self._delayed:
             return State.PENDING
         return None
 
@@ -209,16 +210,48 @@ class JobBook:
     @property
     def ready_count(self) -> int:
         """Jobs ready to start now (some may be held back by pauses or limits)."""
-        return self.ready.count
+        return self._ready.count
+
+    @property
+    def ready_index(self) -> ReadyIndex:
+        """The ready jobs, for reading only (tests, diagnostics)."""
+        return self._ready
 
     def available(self, paused: set[str]) -> int:
-        return self.ready.available(paused)
+        return self._ready.available(paused)
 
     def waiting_by_queue(self) -> dict[str, int]:
-        return self.ready.waiting_by_queue()
+        return self._ready.waiting_by_queue()
 
     def key_owner(self, key: str) -> int | None:
-        return self.keys.get(key)
+        return self._keys.get(key)
+
+    def load(self, pending: PendingSet) -> None:
+        """At start: every pending job of the store (recovered ones included)."""
+        self._ready.bulk_load(pending.ready)
+        for lane, priority, job_id in pending.unordered:
+            self._ready.push(lane, priority, job_id)
+        self._delayed.bulk_load(pending.delayed)
+        self._deadlines.bulk_load(pending.deadlines)
+        self._keys.update(pending.keys)
+
+    def scheduled(self, now: float, at_most: int) -> list[int] | None:
+        """The ids of jobs due later than now (None when more than at_most are timed)."""
+        timed = self._delayed.members
+        if len(timed) > at_most:
+            return None
+        return [job_id for job_id, when in timed.items() if when > now]
+
+    def next_delay_due(self) -> float | None:
+        return self._delayed.next_due()
+
+    def next_deadline_due(self) -> float | None:
+        return self._deadlines.next_due()
+
+    def attempts_ran(self, job_id: int) -> int | None:
+        """How many attempts a waiting job has used, if its row is in memory."""
+        p = self._payloads.get(job_id)
+        return p.attempts if p is not None else None
 
     def recent_final(self, job_id: int) -> str | None:
         return self.recent_finals.get(job_id)
@@ -229,7 +262,7 @@ class JobBook:
     def unfinished(self, job_id: int) -> bool:
         """Known from memory not to have ended: its end will be announced."""
         return job_id not in self.recent_finals and (
-            job_id in self._active or job_id in self._fetching or job_id in self.payloads
+            job_id in self._active or job_id in self._fetching or job_id in self._payloads
         )
 
     # == submit ===================================================================
@@ -240,58 +273,58 @@ class JobBook:
         """New jobs (their INSERT is in the batch): waiting from now on."""
         transition(None, Event.SUBMITTED)  # the same edge for every job of a submit
         if key is not None:
-            self.keys[key] = ids[0]
+            self._keys[key] = ids[0]
         if payloads is not None:
-            self.payloads.update(zip(ids, payloads))
+            self._payloads.update(zip(ids, payloads))
         ready = run_at <= now
         for job_id in ids:
             if deadline is not None:
-                self.deadlines.push(deadline, job_id)
+                self._deadlines.push(deadline, job_id)
             if ready:
-                self.ready.push(lane, priority, job_id)
+                self._ready.push(lane, priority, job_id)
             else:
-                self.delayed.push(run_at, job_id)
+                self._delayed.push(run_at, job_id)
         self._on_wait(run_at, deadline)
 
     def withdraw(self, ids: range, lane: Lane, key: str | None) -> list[Attempt]:
         """A submit that failed to commit: its jobs never existed. Returns those that
         were handed to a worker already (not sent yet: they wait for that commit)."""
-        if key is not None and self.keys.get(key) == ids[0]:
-            del self.keys[key]
+        if key is not None and self._keys.get(key) == ids[0]:
+            del self._keys[key]
         handed = []
         for job_id in ids:
-            self.payloads.pop(job_id, None)
-            self.deadlines.discard(job_id)
+            self._payloads.pop(job_id, None)
+            self._deadlines.discard(job_id)
             if self._fetching.pop(job_id, None) is not None:
                 continue
             a = self._active.get(job_id)
             if a is not None:
                 self._drop(a)
                 handed.append(a)
-            elif not self.delayed.discard(job_id):
-                self.ready.discard(job_id, lane)
+            elif not self._delayed.discard(job_id):
+                self._ready.discard(job_id, lane)
         return handed
 
     def cache_allows(self, queue: str, paused: set[str]) -> bool:
         """Whether new jobs of this queue keep their rows in memory. A paused queue's
         jobs are read back when it resumes: a million kept here cost ~300 bytes each."""
-        return len(self.payloads) < PAYLOAD_CACHE and queue not in paused and "*" not in paused
+        return len(self._payloads) < PAYLOAD_CACHE and queue not in paused and "*" not in paused
 
     # == waiting jobs ===============================================================
 
     def lanes(self) -> Iterator[Lane]:
-        return iter(list(self.ready.lanes))
+        return iter(list(self._ready.lanes))
 
     def top(self, lane: Lane) -> int | None:
-        return self.ready.top(lane)
+        return self._ready.top(lane)
 
     def hand(self, lane: Lane, pid: int, now: float) -> tuple[int, Attempt | None]:
         """Give the lane's next ready job to worker pid (pending -> held). Returns the
         job's id and its attempt; None when its row must be read first (loaded())."""
-        packed = self.ready.pop(lane)
+        packed = self._ready.pop(lane)
         job_id = unpack_id(packed)
         transition(State.PENDING, Event.HANDED)
-        p = self.payloads.pop(job_id, None)
+        p = self._payloads.pop(job_id, None)
         if p is None:
             self._fetching[job_id] = (pid, lane, packed)
             return job_id, None
@@ -317,7 +350,7 @@ class JobBook:
         pid, lane, packed = fetched
         if not keep:
             transition(State.HELD, Event.RETURNED)
-            self.ready.push_back(lane, packed)
+            self._ready.push_back(lane, packed)
             self._on_wait(0.0, None)
             return None
         if row is None:
@@ -332,13 +365,13 @@ class JobBook:
                        lane: Lane | None = None) -> str:
         """A waiting job ends without running (abort, deadline). Returns its new status."""
         to = transition(State.PENDING, event)
-        payload = self.payloads.pop(job_id, None)
+        payload = self._payloads.pop(job_id, None)
         if lane is None and payload is not None:
             lane = (payload.queue, payload.task)
-        if not self.delayed.discard(job_id):
-            self.ready.discard(job_id, lane)
-        self.deadlines.discard(job_id)
-        key = payload.key if payload else next((k for k, v in self.keys.items() if v == job_id), None)
+        if not self._delayed.discard(job_id):
+            self._ready.discard(job_id, lane)
+        self._deadlines.discard(job_id)
+        key = payload.key if payload else next((k for k, v in self._keys.items() if v == job_id), None)
         status = stored(to)
         self._write("cancel_pending", (status, now, error_json(error), "pending", job_id))
         self._forget(job_id, key, status)
@@ -351,22 +384,22 @@ class JobBook:
         """Delayed jobs now due move to the ready index; returns those whose lane is
         not known from memory (their rows must be read: promote())."""
         missing = []
-        for job_id in self.delayed.pop_due(now):
-            p = self.payloads.get(job_id)
+        for job_id in self._delayed.pop_due(now):
+            p = self._payloads.get(job_id)
             if p is None:
                 missing.append(job_id)
             else:
-                self.ready.push((p.queue, p.task), p.priority, job_id)
+                self._ready.push((p.queue, p.task), p.priority, job_id)
         return missing
 
     def promote(self, job_id: int, lane: Lane, priority: int) -> None:
         """A due delayed job read from the store: ready, unless it moved meanwhile."""
         if job_id in self._active or job_id in self._fetching or job_id in self.recent_finals:
             return
-        self.ready.push(lane, priority, job_id)
+        self._ready.push(lane, priority, job_id)
 
     def due_deadlines(self, now: float) -> list[int]:
-        return self.deadlines.pop_due(now)
+        return self._deadlines.pop_due(now)
 
     # == held and running ==========================================================
 
@@ -375,7 +408,7 @@ class JobBook:
         a.state = transition(a.state, Event.STARTED)
         a.started_at = started_at
         self._running += 1
-        self.deadlines.discard(a.id)  # met
+        self._deadlines.discard(a.id)  # met
         self._write("start", (a.attempt, started_at, a.worker_pid, "pending", a.id))
         a.start_written = True
         self._on_start_written(a.id, a.queue)
@@ -386,7 +419,7 @@ class JobBook:
         a.state = transition(a.state, Event.STARTED)
         a.started_at = started_at
         self._running += 1
-        self.deadlines.discard(a.id)
+        self._deadlines.discard(a.id)
 
     def end(self, a: Attempt, d: Decision, now: float, attempt_started: float | None) -> Ended | None:
         """Apply a decision on a held or running job. Returns the job whole when it
@@ -455,20 +488,20 @@ class JobBook:
         self.recent_finals.pop(job_id, None)
         self.recent_jobs.pop(job_id, None)
         if job["key"] is not None:
-            self.keys[job["key"]] = job_id
-        self.payloads[job_id] = Payload(
+            self._keys[job["key"]] = job_id
+        self._payloads[job_id] = Payload(
             job["task"], job["queue"], orjson.dumps(job["args"]).decode(), 0, job["max_attempts"],
             job["timeout"], job["priority"], job["run_id"], job["key"], job["created_at"], now,
             job["deadline"],
         )
-        if job["deadline"] is not None and job_id not in self.deadlines:
-            self.deadlines.push(job["deadline"], job_id)
+        if job["deadline"] is not None and job_id not in self._deadlines:
+            self._deadlines.push(job["deadline"], job_id)
 
     def make_ready(self, job_id: int, lane: Lane, priority: int) -> None:
         """A revived job, once its write committed: ready to run."""
         if self.state(job_id) is State.PENDING:
-            self.ready.push(lane, priority, job_id)
-            p = self.payloads.get(job_id)
+            self._ready.push(lane, priority, job_id)
+            p = self._payloads.get(job_id)
             self._on_wait(0.0, p.deadline if p is not None else None)
 
     # == inside ======================================================================
@@ -482,16 +515,16 @@ class JobBook:
                 del self._by_worker[a.worker_pid]
 
     def _wait_again(self, a: Attempt, attempts: int, run_at: float, now: float) -> None:
-        self.payloads[a.id] = Payload(
+        self._payloads[a.id] = Payload(
             a.task, a.queue, a.args, attempts, a.max_attempts, a.timeout, a.priority,
             a.run_id, a.key, a.created_at, run_at, a.deadline,
         )
-        if a.deadline is not None and a.id not in self.deadlines:
-            self.deadlines.push(a.deadline, a.id)
+        if a.deadline is not None and a.id not in self._deadlines:
+            self._deadlines.push(a.deadline, a.id)
         if run_at <= now:
-            self.ready.push(a.lane, a.priority, a.id)
+            self._ready.push(a.lane, a.priority, a.id)
         else:
-            self.delayed.push(run_at, a.id)
+            self._delayed.push(run_at, a.id)
         self._on_wait(run_at, a.deadline)
 
     def _log_attempt(self, a: Attempt, status: str, error: dict[str, Any] | None,
@@ -501,10 +534,10 @@ class JobBook:
                                        a.cpu_seconds, a.peak_rss))
 
     def _forget(self, job_id: int, key: str | None, status: str) -> None:
-        if key is not None and self.keys.get(key) == job_id:
-            del self.keys[key]
-        self.payloads.pop(job_id, None)
-        self.deadlines.discard(job_id)
+        if key is not None and self._keys.get(key) == job_id:
+            del self._keys[key]
+        self._payloads.pop(job_id, None)
+        self._deadlines.discard(job_id)
         finals = self.recent_finals
         finals[job_id] = status
         if len(finals) > RECENT_FINALS:

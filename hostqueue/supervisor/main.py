@@ -132,7 +132,7 @@ class Supervisor:
         state = lambda: self.state  # noqa: E731
         self.running_count = RunningCount(loop)
         self.committer = GroupCommitter(
-            self.store, loop, lambda: self.book.handed + self.book.ready.count,
+            self.store, loop, lambda: self.book.handed + self.book.ready_count,
             on_commit=self.running_count.committed)
         self.running_count.committer = self.committer
         self.book = JobBook(self.committer.add, self.running_count.started, self._job_waits)
@@ -141,7 +141,7 @@ class Supervisor:
                           self.config.log_level, self.config.log_format)
         self.pool = Pool(loop, spawner, lambda: tuple(self.config.tasks), state, self.book.holds)
         self.sizer = PoolSizer(self.pool, config, lambda: self.autoscale, state,
-                               lambda: self.book.ready.available(self.paused), self.scale,
+                               lambda: self.book.available(self.paused), self.scale,
                                self.counters)
         self.dispatcher = Dispatcher(
             loop, self.book, self.pool, self.shaper, self.committer, self.store, self.paused,
@@ -234,7 +234,7 @@ class Supervisor:
         log.info(
             "hostqueue %s supervisor %d serving %s on %s with %d workers (%d tasks, %d jobs ready)",
             __version__, os.getpid(), self.config.store, self.config.socket_path, self.pool.target,
-            len(self.tasks), len(self.book.ready),
+            len(self.tasks), self.book.ready_count,
         )
         self.notifier.notify(f"READY=1\nSTATUS=serving with {self.pool.target} workers\nMAINPID={os.getpid()}")
         interval = sdnotify.watchdog_interval()
@@ -282,30 +282,20 @@ class Supervisor:
             assert self.config.workers_min is not None and self.config.workers_max is not None
             self.pool.target = min(max(self.pool.target, self.config.workers_min), self.config.workers_max)
         self.paused.update(stored.get("paused", []))
-        pending = await self.store.load_pending(now)
-        book = self.book
-        book.ready.bulk_load(pending.ready)
-        for lane, priority, job_id in pending.unordered:
-            book.ready.push(lane, priority, job_id)
-        book.delayed.bulk_load(pending.delayed)
-        book.deadlines.bulk_load(pending.deadlines)
-        book.keys.update(pending.keys)
-        del pending
+        self.book.load(await self.store.load_pending(now))
 
     async def count_by_state(self, run_id: str | None = None) -> dict[str, Any]:
         """The store's counts by state and queue, once our writes so far are committed."""
         await self.committer.barrier()
         now = time.time()
-        timed = self.book.delayed.members
-        later = ([job_id for job_id, when in timed.items() if when > now]
-                 if run_id is None and len(timed) <= SCHEDULED_BY_ID else None)
+        later = self.book.scheduled(now, SCHEDULED_BY_ID) if run_id is None else None
         running = self.running_count.in_snapshot if run_id is None else None
         return await self.store.count_by_state(now, run_id, later, running)
 
     async def metrics_text(self) -> str:
         stats = await self.count_by_state()
         return render(stats, await self.store.file_size(), self.counters, self.runtime,
-                      [w.state.value for w in self.pool], self.pool.target, self.book.ready.count,
+                      [w.state.value for w in self.pool], self.pool.target, self.book.ready_count,
                       self.committer.commits, self.state is SupervisorState.RUNNING)
 
     def _watchdog(self, interval: float) -> None:
@@ -510,7 +500,7 @@ class Supervisor:
     # == timers ===================================================================
 
     def _arm_delay_timer(self) -> None:
-        due = self.book.delayed.next_due()
+        due = self.book.next_delay_due()
         if due is not None and self.state is SupervisorState.RUNNING:
             self._delay_timer.arm(due)
 
@@ -540,7 +530,7 @@ class Supervisor:
             self._arm_deadline_timer()
 
     def _arm_deadline_timer(self) -> None:
-        due = self.book.deadlines.next_due()
+        due = self.book.next_deadline_due()
         if due is not None and self.state is SupervisorState.RUNNING:
             self._deadline_timer.arm(due)
 
@@ -553,8 +543,7 @@ class Supervisor:
         for job_id in book.due_deadlines(now):
             state = book.state(job_id)
             if state is State.PENDING:
-                payload = book.payloads.get(job_id)
-                ran = payload.attempts if payload is not None else None
+                ran = book.attempts_ran(job_id)
                 err = outcome.expired_error(ran) if ran is not None else outcome.error(
                     "Expired", "deadline passed before the job could start")
                 status = book.cancel_waiting(job_id, Event.EXPIRED, now, err)
@@ -601,7 +590,7 @@ class Supervisor:
             set_title(title)
             if self.notifier.enabled:
                 self.notifier.notify(
-                    f"STATUS={len(self.pool)} workers, {busy} busy, {self.book.ready.count} jobs ready{state}"
+                    f"STATUS={len(self.pool)} workers, {busy} busy, {self.book.ready_count} jobs ready{state}"
                 )
 
 

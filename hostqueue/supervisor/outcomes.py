@@ -78,12 +78,14 @@ class Outcomes:
             if s == "started":
                 if a.state is State.HELD:
                     book.start(a, st)
+                    self._count("started")
                     if wants(a.id):
                         self._announce_started(a)
                 continue
             if st is not None:
                 if a.state is State.HELD:
                     book.started_unwritten(a, st)  # started and ended between two reports
+                    self._count("started")
                     if wants(a.id):
                         self._announce_started(a)
                 worker.jobs_done += 1
@@ -106,6 +108,7 @@ class Outcomes:
         not report yet (its task holds the interpreter): running from then."""
         if a.state is State.HELD:
             self.book.start(a, started_at)
+            self._count("started")
             if self.events.wants(a.id):
                 self._announce_started(a)
 
@@ -115,7 +118,7 @@ class Outcomes:
         ended = self.book.end(a, d, now, attempt_started)
         counted = COUNTED.get(d.event)
         if counted is not None:
-            self.counters[counted] = self.counters.get(counted, 0) + 1
+            self._count(counted)
         if was_running:
             self.runtime.observe(max(0.0, now - (attempt_started or a.started_at or now)))
         if d.state is State.PENDING:
@@ -132,6 +135,9 @@ class Outcomes:
             log.warning("job %d %s failed: %s: %s", a.id, a.task, d.error.get("type"),
                         d.error.get("message"))
         self.announcer.after_commit(a.id, status, ended.job() if ended is not None else None)
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
 
     def _announce_started(self, a: Attempt) -> None:
         job = a.to_dict()
@@ -169,6 +175,7 @@ class Outcomes:
             started = a.state is State.RUNNING or a.id == worker.running_job
             if started and a.state is State.HELD:
                 self.book.started_unwritten(a, now)  # the board saw it start
+                self._count("started")
             if started:
                 ran = a
             d = outcome.after_worker_death(cause, worker.killed_for, worker.kill_error, started,
