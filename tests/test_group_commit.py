@@ -227,3 +227,62 @@ def test_retention_keeps_a_job_retried_after_it_was_found(tmp_path: str) -> None
 
     asyncio.run(sweep())
     assert statuses(path) == {2: ("pending", 0)}, "the retried job was deleted"
+
+
+@pytest.mark.parametrize("where", ["the store's thread", "the loop's thread"])
+def test_an_unexpected_error_in_a_commit_answers_the_submit_and_is_logged(
+        tmp_path: str, caplog: pytest.LogCaptureFixture, where: str) -> None:
+    """The group commit runs in a background task: an error other than a StoreError
+    (a bug: here a write of a kind the store does not know) must not end that task
+    silently, losing the batch and leaving its client without a reply. The submit is
+    refused, the error logged, and the committer goes on."""
+    from hostqueue.supervisor.committer import GroupCommitter
+
+    path = os.path.join(str(tmp_path), "q.db")
+    outcome: list[object] = []
+
+    async def go() -> None:
+        store = Store(path)
+        await store.open()
+        committer = GroupCommitter(store, asyncio.get_running_loop())
+        try:
+            texts = orjson.dumps([orjson.dumps({"i": 1}).decode()]).decode()
+            params = (1, "t.noop", "default", 4, 0, None, None, NOW, NOW, None, None, texts)
+            # Too many writes for the loop's thread, or a few.
+            for n in range(60 if where == "the store's thread" else 2):
+                committer.add("save_setting", (f"s{n}", "1"))
+            committer.add_submit(1, 1, params, lambda: outcome.append("stored"), outcome.append,
+                                 [("no_such_write", ())])
+            for _ in range(200):
+                if outcome:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            committer.batch = WriteBatch()  # the bad write is not retried at close
+            await store.close()
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(go())
+    assert len(outcome) == 1 and isinstance(outcome[0], StoreError), outcome
+    assert "no_such_write" in str(outcome[0])
+    assert any("unexpected error" in r.getMessage() for r in caplog.records), caplog.text
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+
+
+def test_background_tasks_are_held_and_their_errors_logged(caplog: pytest.LogCaptureFixture) -> None:
+    from hostqueue.supervisor import background
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("boom in the background")
+
+    async def go() -> None:
+        task = background.spawn(fails(), "a failing chore")
+        assert background.pending() >= 1, "the task is held until it ends"
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0)
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(go())
+    assert any("a failing chore" in r.getMessage() and r.exc_info for r in caplog.records), caplog.text

@@ -170,9 +170,9 @@ class GroupCommitter:
         try:
             if len(batch) and not self.store.apply_now(batch):
                 return 0.0  # the connection was taken after all: through its thread
-        except StoreError as exc:
+        except Exception as exc:  # noqa: BLE001 - the batch must not be lost
             self.batch = WriteBatch()
-            self._failed(batch, exc)
+            self._failed(batch, self._as_store_error(exc))
             # Writes to retry: after a delay, submits refused meanwhile.
             return self._retry_delay if self.failing else None
         self.batch = WriteBatch()
@@ -190,16 +190,22 @@ class GroupCommitter:
                     if len(batch):
                         await self.store.apply(batch)
                 except Exception as exc:  # noqa: BLE001 - the batch must not be lost
-                    if not isinstance(exc, StoreError):
-                        log.exception("unexpected error committing a batch; it is retried")
-                        exc = StoreError(f"unexpected error writing to the store: {exc!r}")
-                    self._failed(batch, exc)
+                    self._failed(batch, self._as_store_error(exc))
                     if self.failing:
                         await asyncio.sleep(self._retry_delay)
                     continue
                 self._committed(batch)
         finally:
             self._flush_done()
+
+    @staticmethod
+    def _as_store_error(exc: Exception) -> StoreError:
+        """A StoreError as it is; anything else is a bug, logged with its traceback,
+        and handled like a refused write: submits refused, other writes retried."""
+        if isinstance(exc, StoreError):
+            return exc
+        log.error("unexpected error committing a batch (a bug: please report it)", exc_info=exc)
+        return StoreError(f"unexpected error writing to the store: {exc!r}")
 
     def _flush_done(self) -> None:
         self._flushing = False
