@@ -494,6 +494,7 @@ class Supervisor:
         self.starts = 0
         self.log_paths: list[Path] = []
         self.seen_workers: dict[int, psutil.Process] = {}
+        self.extra_args: tuple[str, ...] = ()
 
     # -- life
 
@@ -510,8 +511,12 @@ class Supervisor:
 
     def start(self, *extra_args: str, workers: Any = "default", wait: bool = True) -> "Supervisor":
         """Start (or restart) the supervisor; with ``wait``, until it answers ping
-        and every worker it starts with is idle."""
+        and every worker it starts with is idle. Extra arguments are kept for the
+        restarts that name none."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
+        if extra_args:
+            self.extra_args = extra_args
+        extra_args = self.extra_args
         self.starts += 1
         log_path = self.env.dir / f"{self.name}-{self.starts}.log"
         self.log_paths.append(log_path)
@@ -520,6 +525,19 @@ class Supervisor:
         if wait:
             self.wait_ready()
         return self
+
+    def start_serving(self, timeout: float = 20.0) -> None:
+        """(Re)start and wait until the socket answers in state running (not until every
+        worker is idle, as ``start`` does: with a backlog they never all are)."""
+        self.start(wait=False)
+
+        def serving() -> str | bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                return "exited"
+            return self.ping()["state"] == "running"
+
+        if wait_for(serving, timeout, "the supervisor to answer ping") == "exited":
+            raise AssertionError(f"the supervisor exited at start:\n{self.log_text()[-3000:]}")
 
     def wait_ready(self, timeout: float = 15.0) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:

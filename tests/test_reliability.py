@@ -59,17 +59,8 @@ def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
 
 
 def start_serving(sup: Supervisor, timeout: float = 20.0) -> None:
-    """(Re)start the supervisor and wait until its socket answers in state running (not until
-    every worker is idle, as ``Supervisor.start`` does: with a backlog they never all are)."""
-    sup.start(wait=False)
-
-    def serving() -> str | bool:
-        if sup.proc is not None and sup.proc.poll() is not None:
-            return "exited"
-        return sup.ping()["state"] == "running"
-
-    if wait_for(serving, timeout, "the supervisor to answer ping") == "exited":
-        raise AssertionError(f"the supervisor exited at start:\n{sup.log_text()[-3000:]}")
+    """(Re)start the supervisor; until its socket answers in state running."""
+    sup.start_serving(timeout)
 
 
 def job_count(sup: Supervisor, where: str = "1") -> int:

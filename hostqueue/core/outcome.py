@@ -76,13 +76,21 @@ def attempt_failed(err: Error | None, attempt: int, max_attempts: int, now: floa
     return Decision(Event.RETRIED, State.PENDING, err, run_at=run_at)
 
 
+def given_back(abort_requested: bool) -> Decision:
+    """A held job that did not start and comes back (taken back, its worker retired
+    or gone): it waits again, uncharged; one whose abort was asked for ends."""
+    if abort_requested:
+        return Decision(Event.ABORTED, State.CANCELLED, aborted_before_start(), charged=False)
+    return Decision(Event.RETURNED, State.PENDING, charged=False)
+
+
 def after_report(report: dict[str, Any], attempt: int, max_attempts: int, abort_requested: bool,
                  now: float, backoff: Callable[[], float]) -> Decision:
     """A worker's report on a job it held: not started ("returned", "expired", an abort
     before its start: no "st") or the outcome of its attempt."""
     s = report["s"]
     if s == "returned":
-        return Decision(Event.RETURNED, State.PENDING, charged=False)
+        return given_back(abort_requested)
     if s == "expired":
         return Decision(Event.EXPIRED, State.EXPIRED, expired_error(attempt - 1), charged=False)
     if "st" not in report:  # it never started: only an abort ends a job that way
@@ -106,9 +114,7 @@ def after_worker_death(cause: str, killed_for: str | None, kill_error: Error | N
                        now: float, backoff: Callable[[], float]) -> Decision:
     """A job its worker held when it died (crash, OOM kill, time limit, abort, drain)."""
     if not started:
-        if abort_requested:
-            return Decision(Event.ABORTED, State.CANCELLED, aborted_before_start(), charged=False)
-        return Decision(Event.RETURNED, State.PENDING, charged=False)
+        return given_back(abort_requested)
     if killed_for == "drain":
         return Decision(Event.INTERRUPTED, State.PENDING, drained_error(), run_at=now, charged=False)
     if killed_for == "abort" or abort_requested:

@@ -173,9 +173,7 @@ class Actions:
             elif job["status"] == "pending":
                 status = book.cancel_waiting(job_id, Event.ABORTED, now, aborted_before_start(),
                                              lane=(job["queue"], job["task"]))
-                sup.counters["cancelled"] = sup.counters.get("cancelled", 0) + 1
-                sup.retention.ended(status, now)
-                self.announcer.after_commit(job_id, status)
+                sup._job_ended(job_id, status, now)
             aborted.append(job_id)
         after = await self.committed_jobs(aborted)
         return [after.get(job_id) or before[job_id] for job_id in aborted]

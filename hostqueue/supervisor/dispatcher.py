@@ -35,8 +35,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from hostqueue.core.outcome import Decision
-from hostqueue.core.states import Event, State, SupervisorState, WorkerState
+from hostqueue.core.outcome import given_back
+from hostqueue.core.states import State, SupervisorState, WorkerState
 from hostqueue.store.base import Store, StoreError
 from hostqueue.supervisor.committer import GroupCommitter
 from hostqueue.supervisor.jobs import Attempt, JobBook
@@ -83,7 +83,8 @@ class Dispatcher:
                  committer: GroupCommitter, store: Store, paused: set[str],
                  state: Callable[[], SupervisorState], prefetch: Callable[[], int],
                  max_jobs: Callable[[], int | None], grow: Callable[[], None],
-                 on_handed: Callable[[], None], watched: Callable[[int], bool]) -> None:
+                 on_handed: Callable[[], None], watched: Callable[[int], bool],
+                 on_ended: Callable[[int, str, float], None]) -> None:
         self.loop = loop
         self.book = book
         self.pool = pool
@@ -97,6 +98,7 @@ class Dispatcher:
         self._grow = grow  # autoscale: jobs wait and no worker is idle
         self._on_handed = on_handed  # the sampler starts while jobs are out
         self._watched = watched  # somebody watches the job's events
+        self._on_ended = on_ended  # a job given back ended (aborted): counted and announced
         self.runtime: dict[str, float] = {}  # each task's recent run time (EWMA, s)
         self._plans: dict[int, Plan] = {}
         self._scheduled = False
@@ -353,11 +355,14 @@ class Dispatcher:
         self.settle(worker)
 
     def give_back(self, worker: WorkerHandle, attempts: list[Attempt]) -> None:
-        """Jobs that never reached their worker: waiting again, uncharged."""
+        """Jobs that never reached their worker: waiting again, uncharged (an aborted
+        one ends)."""
         now = time.time()
-        returned = Decision(Event.RETURNED, State.PENDING, charged=False)
         for a in attempts:
-            self.book.end(a, returned, now, None)
+            d = given_back(a.abort_requested)
+            self.book.end(a, d, now, None)
+            if d.state is not State.PENDING:
+                self._on_ended(a.id, d.state.value, now)
         self.released(worker, attempts)
         self.settle(worker)
 

@@ -152,6 +152,8 @@ class JobBook:
         # job id -> (worker pid, lane, packed ready key); and aborts asked for meanwhile.
         self._fetching: dict[int, tuple[int, Lane, int]] = {}
         self._fetch_aborts: set[int] = set()
+        # Delayed jobs come due whose rows are being read to learn their lane (promote()).
+        self._promoting: set[int] = set()
         self.recent_finals: collections.OrderedDict[int, str] = collections.OrderedDict()
         self.recent_jobs: collections.OrderedDict[int, Ended] = collections.OrderedDict()
 
@@ -164,7 +166,7 @@ class JobBook:
             return a.state
         if job_id in self._fetching:
             return State.HELD
-        if job_id in self._payloads or job_id in self._delayed:
+        if job_id in self._payloads or job_id in self._delayed or job_id in self._promoting:
             return State.PENDING
         return None
 
@@ -368,7 +370,9 @@ class JobBook:
         payload = self._payloads.pop(job_id, None)
         if lane is None and payload is not None:
             lane = (payload.queue, payload.task)
-        if not self._delayed.discard(job_id):
+        if job_id in self._promoting:
+            self._promoting.discard(job_id)
+        elif not self._delayed.discard(job_id):
             self._ready.discard(job_id, lane)
         self._deadlines.discard(job_id)
         key = payload.key if payload else next((k for k, v in self._keys.items() if v == job_id), None)
@@ -378,7 +382,11 @@ class JobBook:
         return status
 
     def abort_while_fetching(self, job_id: int) -> None:
-        self._fetch_aborts.add(job_id)
+        """An abort of a held job whose row is being read: carried to its attempt when
+        the row arrives, and written, so that it holds however the read ends."""
+        if job_id not in self._fetch_aborts:
+            self._fetch_aborts.add(job_id)
+            self._write("request_abort", (job_id,))
 
     def ready_delayed(self, now: float) -> list[int]:
         """Delayed jobs now due move to the ready index; returns those whose lane is
@@ -388,15 +396,27 @@ class JobBook:
             p = self._payloads.get(job_id)
             if p is None:
                 missing.append(job_id)
+                self._promoting.add(job_id)
             else:
                 self._ready.push((p.queue, p.task), p.priority, job_id)
         return missing
 
-    def promote(self, job_id: int, lane: Lane, priority: int) -> None:
-        """A due delayed job read from the store: ready, unless it moved meanwhile."""
-        if job_id in self._active or job_id in self._fetching or job_id in self.recent_finals:
-            return
-        self._ready.push(lane, priority, job_id)
+    def promote(self, job_id: int, lane: Lane | None, priority: int) -> None:
+        """A due delayed job read from the store: ready, unless it ended meanwhile (lane
+        None: its row is gone)."""
+        if job_id not in self._promoting:
+            return  # aborted or expired meanwhile
+        self._promoting.discard(job_id)
+        if lane is not None and job_id not in self.recent_finals:
+            self._ready.push(lane, priority, job_id)
+
+    def delay_again(self, ids: list[int], when: float) -> None:
+        """Due delayed jobs whose rows could not be read: due again at ``when``."""
+        for job_id in ids:
+            if job_id in self._promoting:
+                self._promoting.discard(job_id)
+                self._delayed.push(when, job_id)
+        self._on_wait(when, None)
 
     def due_deadlines(self, now: float) -> list[int]:
         return self._deadlines.pop_due(now)

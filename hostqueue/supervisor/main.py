@@ -146,7 +146,7 @@ class Supervisor:
         self.dispatcher = Dispatcher(
             loop, self.book, self.pool, self.shaper, self.committer, self.store, self.paused,
             state, lambda: self.config.prefetch, lambda: self.config.max_jobs_per_worker,
-            self.sizer.grow, self._jobs_handed, self.events.wants)
+            self.sizer.grow, self._jobs_handed, self.events.wants, self._job_ended)
         self.announcer = Announcer(loop, self.store, self.committer, self.events)
         self.retention = Retention(loop, self.store, self.committer, self.config.retention, state,
                                    self.book.forget_deleted)
@@ -493,6 +493,13 @@ class Supervisor:
             self.pool.converge()
             self.dispatcher.wake()
 
+    def _job_ended(self, job_id: int, status: str, now: float) -> None:
+        """A job ended outside a worker's report (aborted before it reached its
+        worker, expired waiting): counted, retention armed, its end announced."""
+        self.counters[status] = self.counters.get(status, 0) + 1
+        self.retention.ended(status, now)
+        self.announcer.after_commit(job_id, status)
+
     def _jobs_handed(self) -> None:
         self.sampler.start()
         self._update_title()
@@ -513,11 +520,18 @@ class Supervisor:
 
     async def _promote_unknown(self, ids: list[int]) -> None:
         """Delayed jobs loaded at start carry no payload: read queue and priority once."""
-        jobs = await self.store.get_jobs(ids)
+        try:
+            jobs = await self.store.get_jobs(ids)
+        except StoreError as exc:
+            log.error("cannot read delayed jobs that came due (tried again in 1 s): %s", exc)
+            self.book.delay_again(ids, time.time() + 1.0)
+            return
         for job_id in ids:
             job = jobs.get(job_id)
             if job is not None and job["status"] == "pending":
                 self.book.promote(job_id, (job["queue"], job["task"]), job["priority"])
+            else:
+                self.book.promote(job_id, None, 0)
         self.dispatcher.wake()
 
     def _job_waits(self, run_at: float, deadline: float | None) -> None:
@@ -542,14 +556,15 @@ class Supervisor:
         book = self.book
         for job_id in book.due_deadlines(now):
             state = book.state(job_id)
+            if state is None and book.recent_final(job_id) is None:
+                # A waiting job whose row is not in memory (loaded at start, or in a
+                # paused queue): deadlines are dropped as jobs start or end, so it waits.
+                state = State.PENDING
             if state is State.PENDING:
                 ran = book.attempts_ran(job_id)
                 err = outcome.expired_error(ran) if ran is not None else outcome.error(
                     "Expired", "deadline passed before the job could start")
-                status = book.cancel_waiting(job_id, Event.EXPIRED, now, err)
-                self.counters["expired"] = self.counters.get("expired", 0) + 1
-                self.retention.ended(status, now)
-                self.announcer.after_commit(job_id, status)
+                self._job_ended(job_id, book.cancel_waiting(job_id, Event.EXPIRED, now, err), now)
             elif state is State.HELD:
                 a = book.attempt(job_id)
                 worker = self.pool.get(a.worker_pid) if a is not None else None
