@@ -119,7 +119,8 @@ def after_worker_death(cause: str, killed_for: str | None, kill_error: Error | N
         return Decision(Event.INTERRUPTED, State.PENDING, drained_error(), run_at=now, charged=False)
     if killed_for == "abort" or abort_requested:
         return Decision(Event.ABORTED, State.CANCELLED, lost_error(f"aborted; {cause}"))
-    err = kill_error if killed_for == "timeout" and kill_error is not None else lost_error(cause)
+    err = kill_error if killed_for in ("timeout", "unresponsive") and kill_error is not None \
+        else lost_error(cause)
     return attempt_failed(err, attempt, max_attempts, now, backoff)
 
 

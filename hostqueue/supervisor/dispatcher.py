@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -63,6 +64,10 @@ UNKNOWN = -1.0  # the expected run time of a task never measured
 # worker tell its start at once; a faster one's start rides with its outcome,
 # and the progress sampler sees one that runs long anyway (the board).
 REPORT_START_AFTER = 0.002
+# A worker handed jobs while it ran nothing must start one (or report) within this
+# long; one that does not (stopped, hung before its job) is replaced, and the jobs
+# it held go to other workers, uncharged: it never started them.
+START_TIMEOUT = 3.0
 
 
 @dataclass(slots=True)
@@ -76,6 +81,8 @@ class Plan:
     # toward prefetch; it stays busy and is not topped up until they arrive.
     fetching: int = 0
     taking_back: bool = False  # a give_back is on its way to it
+    # When it was handed jobs while it held none (monotonic; 0: it has reported since).
+    waiting_since: float = 0.0
 
 
 class Dispatcher:
@@ -105,6 +112,7 @@ class Dispatcher:
         self._limit_wake = math.inf
         self._limit_timer = EarliestTimer(self.wake, time.monotonic)
         self._overdue_timer = EarliestTimer(self.wake, time.monotonic)
+        self._start_timer = EarliestTimer(self._check_starts, time.monotonic)
 
     # == when ======================================================================
 
@@ -116,6 +124,7 @@ class Dispatcher:
     def stop_timers(self) -> None:
         self._limit_timer.cancel()
         self._overdue_timer.cancel()
+        self._start_timer.cancel()
 
     def plan(self, pid: int) -> Plan:
         plan = self._plans.get(pid)
@@ -205,6 +214,9 @@ class Dispatcher:
                 break  # nothing may start now: the other workers need not look
             handed_any = True
             plan.busy_until = now_m + expected
+            if not holds and not plan.waiting_since:
+                plan.waiting_since = now_m
+                self._start_timer.arm(now_m + START_TIMEOUT)
             worker.state = WorkerState.BUSY
             if fetch:
                 plan.fetching += len(fetch)
@@ -277,6 +289,42 @@ class Dispatcher:
         if earliest < math.inf:
             self._overdue_timer.arm(earliest)
 
+    def _check_starts(self) -> None:
+        """Workers handed jobs while they ran nothing, that since neither reported nor
+        started one (the board shows none): stopped or hung. Each is replaced; what it
+        held goes back, uncharged, to the other workers."""
+        now_m = time.monotonic()
+        earliest = math.inf
+        for pid, plan in list(self._plans.items()):
+            if not plan.waiting_since:
+                continue
+            worker = self.pool.get(pid)
+            if worker is None or worker.exit_status is not None or not self.book.holds(pid):
+                plan.waiting_since = 0.0
+                continue
+            if self.book.running_on(pid) is not None:
+                plan.waiting_since = 0.0  # it started one (seen on the board)
+                continue
+            due = plan.waiting_since + START_TIMEOUT
+            if now_m < due:
+                earliest = min(earliest, due)
+                continue
+            plan.waiting_since = 0.0
+            if worker.killed_for is None:
+                log.warning(
+                    "worker %d started none of the %d jobs it was handed %.1f s ago (stopped or"
+                    " hung?): replacing it; they go to other workers, uncharged",
+                    pid, self.book.holds(pid), now_m - due + START_TIMEOUT)
+                worker.killed_for = "unresponsive"
+                worker.kill_error = {
+                    "type": "WorkerLost", "traceback": None,
+                    "message": f"the worker started nothing and answered nothing for"
+                               f" {START_TIMEOUT:g} s (stopped or hung?) and was replaced",
+                }
+                worker.kill(signal.SIGKILL)
+        if earliest < math.inf:
+            self._start_timer.arm(earliest)
+
     def released(self, worker: WorkerHandle, attempts: list[Attempt]) -> None:
         """These jobs left the worker (ended, returned): their limits are free and its
         queue shorter. Call once per report with every job it ended."""
@@ -297,6 +345,7 @@ class Dispatcher:
         plan = self._plans.get(worker.pid)
         if plan is not None:
             plan.taking_back = False
+            plan.waiting_since = 0.0
             plan.busy_until = time.monotonic() + plan.expected
         self.settle(worker)
 

@@ -1,0 +1,118 @@
+"""Workers that stop answering: an abort must reach the job it names, and jobs handed to a
+worker that never starts them must run elsewhere (issue: reliability under careless and
+hostile clients, items 1 and 9).
+
+Real supervisors and workers; the worker is frozen with SIGSTOP or by a task that holds
+the interpreter in C (``ctypes.PyDLL(None).sleep``), so that neither its main thread nor
+its control thread can answer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import time
+
+import pytest
+
+from conftest import TASKS, HQEnv, Supervisor, file_lines, ok, wait_for
+
+FAULT_TASKS = textwrap.dedent(
+    '''
+    """Tasks of tests/test_faults.py."""
+    import ctypes
+    import os
+
+    import hostqueue
+
+
+    @hostqueue.task(retries=0)
+    def c_sleep(ctx, marker, seconds=0.0):
+        """Append to marker, then sleep in C with the interpreter held: no thread of the
+        worker runs meanwhile."""
+        with open(marker, "a") as f:
+            f.write(f"{ctx.job_id}\\n")
+        if seconds:
+            ctypes.PyDLL(None).sleep(int(seconds))
+        return ctx.job_id
+    '''
+)
+
+
+def fault_supervisor(hq: HQEnv, workers: int) -> Supervisor:
+    path = hq.dir / "faulttasks.py"
+    path.write_text(FAULT_TASKS)
+    sup = hq.supervisor(workers=workers, start=False)
+    sup.start("--tasks", str(path))
+    return sup
+
+
+def teach_fast(sup: Supervisor, marker: str, n: int = 5) -> None:
+    """Run a few quick jobs of c_sleep, so that dispatch knows it as fast and hands
+    several at once."""
+    for _ in range(n):
+        sup.wait_job(sup.submit("faulttasks.c_sleep", {"marker": marker})["id"])
+
+
+@pytest.mark.timeout(60)
+def test_an_abort_of_a_held_job_never_costs_the_running_job(hq: HQEnv) -> None:
+    """One worker runs a job that holds the interpreter in C for 12 s and holds a second
+    job behind it; the second is aborted. Its worker cannot answer, but it is not running
+    that job: no worker is replaced after the 10 s abort grace, the running job completes,
+    and the aborted one ends cancelled without ever running. (Before: after 10 s the
+    worker was killed for "ignoring its abort", the running job, which nobody aborted,
+    ended cancelled, and the aborted one ran and completed. The log also said the worker
+    died "while running job 0".)"""
+    sup = fault_supervisor(hq, workers=1)
+    warm, marker = hq.path("warm"), hq.path("ran")
+    teach_fast(sup, warm)
+    running, held = sup.call("submit_many", "jobs", task="faulttasks.c_sleep",
+                             args=[{"marker": marker, "seconds": 12}, {"marker": marker}])
+    wait_for(lambda: file_lines(marker), 10, "the long job to start")
+    [pid] = sup.worker_pids()
+    wait_for(lambda: sup.status()["workers"][0]["held"] == 1, 10,
+             "the worker to hold the second job, not started")
+    ok(sup.request("abort", job=held["id"]))
+    done = sup.wait_job(running["id"], timeout=30)
+    assert done["status"] == "completed" and done["result"] == running["id"], done
+    aborted = sup.wait_job(held["id"], timeout=10)
+    assert aborted["status"] == "cancelled" and aborted["started_at"] is None, aborted
+    assert file_lines(marker) == [str(running["id"])], "the aborted job ran"
+    assert sup.worker_pids() == {pid}, "a worker was replaced"
+    log = sup.log_text()
+    assert "ignored its abort" not in log and "while running job 0" not in log, log[-2000:]
+
+
+@pytest.mark.timeout(60)
+def test_jobs_handed_to_a_stopped_worker_run_elsewhere(hq: HQEnv) -> None:
+    """Two workers, one frozen with SIGSTOP while idle; 20 jobs with a 1 s time limit are
+    submitted at once. The frozen worker is handed some and starts none: within a few
+    seconds it is replaced and they run on the other worker, uncharged. (Before: they
+    sat `running` for 20 s and more: a time limit counts from a job's start, and these
+    never started.)"""
+    sup = fault_supervisor(hq, workers=2)
+    marker = hq.path("ran")
+    teach_fast(sup, hq.path("warm"))
+    frozen = min(sup.worker_pids())
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        jobs = sup.call("submit_many", "jobs", task="faulttasks.c_sleep",
+                        args=[{"marker": marker}] * 20, timeout=1)
+        ids = [j["id"] for j in jobs]
+        ended = {}
+        for job_id in ids:
+            ended[job_id] = sup.wait_job(job_id, timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        try:
+            os.kill(frozen, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert all(j["status"] == "completed" and j["attempts"] == 1 for j in ended.values()), ended
+    assert took < 10, f"the 20 jobs took {took:.1f} s with one worker frozen"
+    assert sorted(int(x) for x in file_lines(marker)) == ids, "a job ran twice or not at all"
+    wait_for(lambda: frozen not in sup.worker_pids() and len(sup.worker_pids()) == 2, 10,
+             "the frozen worker to be replaced")
+    assert "started none of the" in sup.log_text()
