@@ -116,3 +116,56 @@ def test_jobs_handed_to_a_stopped_worker_run_elsewhere(hq: HQEnv) -> None:
     wait_for(lambda: frozen not in sup.worker_pids() and len(sup.worker_pids()) == 2, 10,
              "the frozen worker to be replaced")
     assert "started none of the" in sup.log_text()
+
+
+PLANTED = '''
+import os
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "PLANTED-RAN"), "w") as f:
+    f.write(str(os.getpid()))
+raise ImportError("a planted module")
+'''
+
+
+@pytest.mark.timeout(60)
+def test_a_module_planted_in_the_working_directory_shadows_nothing(hq: HQEnv) -> None:
+    """`hostqueue run` started from a directory others can write to: a file planted there
+    under the name of a module that hostqueue imports (orjson.py, psutil.py, json.py) is
+    never imported by a worker or the supervisor, while a task module in that directory
+    still loads by its plain name (the README relies on it). (Before: workers ran as
+    `python -m hostqueue.worker` with the working directory first on sys.path, and the
+    planted orjson.py ran in every worker.)"""
+    import shutil
+    import subprocess
+    import sys
+
+    work = hq.dir / "shared"
+    work.mkdir()
+    for name in ("orjson", "psutil", "json", "setproctitle"):
+        (work / f"{name}.py").write_text(PLANTED)
+    (work / "mytasks.py").write_text(textwrap.dedent('''
+        import hostqueue
+
+        @hostqueue.task
+        def hello(ctx, name):
+            return f"hello {name}"
+    '''))
+    script = shutil.which("hostqueue", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("the hostqueue command is not installed next to this python")
+    sock, store = str(work / "q.sock"), str(work / "q.db")
+    log = open(hq.dir / "planted.log", "wb")
+    env = hq.env()
+    env.pop("PYTHONPATH", None)  # as a user's shell has it: the installed hostqueue
+    proc = subprocess.Popen([script, "run", "--store", store, "--socket", sock, "--tasks", "mytasks",
+                             "--workers", "2"], cwd=str(work), env=env, stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    hq.procs.append(proc)
+    sup = Supervisor(hq, "planted", 2, 10.0, store=work / "q.db", socket_path=work / "q.sock")
+    sup.proc = proc
+    wait_for(lambda: len(sup.status()["workers"]) == 2 and all(
+        w["state"] == "idle" for w in sup.status()["workers"]), 20, "two idle workers")
+    job = sup.submit("mytasks.hello", {"name": "world"})
+    assert sup.wait_job(job["id"])["result"] == "hello world"
+    assert not (work / "PLANTED-RAN").exists(), "a module planted in the working directory ran"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0

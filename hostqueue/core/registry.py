@@ -130,6 +130,12 @@ def get(name: str) -> TaskSpec | None:
     return _REGISTRY.get(name)
 
 
+def _append_path(directory: str) -> None:
+    """Put a directory of task modules on sys.path, after everything else."""
+    if directory not in sys.path and not (directory == os.getcwd() and "" in sys.path):
+        sys.path.append(directory)
+
+
 def _import_one(spec: str) -> None:
     if spec.endswith(".py") or os.sep in spec:
         path = os.path.abspath(spec)
@@ -138,9 +144,9 @@ def _import_one(spec: str) -> None:
         directory, filename = os.path.split(path)
         module_name = filename[:-3] if filename.endswith(".py") else filename
         # The directory goes on sys.path so the module imports under its plain name,
-        # the same in the supervisor and in every worker.
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
+        # the same in the supervisor and in every worker: last, so that nothing in it
+        # shadows the standard library or an installed package.
+        _append_path(directory)
         spec = module_name
     if spec in sys.modules:
         importlib.reload(sys.modules[spec])
@@ -154,8 +160,9 @@ def load_task_modules(modules: list[str] | tuple[str, ...]) -> dict[str, TaskSpe
     Raises TaskModuleError naming the module and the cause.
     """
     _REGISTRY.clear()
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    # Task modules in the working directory load by name, but the directory comes
+    # last: a file planted there (orjson.py, say) never shadows a real module.
+    _append_path(os.getcwd())
     for spec in modules:
         try:
             _import_one(spec)
@@ -181,8 +188,7 @@ def _module_name(spec: str) -> str:
         if not os.path.isfile(path):
             raise TaskModuleError(f"task module file {spec!r} does not exist")
         directory, filename = os.path.split(path)
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
+        _append_path(directory)
         return filename[:-3] if filename.endswith(".py") else filename
     return spec
 
@@ -200,8 +206,7 @@ def load_tasks(modules: Iterable[TaskModule]) -> dict[str, TaskSpec]:
     registry no longer holds its tasks (``load_task_modules`` clears it,
     e.g. for an embedded supervisor in the same process).
     """
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _append_path(os.getcwd())
     found: dict[str, TaskSpec] = {}
     for entry in modules:
         if isinstance(entry, ModuleType):

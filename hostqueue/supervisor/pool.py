@@ -182,7 +182,10 @@ class Spawner:
             control_sock, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             socks += (control_sock, child_control)
             cmd = [
-                sys.executable, "-m", "hostqueue.worker",
+                # -P: the working directory is not put first on sys.path (a module
+                # planted there must not shadow a real one); task modules in it still
+                # load: the registry puts it last.
+                sys.executable, "-P", "-m", "hostqueue.worker",
                 "--fd", str(child_sock.fileno()),
                 "--control-fd", str(child_control.fileno()),
                 "--board-fd", str(self.board.fd),
