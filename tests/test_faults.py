@@ -169,3 +169,65 @@ def test_a_module_planted_in_the_working_directory_shadows_nothing(hq: HQEnv) ->
     assert not (work / "PLANTED-RAN").exists(), "a module planted in the working directory ran"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_store_files_are_private_whatever_the_umask(hq: HQEnv) -> None:
+    """The store holds job arguments (a password, say): the database, its -wal and -shm
+    files are 0600, like the socket and the lock, under a umask of 022 (before: 0644,
+    readable by every user); a store made readable by others is set back to 0600."""
+    import stat as st
+
+    old = os.umask(0o022)
+    try:
+        sup = hq.supervisor(workers=1)
+        sup.wait_job(sup.submit("add", {"a": 1, "b": 2})["id"])
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            path = str(sup.store) + suffix
+            assert st.S_IMODE(os.stat(path).st_mode) == 0o600, (path, oct(os.stat(path).st_mode))
+        assert st.S_IMODE(os.stat(sup.socket).st_mode) == 0o600
+        assert sup.stop() == 0
+        os.chmod(sup.store, 0o644)
+        sup.start()
+        assert st.S_IMODE(os.stat(sup.store).st_mode) == 0o600, "an existing store stays readable"
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(hq: HQEnv) -> None:
+    """A symlink planted as `<store>.lock` (to a file of root's, say) makes the supervisor
+    refuse to start, naming it, and leaves the target as it was (before: the target was
+    truncated to the supervisor's PID)."""
+    target = hq.dir / "precious"
+    target.write_text("do not truncate me\n")
+    sup = hq.supervisor(workers=1, start=False)
+    os.symlink(target, str(sup.store) + ".lock")
+    sup.start(wait=False)
+    assert sup.wait_exit(15) == 1
+    assert target.read_text() == "do not truncate me\n"
+    assert "symbolic link" in sup.log_text(), sup.log_text()[-2000:]
+
+
+@pytest.mark.timeout(60)
+def test_a_foreign_sqlite_file_is_refused_and_left_as_it_was(hq: HQEnv) -> None:
+    """An SQLite file of another program (it has a `jobs` table of its own) given as the
+    store is refused with a message that says so, and not modified at all: not even
+    switched to WAL mode (before: refused, but switched to WAL first)."""
+    import sqlite3
+
+    path = hq.dir / "other.db"
+    conn = sqlite3.connect(str(path))
+    conn.execute("CREATE TABLE jobs (name TEXT)")
+    conn.execute("INSERT INTO jobs VALUES ('mine')")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    sup = hq.supervisor(workers=1, store=path, start=False)
+    sup.start(wait=False)
+    assert sup.wait_exit(15) == 1
+    assert path.read_bytes() == before, "the refused file was modified"
+    assert not os.path.exists(str(path) + "-wal")
+    with sqlite3.connect(str(path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert "not a hostqueue store" in sup.log_text(), sup.log_text()[-2000:]

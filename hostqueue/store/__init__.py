@@ -14,6 +14,7 @@ from hostqueue.store.lock import StoreLock, StoreLocked  # noqa: F401
 from hostqueue.store.sqlite import SQLiteStore  # noqa: F401
 
 
-def open_store(location: str, durability: str = "normal") -> Store:
-    """The store engine for a --store value (a SQLite file path)."""
-    return SQLiteStore(location, durability)
+def open_store(location: str, durability: str = "normal", group: str | None = None) -> Store:
+    """The store engine for a --store value (a SQLite file path); group: the group
+    that may read and write its files (the socket's)."""
+    return SQLiteStore(location, durability, group)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 
 
 class StoreLocked(Exception):
-    """Another supervisor holds this store."""
-
+    """Another supervisor holds this store (or its lock file cannot be used)."""
 
 
 class StoreLock:
@@ -22,12 +22,26 @@ class StoreLock:
 
     def acquire(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # O_NOFOLLOW: a symlink planted in a shared directory must not make us
+            # truncate its target (a root-owned file, say).
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StoreLocked(
+                    f"the lock file {self.path} is a symbolic link; refusing to write through"
+                    " it (someone may have planted it): remove it, and check who can write to"
+                    " the store's directory"
+                ) from None
             raise StoreLocked(
                 f"cannot open the lock file {self.path} next to the store: {exc.strerror};"
                 " the store's directory must exist and be writable by this user"
             ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StoreLocked(
+                f"the lock file {self.path} is not a regular file; remove it, and check who can"
+                " write to the store's directory"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

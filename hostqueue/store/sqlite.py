@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import grp
 import logging
 import os
+import stat
 import sqlite3
 import threading
 import time
@@ -151,6 +153,10 @@ def _patiently(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection,
             pause = min(pause * 2, 0.05)
 
 
+class NotOurs(sqlite3.DatabaseError):
+    """The file is an SQLite database of something else."""
+
+
 class _Thread:
     """One thread that owns a connection: work goes to it in one hop and comes back
     as an awaitable (aiosqlite's design, without its private internals)."""
@@ -166,9 +172,10 @@ class _Thread:
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: str, durability: str = "normal") -> None:
+    def __init__(self, path: str, durability: str = "normal", group: str | None = None) -> None:
         self.path = path
         self.durability = durability
+        self.group = group  # the group that may read and write the store's files (0660)
         self._conn: sqlite3.Connection | None = None
         self._thread: _Thread | None = None
         # One transaction or read at a time in the store's thread.
@@ -189,8 +196,34 @@ class SQLiteStore(Store):
 
     # -- lifecycle ------------------------------------------------------------
 
+    def _secure_files(self) -> None:
+        """The store holds job arguments and results (passwords, say): its files are
+        0600 (0660 with a group: the socket's), whatever the umask. A new store file is
+        made so before SQLite opens it (SQLite gives its -wal and -shm files the main
+        file's permissions); existing ones are set so."""
+        mode = 0o660 if self.group is not None else 0o600
+        gid = grp.getgrnam(self.group).gr_gid if self.group is not None else -1
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+            os.close(fd)
+        except FileExistsError:
+            pass
+        except OSError:
+            return  # SQLite says what is wrong, with the path
+        for suffix in ("", "-wal", "-shm"):
+            path = self.path + suffix
+            try:
+                st = os.stat(path, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+                    os.chmod(path, mode)
+                if gid >= 0 and st.st_gid != gid:
+                    os.chown(path, -1, gid)
+            except OSError:
+                pass  # not there (yet), or not ours to change
+
     async def open(self) -> None:
         try:
+            self._secure_files()
             self._thread = _Thread("hostqueue-store")
             # check_same_thread=False: small writes run on the loop's thread, one
             # thread at a time under _conn_lock (see apply_now()).
@@ -204,6 +237,8 @@ class SQLiteStore(Store):
             if isinstance(exc, StoreBusy):
                 raise StoreBusy(f"cannot open store {self.path}: {exc}") from exc
             cause = exc.__cause__ if isinstance(exc, StoreError) and exc.__cause__ else exc
+            if isinstance(cause, NotOurs):
+                raise StoreError(str(cause)) from None
             raise StoreError(
                 f"cannot open store {self.path}: {cause} (is it a hostqueue SQLite file,"
                 " and are it and its directory writable?)"
@@ -224,6 +259,19 @@ class SQLiteStore(Store):
         return conn
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
+        # Read before anything is written: a file that is not a hostqueue store is
+        # refused as it is (not even switched to WAL mode).
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            tables = [r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' LIMIT 5")]
+            if tables:
+                raise NotOurs(
+                    f"{self.path} is an SQLite file of something else (it has tables:"
+                    f" {', '.join(tables)}), not a hostqueue store; it was left untouched: give"
+                    " --store a new file, or a store hostqueue made"
+                )
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.DatabaseError(f"store cannot use WAL mode (journal_mode is {mode})")
@@ -236,9 +284,6 @@ class SQLiteStore(Store):
         # (_maybe_checkpoint()), never inside a commit that may run on the loop's thread.
         if self.durability != "full":
             conn.execute("PRAGMA wal_autocheckpoint = 0")
-        # Checks the file really is a database before we write to it.
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
             raise sqlite3.DatabaseError(
                 f"store schema version {version} is newer than this hostqueue knows"

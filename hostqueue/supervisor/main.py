@@ -87,7 +87,7 @@ class Supervisor:
         self.embedded = embedded
         self.state = SupervisorState.STARTING
         self.started = time.time()
-        self.store = open_store(config.store, config.durability)
+        self.store = open_store(config.store, config.durability, config.socket_group)
         self.lock = StoreLock(config.store)
         self.tasks: dict[str, registry.TaskSpec] = {}
         self.paused: set[str] = set()
