@@ -9,6 +9,7 @@ its control thread can answer.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import textwrap
@@ -231,3 +232,72 @@ def test_a_foreign_sqlite_file_is_refused_and_left_as_it_was(hq: HQEnv) -> None:
     with sqlite3.connect(str(path)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     assert "not a hostqueue store" in sup.log_text(), sup.log_text()[-2000:]
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_whose_supervisor_is_gone_exits_without_a_traceback(hq: HQEnv) -> None:
+    """A worker that writes to its supervisor after the supervisor died (the pipe is
+    broken: here, from its first message) exits at once and quietly, killing what it
+    started (before: a BrokenPipeError traceback on the log it shares with the
+    supervisor)."""
+    import socket
+    import subprocess
+    import sys
+
+    ours, theirs = socket.socketpair()
+    control_ours, control_theirs = socket.socketpair()
+    ours.shutdown(socket.SHUT_RD)  # nothing it writes can be read: EPIPE on its first send
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-m", "hostqueue.worker", "--fd", str(theirs.fileno()),
+         "--control-fd", str(control_theirs.fileno()), "--parent", str(os.getpid())],
+        pass_fds=(theirs.fileno(), control_theirs.fileno()), env=hq.env(), cwd=str(hq.dir),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        process_group=0,
+    )
+    theirs.close()
+    control_theirs.close()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        ours.close()
+        control_ours.close()
+    text = out.decode(errors="replace")
+    assert "Traceback" not in text and "BrokenPipeError" not in text, text
+
+
+@pytest.mark.timeout(60)
+def test_a_member_of_the_socket_group_by_a_supplementary_group_may_connect(hq: HQEnv) -> None:
+    """With `--socket-group G`, a process whose supplementary groups include G (systemd's
+    SupplementaryGroups=, `sg G`) may use the socket (0660, group G), although G's member
+    list in /etc/group does not name its user (before: refused as `forbidden`)."""
+    import grp
+    import pwd
+    import subprocess
+    import sys
+
+    if os.getuid() != 0:
+        pytest.skip("needs root, to run a client as another user with a supplementary group")
+    try:
+        group = grp.getgrnam("daemon")
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("needs the group daemon and the user nobody")
+    if "nobody" in group.gr_mem:
+        pytest.skip("nobody is a listed member of daemon here")
+    os.chmod(hq.dir, 0o711)  # the socket's directory: others may pass through
+    sup = hq.supervisor(workers=1, start=False)
+    sup.start("--socket-group", "daemon")
+    client = textwrap.dedent(f'''
+        import json, os, socket, sys
+        os.setgroups([{group.gr_gid}])
+        os.setgid({nobody.pw_gid})
+        os.setuid({nobody.pw_uid})
+        s = socket.socket(socket.AF_UNIX)
+        s.connect({str(sup.socket)!r})
+        s.sendall(b'{{"id": 1, "op": "ping"}}\\n')
+        print(s.makefile().readline().strip())
+    ''')
+    done = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply.get("ok") is True, reply

@@ -47,6 +47,18 @@ WRITE_HARD_LIMIT = 64 * 1024 * 1024
 _PEERCRED = struct.Struct("3i")
 
 
+def process_groups(pid: int) -> set[int]:
+    """The supplementary groups of a process (Linux: /proc/PID/status), empty if unknown."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
 def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
     """(pid, uid, gid) of the peer, from SO_PEERCRED."""
     try:
@@ -109,7 +121,7 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.peer = peer_credentials(transport.get_extra_info("socket"))
-        if self.peer is not None and not self.server.allowed(self.peer[1], self.peer[2]):
+        if self.peer is not None and not self.server.allowed(self.peer[1], self.peer[2], self.peer[0]):
             self.write(
                 {"id": None, "ok": False, "error": ProtocolError(
                     "forbidden",
@@ -312,12 +324,15 @@ class ControlServer:
         self.activated = False  # the socket came from systemd (socket activation)
         self.group_gid: int | None = None
 
-    def allowed(self, uid: int, gid: int | None = None) -> bool:
+    def allowed(self, uid: int, gid: int | None = None, pid: int | None = None) -> bool:
+        """The socket's owner and root; with a group, its members: by the peer's
+        primary group, its supplementary groups (those of the connecting process:
+        systemd's SupplementaryGroups=, sg, newgrp), or the group's member list."""
         if uid == self.uid or uid == 0:
             return True
         if self.group_gid is None:
             return False
-        if gid == self.group_gid:
+        if gid == self.group_gid or (pid is not None and self.group_gid in process_groups(pid)):
             return True
         import pwd
 

@@ -209,6 +209,15 @@ class Operations:
         opts["deadline"] = deadline_at
         return opts
 
+    def _public(self, error: object) -> str:
+        """An error's text for a client: the store's path is the operator's business
+        (`status` and the log name it), not every client's."""
+        text = str(error)
+        store = self.supervisor.config.store
+        for path in {os.path.abspath(store), store}:
+            text = text.replace(path, "the store")
+        return text
+
     def _task(self, req: dict[str, Any]) -> Any:
         name = _field(req, "task", str, required=True)
         spec = self.supervisor.tasks.get(name)
@@ -225,7 +234,8 @@ class Operations:
         if committer.failing:
             raise ProtocolError(
                 "store_busy" if committer.busy_store else "store_error",
-                f"the store cannot take writes now ({committer.last_error}); nothing was stored;"
+                f"the store cannot take writes now ({self._public(committer.last_error)});"
+                " nothing was stored;"
                 " it is retried every few seconds: submit again once space or permissions are back",
             )
 
@@ -333,7 +343,7 @@ class Operations:
         def done(jobs: list[dict[str, Any]] | None, error: BaseException | None) -> None:
             if error is not None:
                 code = "store_busy" if isinstance(error, StoreBusy) else "store_error"
-                reply.fail(ProtocolError(code, f"nothing was stored: {error}"))
+                reply.fail(ProtocolError(code, f"nothing was stored: {self._public(error)}"))
             elif ids_only:
                 reply.resolve({"ids": list(ids)})
             elif many:

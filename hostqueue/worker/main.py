@@ -252,7 +252,10 @@ class Worker:
     def send(self, message: dict[str, Any]) -> None:
         data = wire.encode(message)
         with self.send_lock:
-            self.sock.sendall(data)
+            try:
+                self.sock.sendall(data)
+            except OSError:  # the supervisor is gone (a broken pipe): stop, quietly
+                _supervisor_gone()
 
     def flush_outbox(self) -> None:
         with self.out_lock:
