@@ -22,6 +22,7 @@ ERROR_CODES: dict[str, str] = {
     "store_error": "the store could not commit the change; nothing was acknowledged",
     "store_busy": "another process holds the store's lock (a backup, a sqlite3 shell); nothing was"
                   " acknowledged: submit again shortly",
+    "too_many_clients": "the supervisor serves as many clients as its open-files limit allows",
     "internal": "an unexpected error in the supervisor; the request was not carried out",
 }
 

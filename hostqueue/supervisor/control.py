@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import re
+import select
 import socket
 import stat
 import struct
@@ -44,6 +45,13 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024
 MAX_IN_FLIGHT = 256
 # A watcher that lets this much pile up is cut off rather than held in memory.
 WRITE_HARD_LIMIT = 64 * 1024 * 1024
+# All clients together may leave this much unsent; past it the slowest (the most
+# unsent) are cut off, until half of it is left, and the memory given back.
+TOTAL_UNSENT_LIMIT = 128 * 1024 * 1024
+# File descriptors kept free for workers, the store and the log whatever the
+# clients do: a client beyond that is refused at once.
+FD_RESERVE = 64
+FD_PER_WORKER = 4
 _PEERCRED = struct.Struct("3i")
 
 
@@ -57,6 +65,20 @@ def process_groups(pid: int) -> set[int]:
     except (OSError, ValueError):
         pass
     return set()
+
+
+def hung_up(sock: Any) -> bool:
+    """Whether the peer of a stream socket closed it altogether (POLLHUP), rather than
+    only its sending half (shutdown: it still reads what we send)."""
+    if sock is None:
+        return False
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), select.POLLIN | getattr(select, "POLLRDHUP", 0x2000))
+        events = poller.poll(0)
+    except (OSError, ValueError):
+        return False
+    return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in events)
 
 
 def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
@@ -120,7 +142,16 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         assert self.transport is not None
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.peer = peer_credentials(transport.get_extra_info("socket"))
+        sock = transport.get_extra_info("socket")
+        self.peer = peer_credentials(sock)
+        if not self.server.room_for_a_client(sock):
+            self.write_error(None, "too_many_clients",
+                             "the supervisor serves as many clients as its open-files limit allows"
+                             " (descriptors are kept for its workers); try again later")
+            log.warning("refused a client (pid %s): the open-files limit is near",
+                        self.peer[0] if self.peer else "?")
+            self.transport.close()
+            return
         if self.peer is not None and not self.server.allowed(self.peer[1], self.peer[2], self.peer[0]):
             self.write(
                 {"id": None, "ok": False, "error": ProtocolError(
@@ -144,8 +175,13 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """The client sent all it will send (`echo ... | socat`): answer what is
-        pending, then close; a line without its final newline still counts."""
+        pending, then close; a line without its final newline still counts. A client
+        that hung up altogether (not just its sending half) reads nothing more: its
+        waits and streams end now, and its descriptor is freed."""
         self.eof = True
+        if self.transport is not None and hung_up(self.transport.get_extra_info("socket")):
+            return False  # the transport closes: connection_lost cancels what waits
+
         if self.buffer and not self.buffer.endswith(b"\n"):
             self.buffer += b"\n"
         self._process()
@@ -296,12 +332,25 @@ class Connection(asyncio.Protocol):
     def write(self, message: dict[str, Any]) -> None:
         if self.closed or self.transport is None:
             return
-        if self.transport.get_write_buffer_size() > WRITE_HARD_LIMIT:
-            log.warning("closing a client that does not read (%d bytes unsent)", WRITE_HARD_LIMIT)
-            self.transport.abort()
-            self.closed = True
+        unsent = self.transport.get_write_buffer_size()
+        if unsent > WRITE_HARD_LIMIT:
+            self.cut_off(f"{unsent} bytes of its replies and events unsent")
             return
         self.transport.write(orjson.dumps(message) + b"\n")
+        self.server.unsent_grew(self, self.transport.get_write_buffer_size() - unsent)
+
+    def unsent(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None and not self.closed else 0
+
+    def cut_off(self, why: str) -> None:
+        """Close a client that does not read, dropping what it left unsent."""
+        if self.closed or self.transport is None:
+            return
+        pid = self.peer[0] if self.peer else "?"
+        log.warning("cutting off a client (pid %s) that does not read: %s", pid, why)
+        self.transport.abort()
+        self.closed = True
+        self.server.cut_off_one()
 
     def reply(self, request_id: Any, data: dict[str, Any]) -> None:
         message = {"id": request_id, "ok": True}
@@ -323,6 +372,36 @@ class ControlServer:
         self.uid = os.getuid()
         self.activated = False  # the socket came from systemd (socket activation)
         self.group_gid: int | None = None
+        self.unsent_total = 0  # what clients left unsent, counted up (see unsent_grew)
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+    def unsent_grew(self, conn: Connection, grew: int) -> None:
+        """Keep the total of what clients left unsent under TOTAL_UNSENT_LIMIT. The
+        running total only grows between exact counts (a drained buffer is not
+        seen), so it is counted exactly, once over the limit, before anyone is cut."""
+        self.unsent_total += grew
+        if self.unsent_total <= TOTAL_UNSENT_LIMIT:
+            return
+        sizes = sorted(((c.unsent(), id(c), c) for c in self.connections), reverse=True)
+        self.unsent_total = sum(size for size, _, _ in sizes)
+        for size, _, c in sizes:
+            if self.unsent_total <= TOTAL_UNSENT_LIMIT // 2 or not size:
+                break
+            c.cut_off(f"{size} bytes unsent, the most of all clients, while all of them left"
+                      f" {self.unsent_total} unsent (limit {TOTAL_UNSENT_LIMIT})")
+            self.unsent_total -= size
+
+    def cut_off_one(self) -> None:
+        """A client was cut off: give its buffers' memory back to the system soon."""
+        self.supervisor.trim_memory_soon()
+
+    def room_for_a_client(self, sock: Any) -> bool:
+        """Whether this client's descriptor leaves FD_RESERVE (and some per worker) free."""
+        fd = sock.fileno() if sock is not None else -1
+        return fd < 0 or fd < self.fd_limit - FD_RESERVE - FD_PER_WORKER * self.supervisor.pool.target
 
     def allowed(self, uid: int, gid: int | None = None, pid: int | None = None) -> bool:
         """The socket's owner and root; with a group, its members: by the peer's

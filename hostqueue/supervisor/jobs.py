@@ -152,6 +152,8 @@ class JobBook:
         # job id -> (worker pid, lane, packed ready key); and aborts asked for meanwhile.
         self._fetching: dict[int, tuple[int, Lane, int]] = {}
         self._fetch_aborts: set[int] = set()
+        # Deadlines that came due while the row was read: kept, for a job that goes back.
+        self._fetch_late: dict[int, float] = {}
         # Delayed jobs come due whose rows are being read to learn their lane (promote()).
         self._promoting: set[int] = set()
         self.recent_finals: collections.OrderedDict[int, str] = collections.OrderedDict()
@@ -347,13 +349,16 @@ class JobBook:
         fetched = self._fetching.pop(job_id, None)
         aborted = job_id in self._fetch_aborts
         self._fetch_aborts.discard(job_id)
+        late = self._fetch_late.pop(job_id, None)
         if fetched is None or job_id in self.recent_finals:
             return None
         pid, lane, packed = fetched
         if not keep:
             transition(State.HELD, Event.RETURNED)
             self._ready.push_back(lane, packed)
-            self._on_wait(0.0, None)
+            if late is not None and job_id not in self._deadlines:
+                self._deadlines.push(late, job_id)  # it waits again: it expires now
+            self._on_wait(0.0, late)
             return None
         if row is None:
             return None
@@ -380,6 +385,12 @@ class JobBook:
         self._write("cancel_pending", (status, now, error_json(error), "pending", job_id))
         self._forget(job_id, key, status)
         return status
+
+    def deadline_while_fetching(self, job_id: int, deadline: float) -> None:
+        """A held job's deadline came due while its row is read: its worker will not
+        start it late; if it comes back instead, it expires then."""
+        if job_id in self._fetching:
+            self._fetch_late[job_id] = deadline
 
     def abort_while_fetching(self, job_id: int) -> None:
         """An abort of a held job whose row is being read: carried to its attempt when

@@ -567,7 +567,10 @@ class Supervisor:
                 self._job_ended(job_id, book.cancel_waiting(job_id, Event.EXPIRED, now, err), now)
             elif state is State.HELD:
                 a = book.attempt(job_id)
-                worker = self.pool.get(a.worker_pid) if a is not None else None
+                if a is None:  # its row is being read
+                    book.deadline_while_fetching(job_id, now)
+                    continue
+                worker = self.pool.get(a.worker_pid)
                 if worker is not None:
                     worker.send_control({"t": "give_back", "ids": [job_id]})
         self._arm_deadline_timer()
