@@ -301,3 +301,138 @@ def test_a_member_of_the_socket_group_by_a_supplementary_group_may_connect(hq: H
     assert done.returncode == 0, done.stderr
     reply = json.loads(done.stdout)
     assert reply.get("ok") is True, reply
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.timeout(90)
+def test_clients_that_wait_and_hang_up_free_their_descriptors_at_once(hq: HQEnv) -> None:
+    """300 clients send `wait` (or `submit` with `wait`) on a job that runs for a minute,
+    and close: the supervisor notices each hang-up and frees its descriptor within a few
+    seconds, not when the job ends (before: 1,100 of them exhausted a 1,024-descriptor
+    limit; new clients were refused and workers could not start). A client that only
+    shuts its sending half (`echo ... | socat`) still gets its reply."""
+    import socket
+
+    sup = hq.supervisor(workers=1)
+    marker, release = hq.path("started"), hq.path("release")
+    long_job = sup.submit("block", {"marker": marker, "release": release, "seconds": 60})
+    wait_for(lambda: file_lines(marker), 10, "the long job to start")
+    baseline = open_fds(sup.pid)
+    for i in range(300):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(sup.socket))
+        if i % 2:
+            s.sendall(b'{"id": 1, "op": "wait", "job": %d}\n' % long_job["id"])
+        else:
+            s.sendall(b'{"id": 1, "op": "submit", "task": "%s.block", "args": {"marker": "%s",'
+                      b' "release": "%s", "seconds": 60}, "wait": 120}\n'
+                      % (TASKS.encode(), marker.encode(), release.encode()))
+        s.close()
+    wait_for(lambda: open_fds(sup.pid) <= baseline + 5, 5,
+             "the descriptors of the clients that hung up to be closed")
+    half = socket.socket(socket.AF_UNIX)
+    half.connect(str(sup.socket))
+    half.sendall(b'{"id": 7, "op": "ping"}\n')
+    half.shutdown(socket.SHUT_WR)
+    half.settimeout(10)
+    assert json.loads(half.makefile("rb").readline())["id"] == 7, "a half-closed client got no reply"
+    half.close()
+    open(release, "w").close()
+    assert sup.wait_job(long_job["id"])["status"] == "completed"
+
+
+@pytest.mark.timeout(120)
+def test_silent_watchers_cannot_exhaust_memory(hq: HQEnv) -> None:
+    """10 clients watch every event and never read, while 4,000 jobs with 10 KB of
+    arguments each go through (events of 40 MB for each watcher, with only the
+    submitted and final ones): all clients together may leave only so much unsent;
+    the slowest are cut off, the supervisor's memory stays bounded and is given back,
+    and it goes on serving (before: each watcher could pile up 64 MiB; 10 of them drove
+    the supervisor to 807 MiB, and 675 MiB were still held 30 s later)."""
+    import socket
+
+    import psutil
+
+    sup = hq.supervisor(workers=2)
+    proc = psutil.Process(sup.pid)
+    rss0 = proc.memory_info().rss
+    watchers = []
+    for _ in range(10):
+        s = socket.socket(socket.AF_UNIX)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(str(sup.socket))
+        s.sendall(b'{"id": 1, "op": "watch"}\n')
+        watchers.append(s)
+    big = "x" * 10_000
+    peak = 0
+    with sup.conn(60) as c:
+        for _ in range(80):  # lines of 500 KB (the limit is 1 MiB)
+            ok(c.request("submit_many", task=f"{TASKS}.blob",
+                         args=[{"data": big}] * 50, reply="ids"))
+            peak = max(peak, proc.memory_info().rss)
+    wait_for(lambda: sup.call("stats", "stats")["completed"] >= 4000, 60, "the 4,000 jobs to complete")
+    peak = max(peak, proc.memory_info().rss)
+    grew = (peak - rss0) / 2**20
+    assert grew < 300, f"the supervisor grew by {grew:.0f} MiB with 10 silent watchers"
+    wait_for(lambda: (proc.memory_info().rss - rss0) / 2**20 < 100, 30,
+             "the memory of the cut-off watchers to be given back")
+    assert "cutting off a client" in sup.log_text()
+    assert sup.ping()["state"] == "running"
+    for s in watchers:
+        s.close()
+
+
+@pytest.mark.timeout(120)
+def test_descriptors_are_kept_for_workers_when_clients_take_the_rest(hq: HQEnv) -> None:
+    """Under a hard limit of 1,024 open files, 1,100 idle clients connect: the supervisor
+    takes clients only up to a reserve it keeps for its workers (the others are refused
+    at once with too_many_clients), so it can still start workers; once clients leave,
+    new ones are served again (before: the clients took every descriptor, new clients
+    were refused and workers could not be started: "Too many open files")."""
+    import resource
+    import socket
+    import subprocess
+    import sys
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1300:
+        pytest.skip("this test needs 1,300 open files of its own")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    sup = hq.supervisor(workers=1, start=False)
+    wrapper = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024));"
+               " os.execv(sys.executable, [sys.executable, '-m', 'hostqueue', *sys.argv[1:]])")
+    cmd = sup.command()
+    log = open(hq.dir / "fds.log", "wb")
+    proc = subprocess.Popen([cmd[0], "-c", wrapper, *cmd[3:]], cwd=str(hq.dir), env=hq.env(),
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    hq.procs.append(proc)
+    sup.proc = proc
+    sup.log_paths.append(hq.dir / "fds.log")
+    sup.wait_ready()
+    admin = sup.conn(30)  # one connection kept to steer it
+    clients, refused = [], 0
+    try:
+        for _ in range(1100):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(sup.socket))
+            s.sendall(b'{"id": 1, "op": "ping"}\n')
+            clients.append(s)
+        for s in clients:
+            s.settimeout(10)
+            line = s.makefile("rb").readline()
+            if b"too_many_clients" in line:
+                refused += 1
+        assert 0 < refused < 200, f"{refused} of 1,100 clients refused"
+        ok(admin.request("scale", n=4))
+        wait_for(lambda: sum(w["state"] == "idle" for w in ok(admin.request("status"))["status"]["workers"]) == 4,
+                 20, "4 idle workers, started while clients hold most descriptors")
+        assert "Too many open files" not in sup.log_text()
+    finally:
+        for s in clients:
+            s.close()
+        admin.close()
+    wait_for(lambda: sup.ping()["state"] == "running", 10, "a new client to be served again")
