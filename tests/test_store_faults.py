@@ -259,3 +259,100 @@ def test_corrupt_store_is_refused_at_start_and_left_untouched(hq: HQEnv) -> None
         paths[name] = path
     problems = refused_at_start(hq, paths, ("not a database", "malformed", "corrupt"))
     assert not problems, "\n\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) reads and a drain while the disk is full; (f) one corrupt page
+
+
+@pytest.mark.timeout(90)
+def test_reads_and_sigterm_are_served_while_the_disk_is_full(
+        hq: HQEnv, mounts: Callable[..., None]) -> None:
+    """While the disk is full and the supervisor's writes are refused (and retried),
+    reads do not queue behind them: `get`, `stats`, `list`, `metrics` and `abort` answer
+    within 2 s; SIGTERM ends it within its grace (before: most of them got no reply
+    within 10 s, and SIGTERM did not end it within 45-90 s); what it could not write is
+    reported in its log."""
+    disk = hq.dir / "disk"
+    disk.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=700k", "tmpfs", str(disk))
+    (disk / "filler").write_bytes(b"\0" * 100_000)
+    sup = hq.supervisor(workers=2, store=disk / "q.db", grace=2.0)
+    big = "z" * 4000
+    acked: list[int] = []
+    with sup.conn(timeout=10) as conn:
+        for i in range(3000):
+            reply = conn.request("submit", task=f"{TASKS}.blob", args={"data": big, "token": f"t{i}"})
+            if not reply["ok"]:
+                break
+            acked.append(reply["job"]["id"])
+        assert acked, "the store failed before the disk was full"
+        pending = conn.request("submit", task=f"{TASKS}.blob", args={"data": "", "token": "p"},
+                               delay=3600)
+    # A few outcomes wait for space: writes are failing now.
+    wait_for(lambda: sup.status()["store_error"], 10, "the store to refuse writes")
+    slowest = 0.0
+    for op, fields in [("get", {"job": acked[0]}), ("stats", {}), ("list", {"status": "pending"}),
+                       ("metrics", {}), ("get", {"job": acked[-1]}), ("abort", {"job": acked[-1]})]:
+        t = time.monotonic()
+        reply = sup.request(op, reply_timeout=5.0, **fields)
+        took = time.monotonic() - t
+        slowest = max(slowest, took)
+        assert took < 2.0, f"{op} took {took:.1f} s while the disk is full: {reply}"
+        assert reply.get("ok") or error_code(reply) in ("store_error", "invalid_state"), reply
+    assert pending is not None
+    t = time.monotonic()
+    sup.signal(15)
+    code = sup.wait_exit(2.0 + 5.0)
+    took = time.monotonic() - t
+    assert took < 2.0 + 5.0, f"SIGTERM took {took:.1f} s with a grace of 2 s"
+    assert code in (0, 1), code
+    if code == 1:
+        assert "the store did not take" in sup.log_text(), sup.log_text()[-2000:]
+
+
+@pytest.mark.timeout(90)
+def test_a_store_with_one_corrupt_page_is_named_corrupt_and_never_wedges(hq: HQEnv) -> None:
+    """One garbled page among many: the supervisor refuses to start, naming corruption
+    (SQLite's quick_check) and how to go on; started anyway (--store-check off), every
+    error names the store as corrupt (not `internal`, not "wait for space or
+    permissions"), `stats` keeps answering, and SIGTERM ends it within its grace (before:
+    no check; `stats` answered internal "cannot commit transaction - SQL statements in
+    progress", then nothing; writes were retried forever; SIGTERM did not stop it)."""
+    import sqlite3
+
+    sup = hq.supervisor(workers=1, name="origin")
+    with sup.conn(60) as c:
+        ids = []
+        for _ in range(5):
+            ids += ok(c.request("submit_many", task=f"{TASKS}.add", args=[{"a": 1, "b": 2}] * 300,
+                                reply="ids"))["ids"]
+    wait_for(lambda: sup.call("stats", "stats")["completed"] == len(ids), 30, "the jobs to complete")
+    assert sup.stop() == 0
+    # A leaf page of the index of ended jobs: the supervisor can start (it reads pending
+    # jobs through the table), and counting by state runs into it.
+    with sqlite3.connect(str(sup.store)) as conn:
+        leaves = [r[0] for r in conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'jobs_ended' AND pagetype = 'leaf'")]
+    assert len(leaves) > 2, leaves
+    bad = leaves[len(leaves) // 2] - 1
+    data = bytearray(sup.store.read_bytes())
+    data[bad * 4096:(bad + 1) * 4096] = random.Random(7).randbytes(4096)
+    sup.store.write_bytes(bytes(data))
+
+    sup.start(wait=False)
+    assert sup.wait_exit(START_DEADLINE) == 1
+    log = sup.log_text()
+    assert "corrupt" in log and "--store-check off" in log and "Traceback" not in log, log[-2000:]
+
+    sup.grace = 2.0
+    sup.start("--store-check", "off", wait=False)
+    wait_for(lambda: sup.ping()["state"] == "running", 15, "the supervisor to serve")
+    for _ in range(3):
+        reply = sup.request("stats", reply_timeout=5.0)
+        assert not reply["ok"] and error_code(reply) == "store_error", reply
+        assert "corrupt" in reply["error"]["message"], reply
+    t = time.monotonic()
+    sup.signal(15)
+    code = sup.wait_exit(2.0 + 5.0)
+    assert time.monotonic() - t < 7.0 and code in (0, 1), code

@@ -52,6 +52,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("grace", float, DEFAULT_GRACE, "HOSTQUEUE_GRACE", "seconds running jobs get to finish on SIGTERM", "shutdown.grace"),
     Setting("prefetch", int, DEFAULT_PREFETCH, "HOSTQUEUE_PREFETCH", "jobs a worker may hold at once (1..256), fast ones only; 1 for long jobs", "workers.prefetch"),
     Setting("durability", str, "normal", "HOSTQUEUE_DURABILITY", "'normal' (WAL, synchronous=NORMAL) or 'full' (fsync every commit)", "store.durability"),
+    Setting("store_check", str, "quick", "HOSTQUEUE_STORE_CHECK", "check the store at start: 'quick' (SQLite's quick_check: about 1 s per GB) or 'off'", "store.check"),
     Setting("max_line", int, DEFAULT_MAX_LINE, "HOSTQUEUE_MAX_LINE", "longest request line the socket accepts, in bytes", "socket.max_line"),
     Setting("log_level", str, "info", "HOSTQUEUE_LOG_LEVEL", "debug, info, warning or error", "logging.level"),
     Setting("workers_min", int, None, "HOSTQUEUE_WORKERS_MIN", "autoscale: fewest workers (with workers_max)", "workers.min"),
@@ -84,6 +85,7 @@ class SupervisorConfig:
     grace: float = DEFAULT_GRACE
     prefetch: int = DEFAULT_PREFETCH
     durability: str = "normal"
+    store_check: str = "quick"
     max_line: int = DEFAULT_MAX_LINE
     log_level: str = "info"
     workers_min: int | None = None
@@ -128,6 +130,8 @@ class SupervisorConfig:
             raise SettingsError(f"prefetch must be between 1 and {MAX_PREFETCH}, got {self.prefetch}")
         if self.durability not in ("normal", "full"):
             raise SettingsError(f"durability must be 'normal' or 'full', got {self.durability!r}")
+        if self.store_check not in ("quick", "off"):
+            raise SettingsError(f"store.check must be 'quick' or 'off', got {self.store_check!r}")
         if self.max_line < 1024:
             raise SettingsError(f"max_line must be at least 1024 bytes, got {self.max_line}")
         if (self.workers_min is None) != (self.workers_max is None):

@@ -7,14 +7,16 @@
 from __future__ import annotations
 
 from hostqueue.store.base import (  # noqa: F401
-    JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreBusy, StoreError,
+    JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreBusy, StoreCorrupt, StoreError,
 )
 from hostqueue.store.batch import WriteBatch  # noqa: F401
 from hostqueue.store.lock import StoreLock, StoreLocked  # noqa: F401
 from hostqueue.store.sqlite import SQLiteStore  # noqa: F401
 
 
-def open_store(location: str, durability: str = "normal", group: str | None = None) -> Store:
+def open_store(location: str, durability: str = "normal", group: str | None = None,
+               check: bool = True) -> Store:
     """The store engine for a --store value (a SQLite file path); group: the group
-    that may read and write its files (the socket's)."""
-    return SQLiteStore(location, durability, group)
+    that may read and write its files (the socket's); check: check its integrity
+    at open."""
+    return SQLiteStore(location, durability, group, check)

@@ -38,6 +38,10 @@ class StoreBusy(StoreError):
     """Another process holds the store's lock (a backup, a sqlite3 shell) past our patience."""
 
 
+class StoreCorrupt(StoreError):
+    """The store's file is damaged: retrying cannot help; it must be restored or recovered."""
+
+
 @dataclass
 class PendingSet:
     """Every pending job at start, in the compact shapes the ready index keeps."""

@@ -37,7 +37,7 @@ import orjson
 
 from hostqueue.core.states import FINAL_STATES, JobStatus
 from hostqueue.store.base import (
-    JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreBusy, StoreError,
+    JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreBusy, StoreCorrupt, StoreError,
 )
 from hostqueue.store.batch import TRANSITION_WRITES, Op, WriteBatch
 from hostqueue.store.lock import StoreLock, StoreLocked
@@ -124,6 +124,27 @@ def _transaction(conn: sqlite3.Connection, ops: list[Op]) -> int:
     return refused
 
 
+_CORRUPT = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+def _is_corrupt(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _CORRUPT:
+        return True
+    return "malformed" in str(exc) or "not a database" in str(exc)
+
+
+def _store_error(path: str, exc: sqlite3.Error, what: str = "") -> StoreError:
+    """A StoreError naming the store, and corruption as corruption."""
+    if _is_corrupt(exc):
+        return StoreCorrupt(
+            f"{what}store {path} is corrupt ({exc}): restore it from a backup, or recover"
+            f" what can be read (sqlite3 {path} .recover | sqlite3 recovered.db) and start"
+            " on that"
+        )
+    return StoreError(f"{what}store {path}: {exc}")
+
+
 def _is_busy(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
@@ -172,10 +193,12 @@ class _Thread:
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: str, durability: str = "normal", group: str | None = None) -> None:
+    def __init__(self, path: str, durability: str = "normal", group: str | None = None,
+                 check: bool = True) -> None:
         self.path = path
         self.durability = durability
         self.group = group  # the group that may read and write the store's files (0660)
+        self.check = check  # PRAGMA quick_check at open
         self._conn: sqlite3.Connection | None = None
         self._thread: _Thread | None = None
         # One transaction or read at a time in the store's thread.
@@ -239,6 +262,12 @@ class SQLiteStore(Store):
             cause = exc.__cause__ if isinstance(exc, StoreError) and exc.__cause__ else exc
             if isinstance(cause, NotOurs):
                 raise StoreError(str(cause)) from None
+            if isinstance(exc, StoreCorrupt) or (isinstance(cause, sqlite3.Error) and _is_corrupt(cause)):
+                corrupt = _store_error(self.path, cause if isinstance(cause, sqlite3.Error)
+                                       else sqlite3.DatabaseError(str(cause)), "cannot open: ")
+                hint = "" if "--store-check off" in str(corrupt) else (
+                    "; to serve it as it is anyway, start with --store-check off")
+                raise StoreCorrupt(f"{corrupt}{hint}") from None
             raise StoreError(
                 f"cannot open store {self.path}: {cause} (is it a hostqueue SQLite file,"
                 " and are it and its directory writable?)"
@@ -272,6 +301,12 @@ class SQLiteStore(Store):
                     f" {', '.join(tables)}), not a hostqueue store; it was left untouched: give"
                     " --store a new file, or a store hostqueue made"
                 )
+        if self.check and version:
+            # A damaged page is found now, and named, rather than by some write later.
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError(
+                    f"database disk image is malformed (quick_check: {'; '.join(problems)[:500]})")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.DatabaseError(f"store cannot use WAL mode (journal_mode is {mode})")
@@ -340,7 +375,7 @@ class SQLiteStore(Store):
                     return fn(conn)
                 except sqlite3.Error as exc:
                     if not _is_busy(exc):
-                        raise StoreError(f"store {self.path}: {exc}") from exc
+                        raise _store_error(self.path, exc) from exc
                     # Locked by another process: read in the reader's thread instead.
                 finally:
                     conn_lock.release()
@@ -355,7 +390,7 @@ class SQLiteStore(Store):
             try:
                 return await self._thread.run(alone)
             except sqlite3.Error as exc:
-                raise StoreError(f"store {self.path}: {exc}") from exc
+                raise _store_error(self.path, exc) from exc
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a long read on the second connection: it sees what is committed, and a
@@ -367,7 +402,7 @@ class SQLiteStore(Store):
             try:
                 return await thread.run(lambda: fn(reader))
             except sqlite3.Error as exc:
-                raise StoreError(f"store {self.path}: {exc}") from exc
+                raise _store_error(self.path, exc) from exc
 
     # -- writes -----------------------------------------------------------------
 
@@ -394,7 +429,7 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             if _is_busy(exc):
                 return False  # nothing was written: the store's thread waits for the lock
-            raise StoreError(f"store write failed: store {self.path}: {exc}") from exc
+            raise _store_error(self.path, exc, "store write failed: ") from exc
         finally:
             self._conn_lock.release()
         self._maybe_checkpoint(len(batch))
@@ -408,7 +443,7 @@ class SQLiteStore(Store):
         ops = batch.all_ops()
         try:
             self._refused += await self._run(lambda conn: _transaction(conn, ops))
-        except StoreBusy:
+        except (StoreBusy, StoreCorrupt):
             raise
         except StoreError as exc:
             raise StoreError(f"store write failed: {exc.__cause__ or exc}") from exc
@@ -682,9 +717,13 @@ class SQLiteStore(Store):
                 return count_all(conn)
             conn.execute("BEGIN")  # one snapshot for the counts
             try:
-                return count_all(conn)
-            finally:
-                conn.execute("COMMIT")
+                rows = count_all(conn)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return rows
 
         def count_all(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
             running_now = None

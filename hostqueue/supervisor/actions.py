@@ -130,8 +130,8 @@ class Actions:
 
     async def committed_jobs(self, ids: list[int]) -> dict[int, dict[str, Any]]:
         """The jobs as the store has them once our writes so far are committed (with
-        the live progress of those running)."""
-        await self.committer.barrier()
+        the live progress of those running); not waiting on a store that refuses writes."""
+        await self.committer.barrier(reads=True)
         jobs = await self.store.get_jobs(ids)
         for job_id, job in jobs.items():
             a = self.book.attempt(job_id)

@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Any, Callable, Iterable
 
-from hostqueue.store.base import Store, StoreBusy, StoreError
+from hostqueue.store.base import Store, StoreBusy, StoreCorrupt, StoreError
 from hostqueue.store.batch import WriteBatch
 from hostqueue.supervisor.background import spawn
 
@@ -67,7 +67,12 @@ class GroupCommitter:
         # Set while a failed transaction waits to be retried: new submits are
         # refused at once instead of waiting for a store that cannot take them.
         self.failing = False
-        self.busy_store = False  # the last failure was another process's lock
+        # What the last failure was: "busy" (another process's lock), "corrupt" (the
+        # file is damaged: retried rarely), "error" (disk full, read-only, ...).
+        self.failure_kind: str | None = None
+        # Reads waiting for the writes before them: released as well when writes fail,
+        # so that a read never waits on a store that refuses writes.
+        self._read_waiters: set[asyncio.Future[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._gathered = False
@@ -103,9 +108,13 @@ class GroupCommitter:
         self.batch.add_submit(first_id, count, params, list(extra or ()), on_commit, on_failure)
         self._schedule()
 
-    async def barrier(self) -> None:
-        """Wait until everything added so far is committed."""
+    async def barrier(self, reads: bool = False) -> None:
+        """Wait until everything added so far is committed. With reads (a read that
+        follows), not while the store refuses writes: the read then sees what is
+        committed, at once, instead of waiting for a full disk to empty."""
         if not len(self.batch) and not self._flushing:
+            return
+        if reads and self.failing:
             return
         done: asyncio.Future[None] = self.loop.create_future()
 
@@ -114,6 +123,9 @@ class GroupCommitter:
                 done.set_result(None)
 
         self.after_commit(release)
+        if reads:
+            self._read_waiters.add(done)
+            done.add_done_callback(self._read_waiters.discard)
         await done
 
     def hold(self, quiet: Callable[[], None]) -> None:
@@ -222,11 +234,17 @@ class GroupCommitter:
         meanwhile (``failing``)."""
         self.failures += 1
         self.last_error = str(exc)
-        self.busy_store = isinstance(exc, StoreBusy)
+        self.failure_kind = ("busy" if isinstance(exc, StoreBusy)
+                             else "corrupt" if isinstance(exc, StoreCorrupt) else "error")
         self._carry_over(batch, exc)
         self.failing = bool(len(self.batch))
+        for waiter in list(self._read_waiters):
+            if not waiter.done():
+                waiter.set_result(None)
         if self.failing:
-            self._retry_delay = min(max(self._retry_delay * 2, 0.1), 5.0)
+            # A damaged file does not heal: retried once a minute, not every few seconds.
+            cap = 60.0 if self.failure_kind == "corrupt" else 5.0
+            self._retry_delay = min(max(self._retry_delay * 2, 0.1), cap)
             log.error("%s; retrying in %.1f s", exc, self._retry_delay)
         else:
             log.error("%s; the submit was refused", exc)

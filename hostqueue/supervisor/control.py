@@ -30,6 +30,7 @@ import orjson
 
 from hostqueue.supervisor.deferred import DeferredReply
 from hostqueue.core.errors import ProtocolError
+from hostqueue.store.base import StoreBusy, StoreError
 from hostqueue.supervisor.operations import Operations
 
 if TYPE_CHECKING:
@@ -323,6 +324,9 @@ class Connection(asyncio.Protocol):
                 self.reply(request_id, result)
         elif isinstance(exc, ProtocolError):
             self.write_error(request_id, exc.code, exc.message)
+        elif isinstance(exc, StoreError):  # a read the store refused: said as it is
+            code = "store_busy" if isinstance(exc, StoreBusy) else "store_error"
+            self.write_error(request_id, code, self.ops.public(exc))
         else:
             log.error("error handling a request", exc_info=exc)
             self.write_error(request_id, "internal", f"unexpected error: {type(exc).__name__}: {exc}")

@@ -87,7 +87,8 @@ class Supervisor:
         self.embedded = embedded
         self.state = SupervisorState.STARTING
         self.started = time.time()
-        self.store = open_store(config.store, config.durability, config.socket_group)
+        self.store = open_store(config.store, config.durability, config.socket_group,
+                                config.store_check != "off")
         self.lock = StoreLock(config.store)
         self.tasks: dict[str, registry.TaskSpec] = {}
         self.paused: set[str] = set()
@@ -104,6 +105,7 @@ class Supervisor:
         self.metrics_server: MetricsServer | None = None
         self.control: Any = None
         self._grace_timer: asyncio.TimerHandle | None = None
+        self._drain_deadline = 0.0
         self._title = ""
         self._title_pending: asyncio.TimerHandle | None = None
         self._trimming = False
@@ -248,7 +250,17 @@ class Supervisor:
             await self.control.stop()
             if self.metrics_server is not None:
                 await self.metrics_server.stop()
-            await self.committer.wait_idle()
+            # What is still to be written gets what is left of the grace (1 s at least):
+            # a store that refuses writes must not keep a drain from ending.
+            wait = max(1.0, self._drain_deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(self.committer.wait_idle(), wait)
+            except asyncio.TimeoutError:
+                log.error(
+                    "stopping with %d writes the store did not take (%s): job outcomes since"
+                    " then are lost; jobs that were running then run again at the next start",
+                    len(self.committer.batch), self.committer.last_error)
+                code = 1
             await self.store.close()
             self.board.close()
         log.info("supervisor %d stopped", os.getpid())
@@ -285,8 +297,9 @@ class Supervisor:
         self.book.load(await self.store.load_pending(now))
 
     async def count_by_state(self, run_id: str | None = None) -> dict[str, Any]:
-        """The store's counts by state and queue, once our writes so far are committed."""
-        await self.committer.barrier()
+        """The store's counts by state and queue, once our writes so far are committed
+        (at once while the store refuses writes)."""
+        await self.committer.barrier(reads=True)
         now = time.time()
         later = self.book.scheduled(now, SCHEDULED_BY_ID) if run_id is None else None
         running = self.running_count.in_snapshot if run_id is None else None
@@ -360,6 +373,7 @@ class Supervisor:
         if self.state is not SupervisorState.RUNNING:
             return
         self.state = SupervisorState.DRAINING
+        self._drain_deadline = time.monotonic() + grace
         extend = int((grace + 10) * 1e6)
         # Running: started, or at the head of an idle worker's queue (it starts as it
         # reads it; a worker stopping still starts that one).

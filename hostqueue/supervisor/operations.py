@@ -209,7 +209,7 @@ class Operations:
         opts["deadline"] = deadline_at
         return opts
 
-    def _public(self, error: object) -> str:
+    def public(self, error: object) -> str:
         """An error's text for a client: the store's path is the operator's business
         (`status` and the log name it), not every client's."""
         text = str(error)
@@ -232,11 +232,17 @@ class Operations:
             raise ProtocolError("draining", "the supervisor is shutting down and takes no new jobs; submit again after it restarts")
         committer = self.supervisor.committer
         if committer.failing:
+            kind = committer.failure_kind
+            hint = {
+                "busy": "another process holds its lock (a backup, a sqlite3 shell): submit again shortly",
+                "corrupt": "the store file is corrupt: nothing can be stored until the operator"
+                           " restores or recovers it",
+            }.get(kind or "", "it is retried every few seconds: submit again once space or"
+                               " permissions are back")
             raise ProtocolError(
-                "store_busy" if committer.busy_store else "store_error",
-                f"the store cannot take writes now ({self._public(committer.last_error)});"
-                " nothing was stored;"
-                " it is retried every few seconds: submit again once space or permissions are back",
+                "store_busy" if kind == "busy" else "store_error",
+                f"the store cannot take writes now ({self.public(committer.last_error)});"
+                f" nothing was stored; {hint}",
             )
 
     def op_submit(self, conn: "Connection", req: dict[str, Any]) -> Reply:
@@ -319,7 +325,7 @@ class Operations:
     ) -> dict[str, Any]:
         """A completed job with this key, finished within key_ttl seconds, answers instead."""
         sup = self.supervisor
-        await sup.committer.barrier()
+        await sup.committer.barrier(reads=True)
         done = await sup.store.completed_with_key(key, time.time() - key_ttl)
         owner = sup.book.key_owner(key)
         if owner is not None:  # a submit with this key got in while we read
@@ -343,7 +349,7 @@ class Operations:
         def done(jobs: list[dict[str, Any]] | None, error: BaseException | None) -> None:
             if error is not None:
                 code = "store_busy" if isinstance(error, StoreBusy) else "store_error"
-                reply.fail(ProtocolError(code, f"nothing was stored: {self._public(error)}"))
+                reply.fail(ProtocolError(code, f"nothing was stored: {self.public(error)}"))
             elif ids_only:
                 reply.resolve({"ids": list(ids)})
             elif many:
@@ -401,7 +407,7 @@ class Operations:
         return self._list(filters)
 
     async def _list(self, filters: dict[str, Any]) -> dict[str, Any]:
-        await self.supervisor.committer.barrier()
+        await self.supervisor.committer.barrier(reads=True)
         return {"jobs": await self.supervisor.store.list_jobs(**filters)}
 
     def op_wait(self, conn: "Connection", req: dict[str, Any]) -> Reply:
@@ -481,7 +487,7 @@ class Operations:
 
     async def _abort_run(self, run_id: str) -> dict[str, Any]:
         sup = self.supervisor
-        await sup.committer.barrier()
+        await sup.committer.barrier(reads=True)
         ids = await sup.store.unfinished_ids(run_id)
         # Those that ended meanwhile are left out.
         return {"jobs": await sup.actions.abort_jobs(ids)}
@@ -507,7 +513,7 @@ class Operations:
     async def _retry_all(self, status: str, queue: str | None, task: str | None) -> dict[str, Any]:
         self._check_accepting()
         sup = self.supervisor
-        await sup.committer.barrier()
+        await sup.committer.barrier(reads=True)
         jobs = []
         for job_id in await sup.store.ended_ids(status, queue, task):
             try:
