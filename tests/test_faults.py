@@ -344,8 +344,24 @@ def test_clients_that_wait_and_hang_up_free_their_descriptors_at_once(hq: HQEnv)
     assert sup.wait_job(long_job["id"])["status"] == "completed"
 
 
+def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    """A figure for the person running the tests (shown even with -q)."""
+    with capsys.disabled():
+        print(f"\n[reliability] {text}", flush=True)
+
+
 @pytest.mark.timeout(120)
-def test_silent_watchers_cannot_exhaust_memory(hq: HQEnv) -> None:
+def test_silent_watchers_cannot_exhaust_memory(hq: HQEnv, capsys: pytest.CaptureFixture[str]) -> None:
+    silent_watchers(hq, capsys, 10)
+
+
+@pytest.mark.torture
+@pytest.mark.timeout(300)
+def test_fifty_silent_watchers_cannot_exhaust_memory(hq: HQEnv, capsys: pytest.CaptureFixture[str]) -> None:
+    silent_watchers(hq, capsys, 50)
+
+
+def silent_watchers(hq: HQEnv, capsys: pytest.CaptureFixture[str], n: int) -> None:
     """10 clients watch every event and never read, while 4,000 jobs with 10 KB of
     arguments each go through (events of 40 MB for each watcher, with only the
     submitted and final ones): all clients together may leave only so much unsent;
@@ -360,7 +376,7 @@ def test_silent_watchers_cannot_exhaust_memory(hq: HQEnv) -> None:
     proc = psutil.Process(sup.pid)
     rss0 = proc.memory_info().rss
     watchers = []
-    for _ in range(10):
+    for _ in range(n):
         s = socket.socket(socket.AF_UNIX)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect(str(sup.socket))
@@ -376,10 +392,16 @@ def test_silent_watchers_cannot_exhaust_memory(hq: HQEnv) -> None:
     wait_for(lambda: sup.call("stats", "stats")["completed"] >= 4000, 60, "the 4,000 jobs to complete")
     peak = max(peak, proc.memory_info().rss)
     grew = (peak - rss0) / 2**20
-    assert grew < 300, f"the supervisor grew by {grew:.0f} MiB with 10 silent watchers"
+    assert grew < 300, f"the supervisor grew by {grew:.0f} MiB with {n} silent watchers"
+    t0 = time.monotonic()
     wait_for(lambda: (proc.memory_info().rss - rss0) / 2**20 < 100, 30,
              "the memory of the cut-off watchers to be given back")
-    assert "cutting off a client" in sup.log_text()
+    back = time.monotonic() - t0
+    cut = sup.log_text().count("cutting off a client")
+    assert cut
+    report(capsys, f"{n} silent watchers of every event, 4,000 jobs of 10 KB: the supervisor grew"
+                   f" by {grew:.0f} MiB at most, {cut} watchers cut off, back within 100 MiB of"
+                   f" its start {back:.1f} s after the jobs ended")
     assert sup.ping()["state"] == "running"
     for s in watchers:
         s.close()

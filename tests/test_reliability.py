@@ -19,6 +19,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -125,6 +126,50 @@ class Submitter(threading.Thread):
                 conn.close()
 
 
+class Careless(threading.Thread):
+    """Clients that do not play along, beside the submitters: silent watchers of every
+    event that never read (one per round, kept open), and clients that send `wait` (or
+    `submit` with `wait`) and hang up at once. They must cost the supervisor neither its
+    memory nor its descriptors, nor any job."""
+
+    def __init__(self, socket_path: Any, log: str, stop: threading.Event) -> None:
+        super().__init__(name="careless", daemon=True)
+        self.socket_path = str(socket_path)
+        self.log = log
+        self.stop = stop
+        self.watchers: list[socket.socket] = []
+        self.vanished = 0
+        self.sent: set[str] = set()
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            try:
+                if len(self.watchers) < 5:
+                    w = socket.socket(socket.AF_UNIX)
+                    w.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    w.connect(self.socket_path)
+                    w.sendall(b'{"id": 1, "op": "watch"}\n')
+                    self.watchers.append(w)
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(self.socket_path)
+                n += 1
+                if n % 2:
+                    s.sendall(b'{"id": 1, "op": "wait", "job": %d}\n' % n)
+                else:
+                    self.sent.add(f"v{n}")
+                    s.sendall(json.dumps({"id": 1, "op": "submit", "task": f"{TASKS}.runlog",
+                                          "args": {"log": self.log, "token": f"v{n}"},
+                                          "wait": 30}).encode() + b"\n")
+                s.close()
+                self.vanished += 1
+            except OSError:
+                pass  # the supervisor is down: try again in a moment
+            self.stop.wait(0.02)
+        for w in self.watchers:
+            w.close()
+
+
 def crash_torture(hq: HQEnv, capsys: pytest.CaptureFixture[str], rounds: int) -> None:
     seed = env_int("HQ_SEED", random.randrange(1 << 30))
     rng = random.Random(seed)
@@ -138,6 +183,8 @@ def crash_torture(hq: HQEnv, capsys: pytest.CaptureFixture[str], rounds: int) ->
     clients = [Submitter(i, sup.socket, log, seed + i, stop) for i in range(3)]
     for client in clients:
         client.start()
+    careless = Careless(sup.socket, log, stop)
+    careless.start()
     running_at_kill: set[int] = set()
     killed_workers: set[int] = set()  # pids of the workers of each supervisor killed
     per_round = []
@@ -172,6 +219,7 @@ def crash_torture(hq: HQEnv, capsys: pytest.CaptureFixture[str], rounds: int) ->
         stop.set()
         for client in clients:
             client.join(15)
+        careless.join(15)
     assert not any(c.is_alive() for c in clients), "a submitter thread is stuck"
 
     unexpected = [u for c in clients for u in c.unexpected]
@@ -181,7 +229,7 @@ def crash_torture(hq: HQEnv, capsys: pytest.CaptureFixture[str], rounds: int) ->
         overlap = set(client.acked) & set(acked)
         assert not overlap, f"job ids acknowledged to two clients: {sorted(overlap)[:10]}"
         acked.update(client.acked)
-    sent = set().union(*(c.sent for c in clients))
+    sent = set().union(*(c.sent for c in clients)) | careless.sent
 
     def backlog() -> int:
         return job_count(sup, "status != 'completed'")
@@ -234,6 +282,11 @@ def crash_torture(hq: HQEnv, capsys: pytest.CaptureFixture[str], rounds: int) ->
             wrong.append(f"job {job_id} ({token}) ran {len(survivors)} times in the last supervisor")
     interrupted = job_count(sup, "id IN (SELECT job_id FROM attempts WHERE status = 'interrupted')")
     assert sup.integrity() == "ok"
+    # The careless clients cost nothing that stays: descriptors and memory are back.
+    fds = len(os.listdir(f"/proc/{sup.pid}/fd"))
+    rss = psutil.Process(sup.pid).memory_info().rss / 2**20
+    assert fds < 64, f"the supervisor holds {fds} descriptors after the careless clients left"
+    assert rss < 150, f"the supervisor holds {rss:.0f} MiB after the careless clients left"
     assert sup.stop() == 0
     took = time.monotonic() - began
     unacked_stored = len(rows) - len(acked)
@@ -242,7 +295,9 @@ def crash_torture(hq: HQEnv, capsys: pytest.CaptureFixture[str], rounds: int) ->
         f" ({unacked_stored} more stored whose ack was cut off by a kill), {len(runs)} ran,"
         f" {len(running_at_kill)} were running in the store at a kill ({interrupted} recorded"
         f" as interrupted), {re_executions} re-executions, {len(wrong)} jobs charged or run"
-        f" wrongly; per round (kill at s, acks, running at kill): {per_round}"))
+        f" wrongly; {careless.vanished} clients sent a wait and hung up, {len(careless.watchers)}"
+        f" watchers never read; at the end {fds} descriptors, {rss:.0f} MiB;"
+        f" per round (kill at s, acks, running at kill): {per_round}"))
     assert not wrong, "\n".join(wrong[:10])
 
 
