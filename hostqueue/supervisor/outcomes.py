@@ -123,11 +123,13 @@ class Outcomes:
             self.runtime.observe(max(0.0, now - (attempt_started or a.started_at or now)))
         if d.state is State.PENDING:
             if d.event is Event.RETRIED and self.events.wants(a.id):
-                # Not final: told at once, in order with `started`, from what we know.
+                # Not final, told from what we know, once committed: in order with `started`
+                # (whose start may still be on its way to the store).
                 job = a.to_dict()
                 job.update(status="pending", run_at=d.run_at, error=d.error, attempts=a.attempt)
-                self.events.publish({"event": "retrying", "job_id": a.id, "job": job},
-                                    a.queue, a.task, a.run_id)
+                event = {"event": "retrying", "job_id": a.id, "job": job}
+                self.committer.after_commit(
+                    lambda: self.events.publish(event, a.queue, a.task, a.run_id), [a.id])
             return
         status = d.state.value
         self._on_final(status, now)
