@@ -113,6 +113,7 @@ class Dispatcher:
         self._limit_timer = EarliestTimer(self.wake, time.monotonic)
         self._overdue_timer = EarliestTimer(self.wake, time.monotonic)
         self._start_timer = EarliestTimer(self._check_starts, time.monotonic)
+        self._waiting = 0  # plans with waiting_since set: the start timer runs while any
 
     # == when ======================================================================
 
@@ -137,7 +138,18 @@ class Dispatcher:
         return plan is not None and plan.fetching > 0
 
     def forget(self, pid: int) -> None:
-        self._plans.pop(pid, None)
+        plan = self._plans.pop(pid, None)
+        if plan is not None:
+            self._started(plan)
+
+    def _started(self, plan: Plan) -> None:
+        """The plan's worker is no longer awaited to start a job; with none awaited the
+        start timer stops (an idle supervisor wakes for nothing)."""
+        if plan.waiting_since:
+            plan.waiting_since = 0.0
+            self._waiting -= 1
+            if not self._waiting:
+                self._start_timer.cancel()
 
     # == what ======================================================================
 
@@ -216,6 +228,7 @@ class Dispatcher:
             plan.busy_until = now_m + expected
             if not holds and not plan.waiting_since:
                 plan.waiting_since = now_m
+                self._waiting += 1
                 self._start_timer.arm(now_m + START_TIMEOUT)
             worker.state = WorkerState.BUSY
             if fetch:
@@ -300,16 +313,16 @@ class Dispatcher:
                 continue
             worker = self.pool.get(pid)
             if worker is None or worker.exit_status is not None or not self.book.holds(pid):
-                plan.waiting_since = 0.0
+                self._started(plan)
                 continue
             if self.book.running_on(pid) is not None:
-                plan.waiting_since = 0.0  # it started one (seen on the board)
+                self._started(plan)  # it started one (seen on the board)
                 continue
             due = plan.waiting_since + START_TIMEOUT
             if now_m < due:
                 earliest = min(earliest, due)
                 continue
-            plan.waiting_since = 0.0
+            self._started(plan)
             if worker.killed_for is None:
                 log.warning(
                     "worker %d started none of the %d jobs it was handed %.1f s ago (stopped or"
@@ -345,7 +358,7 @@ class Dispatcher:
         plan = self._plans.get(worker.pid)
         if plan is not None:
             plan.taking_back = False
-            plan.waiting_since = 0.0
+            self._started(plan)
             plan.busy_until = time.monotonic() + plan.expected
         self.settle(worker)
 
