@@ -480,11 +480,18 @@ def main(argv: list[str] | None = None) -> int:
                              " source, ...); one table of both (medians), the change of --source against it"
                              " in %%, and each round's values; not with --peers. With --depth other than 0,"
                              " the depth run is taken for both (--depth 0 skips it)")
+    parser.add_argument("--store", metavar="URL",
+                        help="run hostqueue on this PostgreSQL server (postgresql://USER@HOST/DB), a fresh"
+                             " schema per supervisor, dropped after it, instead of a SQLite file")
     parser.add_argument("--json", metavar="FILE", help="write every run's raw figures to FILE")
     parser.add_argument("--no-install-redis", action="store_true",
                         help="with --peers, skip the Redis peers instead of apt-get installing redis-server")
     opts = parser.parse_args(argv)
 
+    if opts.store:
+        if not opts.store.startswith(("postgresql://", "postgres://")):
+            parser.error("--store takes a PostgreSQL URL (postgresql://USER@HOST/DB); SQLite is the default")
+        hq.PG_URL = opts.store
     sizes = hq.QUICK if opts.quick else hq.Sizes()
     if opts.jobs:
         sizes.jobs = opts.jobs
@@ -513,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         "hostqueue": git_state(source),
         "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}",
         "load_before": "{load1:.2f}".format(**machine_note()),
+        "store": f"PostgreSQL {opts.store}" if opts.store else "SQLite (a file in /tmp)",
     }
     peer_names: list[str] = []
     python = None

@@ -88,6 +88,26 @@ QUICK = Sizes(jobs=2_000, bursts=1, one_by_one=300, latency=50, depth_latency=50
 
 # Checkouts whose workers were seen to import hostqueue from them (once per process).
 _CHECKED: set[str] = set()
+# bench.py --store URL: supervisors use this PostgreSQL server, each on a fresh schema
+# of its own (dropped when it closes) instead of a SQLite file.
+PG_URL: str | None = None
+_schemas = 0
+
+
+def pg_execute(url: str, sql: str) -> None:
+    """One statement on the PostgreSQL server (asyncpg; the bench imports nothing of hostqueue)."""
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
 
 
 class Supervisor:
@@ -101,6 +121,13 @@ class Supervisor:
         with open(os.path.join(self.dir, "benchtasks.py"), "w") as f:
             f.write(TASKS)
         self.store = os.path.join(self.dir, "bench.db")
+        self.pg_schema: str | None = None
+        if PG_URL is not None:
+            global _schemas
+            _schemas += 1
+            self.store = PG_URL
+            self.pg_schema = f"hqbench_{os.getpid()}_{_schemas}"
+            pg_execute(PG_URL, f"DROP SCHEMA IF EXISTS {self.pg_schema} CASCADE")
         self.socket = os.path.join(self.dir, "bench.sock")
         self.log = open(os.path.join(self.dir, "supervisor.log"), "ab")  # noqa: SIM115 - kept open for the process
         self.proc: subprocess.Popen[bytes] | None = None
@@ -115,7 +142,7 @@ class Supervisor:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hostqueue", "run", "--store", self.store, "--socket", self.socket,
              "--workers", str(self.workers), "--tasks", os.path.join(self.dir, "benchtasks.py"),
-             "--log-level", "warning"],
+             "--log-level", "warning"] + (["--pg-schema", self.pg_schema] if self.pg_schema else []),
             cwd=self.dir, env=env, start_new_session=True, stdout=self.log, stderr=self.log,
         )
 
@@ -178,6 +205,8 @@ class Supervisor:
             self.log.close()
             if self.own_dir:
                 shutil.rmtree(self.dir, ignore_errors=True)
+            if self.pg_schema and PG_URL is not None:
+                pg_execute(PG_URL, f"DROP SCHEMA IF EXISTS {self.pg_schema} CASCADE")
 
     def log_tail(self, n: int = 4000) -> str:
         self.log.flush()

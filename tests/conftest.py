@@ -19,6 +19,14 @@ Helpers:
   with sqlite3, list its workers with psutil.
 - fixture ``hq``: an ``HQEnv`` (temp dir, task module, supervisor factory) that
   cleans up everything it started.
+
+Both stores: a test module that sets ``BOTH_STORES = True`` runs each of its
+tests twice, on a SQLite file and on a PostgreSQL schema of its own (dropped
+after the test). The server is ``$HOSTQUEUE_TEST_POSTGRES`` (a URL), else the
+local one if it answers on 127.0.0.1:5432 (database ``test``), else a
+throwaway cluster made with ``initdb``/``pg_ctl`` when they are on PATH (not as
+root: initdb refuses it), else those tests skip, saying why. ``db_query`` reads
+either store: write its SQL with ``?`` placeholders.
 """
 
 from __future__ import annotations
@@ -479,6 +487,110 @@ def integrity(store: str | Path) -> str:
         conn.close()
 
 
+# -- PostgreSQL ---------------------------------------------------------------------
+
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+_pg_server: dict[str, Any] = {}
+
+
+def _pg_answers(dsn: str) -> str | None:
+    """None when a server answers at dsn with a usable database, else why not."""
+    import asyncio
+
+    try:
+        import asyncpg
+    except ImportError:
+        return "asyncpg is not installed (pip install -e '.[test]')"
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(dsn, timeout=5)
+        try:
+            await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _throwaway_cluster() -> tuple[str | None, str]:
+    """A PostgreSQL cluster of our own in a temp dir (initdb, pg_ctl); (dsn, why not)."""
+    import glob
+    import shutil as sh
+
+    initdb = sh.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    if initdb is None:
+        return None, "no server answers on 127.0.0.1:5432 and initdb is not installed"
+    if os.geteuid() == 0:
+        return None, "no server answers on 127.0.0.1:5432, and initdb will not run as root"
+    pg_ctl = os.path.join(os.path.dirname(initdb), "pg_ctl")
+    data = tempfile.mkdtemp(prefix="hq-pg-")
+    port = 25432 + os.getpid() % 1000
+    subprocess.run([initdb, "-D", data, "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True, timeout=120)
+    subprocess.run([pg_ctl, "-D", data, "-l", os.path.join(data, "log"), "-w", "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True, timeout=120)
+    import atexit
+
+    atexit.register(lambda: subprocess.run([pg_ctl, "-D", data, "-m", "immediate", "stop"],
+                                           capture_output=True, timeout=60))
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres", ""
+
+
+def postgres_dsn() -> str:
+    """The test server's URL (see the module's docstring), or skip the test saying why."""
+    if "dsn" not in _pg_server:
+        dsn = os.environ.get("HOSTQUEUE_TEST_POSTGRES")
+        why = None
+        if dsn:
+            why = _pg_answers(dsn)
+            if why:
+                why = f"HOSTQUEUE_TEST_POSTGRES={dsn} does not answer: {why}"
+        else:
+            why = _pg_answers(LOCAL_POSTGRES)
+            if why is None:
+                dsn = LOCAL_POSTGRES
+            else:
+                try:
+                    dsn, why = _throwaway_cluster()
+                except (subprocess.SubprocessError, OSError) as exc:
+                    dsn, why = None, f"a throwaway cluster would not start: {exc}"
+        _pg_server["dsn"], _pg_server["why"] = (dsn, None) if not why else (None, why)
+    if _pg_server["dsn"] is None:
+        pytest.skip(f"PostgreSQL tests need a server: {_pg_server['why']}")
+    return str(_pg_server["dsn"])
+
+
+def pg_run(dsn: str, schema: str | None, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """One statement on the test server, in schema (its search_path); ``?`` placeholders."""
+    import asyncio
+
+    import asyncpg
+
+    n = 0
+
+    def number(_: Any) -> str:
+        nonlocal n
+        n += 1
+        return f"${n}"
+
+    text = re.sub(r"\?", number, sql)
+
+    async def run() -> list[Any]:
+        settings = {"search_path": schema} if schema else {}
+        conn = await asyncpg.connect(dsn, timeout=10, server_settings=settings)
+        try:
+            return list(await conn.fetch(text, *params))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 class Supervisor:
     """One supervisor (restartable) on a store and socket in the test's temp dir."""
 
@@ -488,7 +600,9 @@ class Supervisor:
         self.name = name
         self.workers_arg = workers
         self.grace = grace
-        self.store = store or env.dir / f"{name}.db"
+        # On PostgreSQL: the server's URL, and a schema of the test's own.
+        self.pg_schema = f"{env.pg_prefix}_{name}" if env.pg_dsn and store is None else None
+        self.store: Any = env.pg_dsn if self.pg_schema else (store or env.dir / f"{name}.db")
         self.socket = socket_path or env.dir / f"{name}.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -505,6 +619,8 @@ class Supervisor:
             "--store", str(self.store), "--socket", str(self.socket),
             "--tasks", str(self.env.tasks_path), "--grace", str(self.grace),
         ]
+        if self.pg_schema:
+            cmd += ["--pg-schema", self.pg_schema]
         if workers is not None:
             cmd += ["--workers", str(workers)]
         return cmd + list(extra_args)
@@ -629,7 +745,10 @@ class Supervisor:
         conn.row_factory = sqlite3.Row
         return conn
 
-    def db_query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    def db_query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """Rows of one query of the store (SQLite or PostgreSQL), by index or by name."""
+        if self.pg_schema:
+            return pg_run(self.env.pg_dsn or "", self.pg_schema, sql, params)
         conn = self.db()
         try:
             return conn.execute(sql, params).fetchall()
@@ -642,6 +761,9 @@ class Supervisor:
         return dict(rows[0])
 
     def integrity(self) -> str:
+        if self.pg_schema:  # the server keeps its own pages whole; the tables must answer
+            self.db_query("SELECT COUNT(*) FROM jobs")
+            return "ok"
         return integrity(self.store)
 
     # -- processes
@@ -691,9 +813,12 @@ class Supervisor:
 class HQEnv:
     """A test's temp dir, task module and the supervisors and processes it started."""
 
-    def __init__(self) -> None:
+    def __init__(self, pg_dsn: str | None = None) -> None:
         # Short: Unix socket paths are limited to 107 bytes.
         self.dir = Path(tempfile.mkdtemp(prefix="hq-", dir="/tmp"))
+        # PostgreSQL: the server, and the prefix of this test's schemas (dropped at cleanup).
+        self.pg_dsn = pg_dsn
+        self.pg_prefix = f"hqt_{os.getpid()}_{self.dir.name[3:].lower()}"
         self.tasks_path = self.dir / f"{TASKS}.py"
         self.tasks_path.write_text(TASKS_SOURCE)
         self.supervisors: list[Supervisor] = []
@@ -735,6 +860,12 @@ class HQEnv:
             [sys.executable, "-m", "hostqueue", *args], cwd=str(ROOT), env=self.env(**extra),
             capture_output=True, text=True, timeout=timeout, input=input,
         )
+
+    def drop_schemas(self) -> None:
+        if self.pg_dsn:
+            for row in pg_run(self.pg_dsn, None, "SELECT nspname FROM pg_namespace WHERE nspname LIKE ?",
+                              (self.pg_prefix + "%",)):
+                pg_run(self.pg_dsn, None, f'DROP SCHEMA IF EXISTS "{row[0]}" CASCADE')
 
     def cleanup(self) -> list[str]:
         """Kill every process any of our supervisors started; return what was still alive."""
@@ -790,13 +921,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     setattr(item, f"rep_{report.when}", report)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module with BOTH_STORES = True runs each test on SQLite and on PostgreSQL."""
+    if getattr(metafunc.module, "BOTH_STORES", False) and "hq" in metafunc.fixturenames:
+        if metafunc.definition.get_closest_marker("sqlite_only"):
+            return  # about the SQLite file itself
+        metafunc.parametrize("hq", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+                             indirect=True)
+
+
 @pytest.fixture
 def hq(request: pytest.FixtureRequest) -> Iterator[HQEnv]:
-    env = HQEnv()
+    kind = getattr(request, "param", "sqlite")
+    env = HQEnv(postgres_dsn() if kind == "postgres" else None)
     try:
         yield env
     finally:
         env.cleanup()
+        env.drop_schemas()
         failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
                      for w in ("setup", "call"))
         if failed:

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+BOTH_STORES = True  # conftest: every test runs on SQLite and on PostgreSQL
+
 from conftest import TASKS, HQEnv, file_lines, is_alive, ok, wait_for
 
 
@@ -126,13 +128,14 @@ def test_second_supervisor_on_same_store_refuses(hq: HQEnv) -> None:
                             timeout=20, start_new_session=True)
     assert result.returncode == 1, result
     output = result.stdout + result.stderr
-    assert os.path.abspath(first.store) in output, output
+    assert (first.pg_schema or os.path.abspath(first.store)) in output, output
     assert str(first.pid) in output, output
     # The first one is undisturbed.
     assert first.ping()["pid"] == first.pid
     assert not os.path.exists(hq.path("other.sock"))
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.timeout(30)
 def test_store_is_in_wal_mode(hq: HQEnv) -> None:
     sup = hq.supervisor(workers=1)
@@ -145,6 +148,7 @@ def test_store_is_in_wal_mode(hq: HQEnv) -> None:
     assert sup.integrity() == "ok"
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.timeout(60)
 def test_a_store_with_the_old_status_index_upgrades_recovers_and_counts(hq: HQEnv) -> None:
     """A store written before jobs_ended (schema 4, with jobs_status) upgrades in

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+BOTH_STORES = True  # conftest: every test runs on SQLite and on PostgreSQL
+
 from conftest import TASKS, Conn, HQEnv, Supervisor, error_code, file_lines, ok, wait_for
 
 
@@ -253,23 +255,20 @@ def test_jobs_read_back_from_the_store_are_handed_out_within_prefetch(hq: HQEnv)
     assert sup.stop() == 0
     sup.start()  # the pause is kept; the jobs come from the store
     assert sup.call("resume", "paused") == []
-    db = sup.db()
     most_handed = most_stored = samples = 0
     deadline = time.monotonic() + 60
-    try:
-        with sup.conn() as c:
-            while True:
-                st = ok(c.request("status"))["status"]
-                most_handed = max(most_handed, st["running_jobs"] + st["held_jobs"])
-                ((running, completed),) = db.execute(
-                    "SELECT SUM(status = 'running'), SUM(status = 'completed') FROM jobs").fetchall()
-                most_stored = max(most_stored, running or 0)
-                samples += 1
-                if completed == n:
-                    break
-                assert time.monotonic() < deadline, f"{completed} of {n} jobs completed"
-    finally:
-        db.close()
+    with sup.conn() as c:
+        while True:
+            st = ok(c.request("status"))["status"]
+            most_handed = max(most_handed, st["running_jobs"] + st["held_jobs"])
+            ((running, completed),) = sup.db_query(
+                "SELECT SUM(CASE WHEN status = 'running' THEN 1 ELSE 0 END),"
+                " SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END) FROM jobs")
+            most_stored = max(most_stored, running or 0)
+            samples += 1
+            if completed == n:
+                break
+            assert time.monotonic() < deadline, f"{completed} of {n} jobs completed"
     assert most_handed <= workers * prefetch, f"{most_handed} jobs handed to {workers} workers at once"
     assert most_stored <= workers, f"{most_stored} jobs stored as running at once on {workers} workers"
     assert samples > 20 and most_handed > workers, (samples, most_handed)

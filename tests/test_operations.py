@@ -30,6 +30,8 @@ from typing import Any
 
 import psutil
 import pytest
+
+BOTH_STORES = True  # conftest: every test runs on SQLite and on PostgreSQL
 from conftest import ROOT, HQEnv, Supervisor, ok, wait_for
 
 # ---------------------------------------------------------------------------

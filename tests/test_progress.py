@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+BOTH_STORES = True  # conftest: every test runs on SQLite and on PostgreSQL
+
 from conftest import FINAL, TASKS, Supervisor, ok
 
 

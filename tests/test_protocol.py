@@ -8,6 +8,8 @@ import struct
 
 import pytest
 
+BOTH_STORES = True  # conftest: every test runs on SQLite and on PostgreSQL
+
 from conftest import TASKS, Conn, Supervisor, error_code, ok, socket_mode
 
 MIB = 1024 * 1024

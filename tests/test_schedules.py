@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+BOTH_STORES = True  # conftest: every test runs on SQLite and on PostgreSQL
+
 from conftest import TASKS, HQEnv, Supervisor, wait_for
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+BOTH_STORES = True  # conftest: every test runs on SQLite and on PostgreSQL
+
 from conftest import TASKS, HQEnv, Supervisor, file_lines, ok, wait_for
 
 EPS = 0.005  # clock granularity between a job's end and the next claim

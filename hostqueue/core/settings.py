@@ -20,7 +20,10 @@ DEFAULT_PREFETCH = 256
 
 
 def default_socket_for(store: str) -> str:
-    """The socket sits next to the store: ./hostqueue.db -> ./hostqueue.sock."""
+    """The socket sits next to the store: ./hostqueue.db -> ./hostqueue.sock; with a
+    PostgreSQL store, ./hostqueue.sock in the working directory."""
+    if store.startswith(("postgresql://", "postgres://")):
+        return "./hostqueue.sock"
     base, ext = os.path.splitext(store)
     return (base if ext else store) + ".sock"
 
@@ -45,7 +48,8 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("store", str, DEFAULT_STORE, "HOSTQUEUE_STORE", "path of the SQLite store", "store.path"),
+    Setting("store", str, DEFAULT_STORE, "HOSTQUEUE_STORE", "path of the SQLite store, or a PostgreSQL URL (postgresql://USER@HOST/DB)", "store.path"),
+    Setting("pg_schema", str, "hostqueue", "HOSTQUEUE_PG_SCHEMA", "PostgreSQL store: the schema that holds its tables (made if missing)", "store.pg_schema"),
     Setting("socket", str, None, "HOSTQUEUE_SOCKET", "path of the control socket (default: next to the store)", "socket.path"),
     Setting("workers", int, None, "HOSTQUEUE_WORKERS", "worker processes (default: the size kept in the store, else the CPU count)", "workers.count"),
     Setting("tasks", list, (), "HOSTQUEUE_TASKS", "task modules to import (module names or .py paths; comma-separated in the environment)", "tasks.modules"),
@@ -86,6 +90,7 @@ class SupervisorConfig:
     prefetch: int = DEFAULT_PREFETCH
     durability: str = "normal"
     store_check: str = "quick"
+    pg_schema: str = "hostqueue"
     max_line: int = DEFAULT_MAX_LINE
     log_level: str = "info"
     workers_min: int | None = None
@@ -132,6 +137,10 @@ class SupervisorConfig:
             raise SettingsError(f"durability must be 'normal' or 'full', got {self.durability!r}")
         if self.store_check not in ("quick", "off"):
             raise SettingsError(f"store.check must be 'quick' or 'off', got {self.store_check!r}")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", self.pg_schema):
+            raise SettingsError(
+                f"pg_schema must be a plain PostgreSQL name (letters, digits, _; at most 63),"
+                f" got {self.pg_schema!r}")
         if self.max_line < 1024:
             raise SettingsError(f"max_line must be at least 1024 bytes, got {self.max_line}")
         if (self.workers_min is None) != (self.workers_max is None):
@@ -335,7 +344,7 @@ def reference_table() -> str:
     rows = ["| file key | environment | flag | default | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         if s.name == "socket":
-            default = "next to the store (`hostqueue.sock` for `hostqueue.db`)"
+            default = "next to the store (`hostqueue.sock` for `hostqueue.db`; `./hostqueue.sock` with PostgreSQL)"
         elif s.default is None or s.default == ():
             default = "-"
         elif isinstance(s.default, float):

@@ -17,6 +17,7 @@ from hostqueue import __version__
 from hostqueue.core import registry
 from hostqueue.core.errors import ProtocolError
 from hostqueue.core.outcome import aborted_before_start
+from hostqueue.store import display_name
 from hostqueue.core.states import FINAL_STATES, Event, State, SupervisorState, WorkerState
 from hostqueue.supervisor.deferred import DeferredReply
 from hostqueue.supervisor.readyindex import Payload
@@ -200,6 +201,17 @@ class Actions:
                 answer()
                 return reply  # settled: no timer to arm
             committer.after_commit(answer)
+            if timeout is not None:
+                # It has ended; only its commit may be outstanding, which a working
+                # store finishes in a moment (a PostgreSQL server's round trip can
+                # outlast a timeout of 0): the timeout holds only while the store
+                # refuses writes.
+                def expired(reply: DeferredReply) -> None:
+                    if committer.failing:
+                        on_timeout(reply)
+
+                reply.on_settled(self.sup.loop.call_later(timeout, expired, reply).cancel)
+            return reply
         else:
             reply = DeferredReply()
             reply.on_settled(self.announcer.listen(job_id, lambda job: reply.resolve(wrap(job))))
@@ -292,7 +304,7 @@ class Actions:
             "pid": os.getpid(),
             "version": __version__,
             "uptime": time.time() - sup.started,
-            "store": os.path.abspath(sup.config.store),
+            "store": display_name(sup.config.store),
             "socket": os.path.abspath(sup.config.socket_path),
             "state": "draining" if sup.state is not SupervisorState.RUNNING else "running",
             "workers": workers,

@@ -46,7 +46,7 @@ from hostqueue.core.errors import ProtocolError
 from hostqueue.core.logs import setup_logging
 from hostqueue.core.settings import SupervisorConfig
 from hostqueue.core.states import Event, State, SupervisorState, WorkerState
-from hostqueue.store import StoreError, StoreLock, StoreLocked, open_store
+from hostqueue.store import StoreError, StoreLocked, display_name, open_store, store_lock
 from hostqueue.store.base import Interrupted
 from hostqueue.supervisor import sdnotify
 from hostqueue.supervisor.actions import Actions
@@ -88,8 +88,8 @@ class Supervisor:
         self.state = SupervisorState.STARTING
         self.started = time.time()
         self.store = open_store(config.store, config.durability, config.socket_group,
-                                config.store_check != "off")
-        self.lock = StoreLock(config.store)
+                                config.store_check != "off", config.pg_schema)
+        self.lock = store_lock(config.store)
         self.tasks: dict[str, registry.TaskSpec] = {}
         self.paused: set[str] = set()
         self.events = EventHub()
@@ -109,7 +109,7 @@ class Supervisor:
         self._title = ""
         self._title_pending: asyncio.TimerHandle | None = None
         self._trimming = False
-        self._title_prefix = f"hostqueue supervisor {os.path.abspath(config.store)}"
+        self._title_prefix = f"hostqueue supervisor {display_name(config.store)}"
         # Parts made once the loop runs (_make_parts).
         self.loop: asyncio.AbstractEventLoop
         self.stopped: asyncio.Future[int]
@@ -191,7 +191,7 @@ class Supervisor:
             return 2
         try:
             await self.store.open()
-        except StoreError as exc:
+        except (StoreError, StoreLocked) as exc:
             log.error("%s", exc)
             return 1
         self._make_parts()
@@ -235,7 +235,8 @@ class Supervisor:
         self.ready_event.set()
         log.info(
             "hostqueue %s supervisor %d serving %s on %s with %d workers (%d tasks, %d jobs ready)",
-            __version__, os.getpid(), self.config.store, self.config.socket_path, self.pool.target,
+            __version__, os.getpid(), display_name(self.config.store), self.config.socket_path,
+            self.pool.target,
             len(self.tasks), self.book.ready_count,
         )
         self.notifier.notify(f"READY=1\nSTATUS=serving with {self.pool.target} workers\nMAINPID={os.getpid()}")
@@ -669,5 +670,5 @@ def run_supervisor(config: SupervisorConfig) -> int:
     if os.getpid() == 1:
         block_sigchld()  # before any thread starts: see reaper.py
     supervisor = Supervisor(config)
-    set_title(f"hostqueue supervisor {os.path.abspath(config.store)} [starting]")
+    set_title(f"hostqueue supervisor {display_name(config.store)} [starting]")
     return int(uvloop.run(supervisor.run()))

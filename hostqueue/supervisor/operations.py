@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from hostqueue import __version__
 from hostqueue.supervisor.actions import wait_timeout
 from hostqueue.supervisor.deferred import DeferredReply
+from hostqueue.store import display_name
 from hostqueue.store.base import StoreBusy
 from hostqueue.core.errors import ProtocolError
 from hostqueue.supervisor.events import Subscription
@@ -214,7 +215,7 @@ class Operations:
         (`status` and the log name it), not every client's."""
         text = str(error)
         store = self.supervisor.config.store
-        for path in {os.path.abspath(store), store}:
+        for path in {display_name(store), os.path.abspath(store), store}:
             text = text.replace(path, "the store")
         return text
 

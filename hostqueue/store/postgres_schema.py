@@ -1,0 +1,187 @@
+"""The PostgreSQL store's schema: its migrations (each applied once, in its own
+transaction, under an advisory lock) and the statement of each write kind of a
+WriteBatch, read by postgres.py.
+
+The tables mirror the SQLite store's (sqlite_schema.py): the same columns, times
+as seconds since the epoch (float8), JSON as text. Every table lives in the
+schema given by ``--pg-schema`` (the connection's search_path).
+"""
+
+from __future__ import annotations
+
+import re
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "create jobs, attempts, settings and schedules",
+        """
+        CREATE TABLE jobs (
+            id               bigint  PRIMARY KEY,
+            task             text    NOT NULL,
+            queue            text    NOT NULL,
+            status           text    NOT NULL,
+            args             text    NOT NULL,
+            result           text,
+            error            text,
+            attempts         integer NOT NULL DEFAULT 0,
+            max_attempts     integer NOT NULL,
+            priority         integer NOT NULL DEFAULT 0,
+            progress         float8,
+            progress_message text,
+            key              text,
+            run_id           text,
+            created_at       float8  NOT NULL,
+            started_at       float8,
+            finished_at      float8,
+            run_at           float8  NOT NULL,
+            deadline         float8,
+            timeout          float8,
+            abort_requested  boolean NOT NULL DEFAULT false,
+            worker_pid       integer,
+            cpu_seconds      float8,
+            peak_rss         bigint,
+            interruptions    integer NOT NULL DEFAULT 0
+        ) WITH (fillfactor = 80);  -- room on each page: a job's updates stay HOT
+        -- Loading the pending set at start, in dispatch order.
+        CREATE INDEX jobs_pending ON jobs (queue, priority DESC, id) WHERE status = 'pending';
+        -- Recovery at start: the jobs a dead supervisor left running.
+        CREATE INDEX jobs_running ON jobs (id) WHERE status = 'running';
+        -- At most one unfinished job per idempotency key, whatever the supervisor does.
+        CREATE UNIQUE INDEX jobs_key ON jobs (key)
+            WHERE key IS NOT NULL AND status IN ('pending', 'running');
+        CREATE INDEX jobs_run ON jobs (run_id) WHERE run_id IS NOT NULL;
+        CREATE INDEX jobs_key_completed ON jobs (key, finished_at)
+            WHERE key IS NOT NULL AND status = 'completed';
+        -- Counts, listing and retention of ended jobs, by state and queue.
+        CREATE INDEX jobs_ended ON jobs (status, queue, finished_at)
+            WHERE finished_at IS NOT NULL;
+        CREATE TABLE attempts (
+            seq         bigserial PRIMARY KEY,
+            job_id      bigint  NOT NULL,
+            attempt     integer NOT NULL,
+            status      text    NOT NULL,
+            error       text,
+            worker_pid  integer,
+            started_at  float8,
+            finished_at float8,
+            cpu_seconds float8,
+            peak_rss    bigint
+        );
+        CREATE INDEX attempts_job ON attempts (job_id);
+        CREATE TABLE settings (
+            name  text PRIMARY KEY,
+            value text NOT NULL
+        );
+        CREATE TABLE schedules (
+            name     text PRIMARY KEY,
+            next_run float8 NOT NULL,
+            last_run float8,
+            last_job bigint,
+            cron     text NOT NULL,
+            timezone text NOT NULL
+        )
+        """,
+    ),
+]
+
+# The schema's version, one row; made before the first migration.
+VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)"
+
+# The statements of each write kind (batch.py), with the parameters in the order
+# batch.py gives them (the SQLite store's order). A transition is guarded by the
+# status it leaves: its last two parameters are that status, then the job's id.
+WRITES: dict[str, str] = {
+    # The jobs of one submit, in one statement: ids $1, $1 + 1, ..., one per element
+    # of a JSON array of their args texts.
+    "add_jobs": (
+        "INSERT INTO jobs (id, task, queue, status, args, attempts, max_attempts, priority,"
+        " key, run_id, created_at, run_at, deadline, timeout)"
+        " SELECT $1::bigint + t.n - 1, $2::text, $3::text, 'pending', t.v, 0, $4::integer,"
+        " $5::integer, $6::text, $7::text, $8::float8, $9::float8, $10::float8, $11::float8"
+        " FROM json_array_elements_text($12::json) WITH ORDINALITY AS t(v, n)"
+    ),
+    "start": (
+        "UPDATE jobs SET status = 'running', attempts = $1::integer, started_at = $2::float8,"
+        " worker_pid = $3::integer, finished_at = NULL WHERE status = $4::text AND id = $5::bigint"
+    ),
+    "finish": (
+        "UPDATE jobs SET status = $1::text, result = $2::text, error = $3::text,"
+        " finished_at = $4::float8, progress = COALESCE($5::float8, progress),"
+        " progress_message = COALESCE($6::text, progress_message), cpu_seconds = $7::float8,"
+        " peak_rss = $8::bigint, attempts = $9::integer, started_at = $10::float8,"
+        " worker_pid = $11::integer, interruptions = 0 WHERE status = $12::text AND id = $13::bigint"
+    ),
+    "retry_later": (
+        "UPDATE jobs SET status = 'pending', run_at = $1::float8, error = $2::text,"
+        " attempts = $3::integer, progress = COALESCE($4::float8, progress),"
+        " progress_message = COALESCE($5::text, progress_message), started_at = NULL,"
+        " worker_pid = NULL, interruptions = 0 WHERE status = $6::text AND id = $7::bigint"
+    ),
+    "requeue": (
+        "UPDATE jobs SET status = 'pending', attempts = $1::integer, run_at = $2::float8,"
+        " started_at = NULL, worker_pid = NULL WHERE status = $3::text AND id = $4::bigint"
+    ),
+    "cancel_pending": (
+        "UPDATE jobs SET status = $1::text, finished_at = $2::float8, error = $3::text"
+        " WHERE status = $4::text AND id = $5::bigint"
+    ),
+    "revive": (
+        "UPDATE jobs SET status = 'pending', attempts = 0, interruptions = 0, run_at = $1::float8,"
+        " result = NULL, error = NULL, finished_at = NULL, started_at = NULL,"
+        " abort_requested = false, progress = NULL, progress_message = NULL"
+        " WHERE status = $2::text AND id = $3::bigint"
+    ),
+    "request_abort": "UPDATE jobs SET abort_requested = true WHERE id = $1::bigint",
+    "record_progress": (
+        "UPDATE jobs SET progress = $1::float8, progress_message = $2::text"
+        " WHERE status = 'running' AND id = $3::bigint"
+    ),
+    "record_attempt": (
+        "INSERT INTO attempts (job_id, attempt, status, error, worker_pid, started_at,"
+        " finished_at, cpu_seconds, peak_rss) VALUES ($1::bigint, $2::integer, $3::text,"
+        " $4::text, $5::integer, $6::float8, $7::float8, $8::float8, $9::bigint)"
+    ),
+    "forget_ended": (
+        "DELETE FROM jobs WHERE id = $1::bigint AND status = $2::text AND finished_at < $3::float8"
+    ),
+    "forget_attempts": (
+        "DELETE FROM attempts WHERE job_id = $1::bigint"
+        " AND NOT EXISTS (SELECT 1 FROM jobs WHERE id = $2::bigint)"
+    ),
+    "save_setting": (
+        "INSERT INTO settings (name, value) VALUES ($1::text, $2::text)"
+        " ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value"
+    ),
+    "save_schedule": (
+        "INSERT INTO schedules (name, next_run, last_run, last_job, cron, timezone)"
+        " VALUES ($1::text, $2::float8, $3::float8, $4::bigint, $5::text, $6::text)"
+        " ON CONFLICT (name) DO UPDATE SET next_run = EXCLUDED.next_run,"
+        " last_run = EXCLUDED.last_run, last_job = EXCLUDED.last_job, cron = EXCLUDED.cron,"
+        " timezone = EXCLUDED.timezone"
+    ),
+}
+
+_PARAM = re.compile(r"\$(\d+)::(\w+)")
+
+
+def batched(kind: str) -> str:
+    """The statement of a guarded UPDATE kind for many jobs at once: its parameters
+    become arrays, one element per job, walked by unnest. One round trip, and its
+    status ("UPDATE n") says how many jobs it changed, which executemany does not.
+    Each job appears once in a run of one kind (a job makes one transition of a kind
+    per write), so each row is updated at most once."""
+    sql = WRITES[kind]
+    if not sql.startswith("UPDATE jobs SET "):
+        raise ValueError(f"{kind} is not a guarded update")
+    params: dict[int, str] = {}
+    for number, type_ in _PARAM.findall(sql):
+        params[int(number)] = type_
+    count = max(params)
+    body = _PARAM.sub(lambda m: f"v.p{m.group(1)}", sql[len("UPDATE jobs SET "):])
+    arrays = ", ".join(f"${n}::{params[n]}[]" for n in range(1, count + 1))
+    names = ", ".join(f"p{n}" for n in range(1, count + 1))
+    # Columns named alone refer to jobs (the old row): qualify the guard's.
+    body = body.replace(" WHERE status = ", " WHERE jobs.status = ").replace(
+        " AND id = ", " AND jobs.id = ")
+    return f"UPDATE jobs SET {body.split(' WHERE ')[0]} FROM unnest({arrays}) AS v({names})" \
+           f" WHERE {body.split(' WHERE ')[1]}"

@@ -1,0 +1,175 @@
+"""The PostgreSQL store's own behaviour (the protocol, jobs, durability and
+operations suites run on it too: their modules set BOTH_STORES).
+
+Every test talks to a real server (conftest.postgres_dsn: $HOSTQUEUE_TEST_POSTGRES,
+the local one, or a throwaway cluster; else they skip, saying why) in a schema
+of its own, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import Iterator
+
+import pytest
+
+from conftest import TASKS, HQEnv, ok, pg_run, postgres_dsn, wait_for
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def pg(request: pytest.FixtureRequest) -> Iterator[HQEnv]:
+    """An HQEnv whose supervisors use PostgreSQL."""
+    env = HQEnv(postgres_dsn())
+    try:
+        yield env
+    finally:
+        env.cleanup()
+        env.drop_schemas()
+        if getattr(getattr(request.node, "rep_call", None), "failed", False):
+            for sup in env.supervisors:
+                print(f"==== log of supervisor {sup.name} ({env.dir})")
+                print(sup.log_text()[-6000:])
+
+
+@pytest.mark.timeout(60)
+def test_jobs_survive_the_loss_of_the_connection(pg: HQEnv) -> None:
+    """The server ends the supervisor's connections (pg_terminate_backend, as a
+    failover or an idle-connection killer would) while jobs run and clients submit:
+    the supervisor connects again, takes its lock back, and every acknowledged
+    job completes once; none is lost or run twice."""
+    sup = pg.supervisor(workers=2)
+    dsn = pg.pg_dsn or ""
+    log = pg.path("runs.log")
+    acked: list[int] = []
+    with sup.conn(30) as c:
+        for n in range(20):
+            acked += ok(c.request("submit_many", task=f"{TASKS}.record",
+                                  args=[{"log": log, "tag": f"a{n}-{i}"} for i in range(50)],
+                                  reply="ids"))["ids"]
+    killed = pg_run(dsn, None, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name LIKE 'hostqueue % pid %' AND pid <> pg_backend_pid()"
+                    " AND application_name LIKE ?", (f"% pid {sup.pid} %",))
+    assert killed, "no connection of the supervisor was found to end"
+    # Submits after the loss: refused while it reconnects (store_error), or acknowledged.
+    deadline = time.monotonic() + 20
+    with sup.conn(30) as c:
+        while len(acked) < 1500 and time.monotonic() < deadline:
+            reply = c.request("submit_many", task=f"{TASKS}.record",
+                              args=[{"log": log, "tag": f"b{len(acked)}-{i}"} for i in range(50)],
+                              reply="ids")
+            if reply.get("ok"):
+                acked += reply["ids"]
+    assert len(acked) >= 1500, "submits were refused for 20 s after the connection was lost"
+
+    def done() -> bool:
+        rows = sup.db_query("SELECT COUNT(*) FROM jobs WHERE status = 'completed'")
+        return bool(rows[0][0] >= len(acked))
+
+    wait_for(done, 40, "every acknowledged job to complete", interval=0.2)
+    rows = sup.db_query("SELECT id, status FROM jobs")
+    assert sorted(r[0] for r in rows) == sorted(acked)
+    assert {r[1] for r in rows} == {"completed"}
+    with open(log) as f:
+        tags = [line.split()[0] for line in f if line.strip()]
+    assert len(tags) == len(set(tags)) == len(acked), "a job ran twice, or not at all"
+    assert "connected again" in sup.log_text()
+    assert sup.proc is not None and sup.proc.poll() is None
+
+
+@pytest.mark.timeout(30)
+def test_a_schema_of_something_else_is_refused_untouched(pg: HQEnv) -> None:
+    """A schema holding other tables is not a store: refused with a clear error, and
+    nothing in it is changed."""
+    sup = pg.supervisor(workers=1, start=False)
+    dsn, schema = pg.pg_dsn or "", sup.pg_schema
+    pg_run(dsn, None, f'CREATE SCHEMA "{schema}"')
+    pg_run(dsn, schema, "CREATE TABLE invoices (id int)")
+    sup.start(wait=False)
+    assert sup.wait_exit(20) == 1
+    text = sup.log_text()
+    assert "not a hostqueue store" in text and "invoices" in text, text
+    tables = pg_run(dsn, None, "SELECT tablename FROM pg_tables WHERE schemaname = ?", (schema,))
+    assert sorted(r[0] for r in tables) == ["invoices", "schema_version"] or \
+        sorted(r[0] for r in tables) == ["invoices"], tables
+
+
+@pytest.mark.timeout(30)
+def test_the_password_is_never_shown(pg: HQEnv) -> None:
+    """A URL's password is kept out of the log, `status` and the process title."""
+    dsn = (pg.pg_dsn or "").replace("postgres@", "postgres:s3cret-pw@")
+    sup = pg.supervisor(workers=1, start=False)
+    sup.store = dsn
+    sup.start()
+    status = sup.status()
+    assert "s3cret-pw" not in str(status) and "***" in status["store"], status
+    assert "s3cret-pw" not in sup.log_text()
+    import psutil
+
+    assert "s3cret-pw" not in " ".join(psutil.Process(sup.pid).cmdline()[:1])
+
+
+@pytest.mark.timeout(30)
+def test_an_unreachable_server_is_named(pg: HQEnv) -> None:
+    """No server at the URL: the supervisor exits 1 saying what it tried and what to check."""
+    sup = pg.supervisor(workers=1, start=False)
+    sup.store = "postgresql://postgres@127.0.0.1:1/nothing"
+    sup.start(wait=False)
+    assert sup.wait_exit(30) == 1
+    text = sup.log_text()
+    assert "cannot connect to PostgreSQL store postgresql://postgres@127.0.0.1:1/nothing" in text, text
+    assert "is the server running" in text
+
+
+@pytest.mark.timeout(60)
+def test_a_restart_finds_the_jobs_and_settings_it_left(pg: HQEnv) -> None:
+    """Pending jobs, a pause and the pool size kept in the schema come back after a
+    restart, and ids go on from the highest stored."""
+    sup = pg.supervisor(workers=2)
+    assert sup.call("pause", "paused", queue="default") == ["default"]
+    ids = ok(sup.request("submit_many", task=f"{TASKS}.add", args=[{"a": i, "b": 1} for i in range(30)],
+                         reply="ids"))["ids"]
+    assert ok(sup.request("scale", n=3))
+    assert sup.stop() == 0
+    sup.start(workers=None)
+    status = sup.status()
+    assert status["paused"] == ["default"] and status["target_workers"] == 3, status
+    assert sup.call("resume", "paused", queue="default") == []
+    for job_id, i in zip(ids, range(30)):
+        assert sup.wait_job(job_id)["result"] == i + 1
+    new = sup.submit("add", {"a": 1, "b": 1})
+    assert new["id"] > max(ids)
+
+
+@pytest.mark.timeout(60)
+def test_stats_and_listing_read_the_schema(pg: HQEnv) -> None:
+    """stats counts by state and queue; list filters by state; the attempt log
+    keeps each failed attempt; retry brings a failed job back."""
+    sup = pg.supervisor(workers=2)
+    done = [sup.submit("add", {"a": i, "b": 0}, queue="q1")["id"] for i in range(5)]
+    failed = sup.submit("fail", {"message": "nope"}, retries=1)["id"]
+    for job_id in done:
+        sup.wait_job(job_id)
+    assert sup.wait_job(failed)["status"] == "failed"
+    stats = sup.call("stats", "stats")
+    assert stats["completed"] == 5 and stats["failed"] == 1, stats
+    assert stats["queues"]["q1"]["completed"] == 5
+    listed = sup.call("list", "jobs", status="failed")
+    assert [j["id"] for j in listed] == [failed]
+    shown = ok(sup.request("get", job=failed))["job"]
+    assert [a["status"] for a in shown["attempt_log"]] == ["retrying", "failed"], shown
+    assert ok(sup.request("retry", job=failed))
+    assert sup.wait_job(failed)["status"] == "failed"
+
+
+@pytest.mark.timeout(30)
+def test_pg_schema_must_be_a_plain_name(pg: HQEnv) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hostqueue", "run", "--store", pg.pg_dsn or "", "--pg-schema", "x; drop",
+         "--socket", pg.path("x.sock")], env=pg.env(), capture_output=True, text=True, timeout=20,
+        cwd=str(pg.dir))
+    assert result.returncode != 0
+    assert "pg_schema must be a plain PostgreSQL name" in result.stdout + result.stderr
