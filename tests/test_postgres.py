@@ -11,11 +11,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
-from conftest import TASKS, HQEnv, ok, pg_run, postgres_dsn, wait_for
+from conftest import TASKS, HQEnv, is_alive, ok, pg_run, postgres_dsn, wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -173,3 +173,111 @@ def test_pg_schema_must_be_a_plain_name(pg: HQEnv) -> None:
         cwd=str(pg.dir))
     assert result.returncode != 0
     assert "pg_schema must be a plain PostgreSQL name" in result.stdout + result.stderr
+
+
+PROGRESS_TASKS = '''
+import time
+
+import hostqueue
+
+
+@hostqueue.task
+def nul_progress(ctx):
+    ctx.progress(0.5, "half\\x00way")
+    time.sleep(0.3)  # long enough for the progress sampler to store it
+    return "done"
+'''
+
+
+@pytest.mark.timeout(60)
+def test_a_nul_in_a_progress_message_does_not_wedge_the_store(pg: HQEnv) -> None:
+    """PostgreSQL text cannot hold NUL (SQLite stores it): a progress message with one
+    is stored with U+FFFD in its place, instead of failing its batch for ever (every
+    submit refused until a restart, and the job run again after it)."""
+    (pg.dir / "nultasks.py").write_text(PROGRESS_TASKS)
+    sup = pg.supervisor(workers=1, start=False)
+    sup.start("--tasks", str(pg.dir / "nultasks.py"))
+    job = ok(sup.request("submit", task="nultasks.nul_progress", wait=True, timeout=20))["job"]
+    assert job["status"] == "completed", job
+    after = sup.submit("add", {"a": 1, "b": 2})
+    assert sup.wait_job(after["id"])["result"] == 3
+    stored = sup.db_job(job["id"])
+    assert stored["status"] == "completed"
+    assert stored["progress_message"] in ("half\ufffdway", None), stored
+    assert "retrying in" not in sup.log_text()
+
+
+@pytest.mark.timeout(60)
+def test_one_job_twice_in_a_batch_keeps_the_last_write(pg: HQEnv) -> None:
+    """Writes about one job can meet in one batch (progress stored twice while a commit
+    waits; writes retried after a failure): the last one wins, as on SQLite
+    (UPDATE ... FROM over arrays would apply one of them, not necessarily the last).
+    The store is driven directly, on a real server."""
+    import asyncio
+
+    from hostqueue.store import WriteBatch
+    from hostqueue.store.postgres import PostgresStore
+
+    schema = f"{pg.pg_prefix}_direct"
+
+    async def run() -> tuple[Any, int]:
+        store = PostgresStore(pg.pg_dsn or "", schema)
+        await store.open()
+        try:
+            first = WriteBatch()
+            first.add_submit(1, 2, (1, "t.x", "default", 1, 0, None, None, 1.0, 1.0, None, None,
+                                    '["{}", "{}"]'), [], lambda: None, lambda e: None)
+            await store.apply(first)
+            batch = WriteBatch()
+            batch.add("start", (1, 2.0, 111, "pending", 1))
+            batch.add("start", (1, 2.0, 111, "pending", 2))
+            batch.add("record_progress", (0.1, "first", 1))
+            batch.add("record_progress", (0.2, "other", 2))
+            batch.add("record_progress", (0.9, "second", 1))
+            batch.add("finish", ("completed", "1", None, 3.0, None, None, None, None, 1, 2.0,
+                                 111, "running", 1))
+            batch.add("finish", ("completed", "1", None, 3.0, None, None, None, None, 1, 2.0,
+                                 111, "running", 1))  # again: refused by its guard
+            await store.apply(batch)
+            return await store.get_job(1), store.refused_transitions()
+        finally:
+            await store.close()
+
+    job, refused = asyncio.run(run())
+    assert job is not None
+    assert (job["progress"], job["progress_message"]) == (0.9, "second"), job
+    assert job["status"] == "completed"
+    assert refused == 1
+
+
+@pytest.mark.timeout(90)
+def test_a_supervisor_cut_off_while_another_takes_over_stops_its_jobs(pg: HQEnv) -> None:
+    """Supervisor A is frozen (SIGSTOP) while its jobs run, and the server ends its
+    connections (as after a network cut); B starts on the same schema, takes the lock,
+    and runs again the jobs A left running. When A wakes (SIGCONT) it learns it lost
+    the store: it stops its workers at once, stores nothing more and exits 1. Every
+    job completes, in B."""
+    import signal as sig
+
+    a = pg.supervisor(workers=2, name="a")
+    dsn = pg.pg_dsn or ""
+    log = pg.path("runs.log")
+    ids = [a.submit("record", {"log": log, "tag": f"t{i}", "sleep": 3.0})["id"] for i in range(2)]
+    wait_for(lambda: a.status()["running_jobs"] == 2, 10, "both jobs to start on A")
+    a_workers = a.worker_pids()
+    a.signal(sig.SIGSTOP)
+    try:
+        pg_run(dsn, None, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+               " WHERE application_name LIKE ?", (f"hostqueue % pid {a.pid} %",))
+        b = pg.supervisor(workers=2, name="b", start=False)
+        b.pg_schema = a.pg_schema
+        b.start()
+    finally:
+        a.signal(sig.SIGCONT)
+    assert a.wait_exit(20) == 1, a.log_text()[-3000:]
+    assert "may store nothing more" in a.log_text()
+    wait_for(lambda: not any(is_alive(p) for p in a_workers), 10, "A's workers to be stopped")
+    for job_id in ids:
+        assert b.wait_job(job_id, timeout=30)["status"] == "completed"
+    rows = b.db_query("SELECT status FROM jobs")
+    assert [r[0] for r in rows] == ["completed", "completed"]

@@ -137,10 +137,10 @@ class SupervisorConfig:
             raise SettingsError(f"durability must be 'normal' or 'full', got {self.durability!r}")
         if self.store_check not in ("quick", "off"):
             raise SettingsError(f"store.check must be 'quick' or 'off', got {self.store_check!r}")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", self.pg_schema):
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", self.pg_schema):
             raise SettingsError(
-                f"pg_schema must be a plain PostgreSQL name (letters, digits, _; at most 63),"
-                f" got {self.pg_schema!r}")
+                f"pg_schema must be a plain PostgreSQL name (lowercase letters, digits, _;"
+                f" at most 63), got {self.pg_schema!r}")
         if self.max_line < 1024:
             raise SettingsError(f"max_line must be at least 1024 bytes, got {self.max_line}")
         if (self.workers_min is None) != (self.workers_max is None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from hostqueue.store.base import (  # noqa: F401
     JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreBusy, StoreCorrupt, StoreError,
+    StoreFenced,
 )
 from hostqueue.store.batch import WriteBatch  # noqa: F401
 from hostqueue.store.lock import StoreLock, StoreLocked  # noqa: F401

@@ -42,6 +42,11 @@ class StoreCorrupt(StoreError):
     """The store's file is damaged: retrying cannot help; it must be restored or recovered."""
 
 
+class StoreFenced(StoreError):
+    """Another supervisor took the store over (this one lost its lock while cut off):
+    nothing this one does may be stored any more; it must stop its jobs and exit."""
+
+
 @dataclass
 class PendingSet:
     """Every pending job at start, in the compact shapes the ready index keeps."""
@@ -114,6 +119,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def apply(self, batch: WriteBatch) -> None:
         """Commit every write of the batch in one transaction, off the event loop."""
+
+    def on_fenced(self, callback: Callable[[StoreFenced], None]) -> None:
+        """Call callback if another supervisor takes the store over while this one
+        runs (a store shared over the network); a local file cannot be."""
 
     def refused_transitions(self) -> int:
         """How many guarded transitions, since the last call, found their job in

@@ -38,7 +38,7 @@ import orjson
 
 from hostqueue.core.states import FINAL_STATES
 from hostqueue.store.base import (
-    JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreError,
+    JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreError, StoreFenced,
 )
 from hostqueue.store.batch import TRANSITION_WRITES, Op, WriteBatch
 from hostqueue.store.lock import StoreLocked
@@ -51,6 +51,13 @@ DEFAULT_SCHEMA = "hostqueue"
 LOCK_SPACE = 0x6871
 MIGRATION_SPACE = 0x6872
 CONNECT_TIMEOUT = 10.0
+# A statement that takes longer fails (StoreError) instead of holding the writer for
+# as long as the kernel takes to give up on a half-open connection.
+COMMAND_TIMEOUT = 30.0
+# The server notices a client gone silent (a host frozen, a network cut) within
+# about 10 + 3 x 5 s, and ends its session: the advisory lock is freed with it.
+KEEPALIVES = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5",
+              "tcp_keepalives_count": "3"}
 _SELECT_JOB = "SELECT " + ", ".join(JOB_COLUMNS) + " FROM jobs"
 # Guarded updates batched over arrays (postgres_schema.batched).
 _BATCHED = {kind: batched(kind) for kind in TRANSITION_WRITES | {"record_progress"}}
@@ -97,18 +104,28 @@ class PostgresStore(Store):
         self._read_lock = asyncio.Lock()
         self._refused = 0
         self._lost = False  # the writer's connection broke: reconnect before writing
+        self._closed = False
         self._asyncpg: Any = None
+        self._fenced: Callable[[StoreFenced], None] | None = None
+        self._fenced_error: StoreFenced | None = None
+        self._reconnecting = False
 
     # -- lifecycle ------------------------------------------------------------
 
+    def _app_name(self, role: str) -> str:
+        return f"hostqueue {role} pid {os.getpid()} on {socket.gethostname()}"[:63]
+
     async def _connect(self, role: str) -> Any:
         asyncpg = self._asyncpg
+        if self._closed:
+            raise StoreError(f"store {self.path} is closed")
         try:
-            return await asyncpg.connect(
-                self.dsn, timeout=CONNECT_TIMEOUT,
+            conn = await asyncpg.connect(
+                self.dsn, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT,
                 server_settings={
                     "search_path": self.schema,
-                    "application_name": f"hostqueue {role} pid {os.getpid()} on {socket.gethostname()}"[:63],
+                    "application_name": self._app_name(role),
+                    **KEEPALIVES,
                 },
             )
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -116,6 +133,44 @@ class PostgresStore(Store):
                 f"cannot connect to PostgreSQL store {safe_dsn(self.dsn)}: {exc or type(exc).__name__}"
                 " (is the server running, and the URL's host, port, user and database right?)"
             ) from None
+        if role == "supervisor":
+            conn.add_termination_listener(self._writer_lost)
+        return conn
+
+    def _writer_lost(self, conn: Any) -> None:
+        """The writer's connection ended (server restart, failover, a network cut seen):
+        its advisory lock went with it. Connect again and take the lock back at once,
+        rather than at the next write: should another supervisor hold it by then, this
+        one learns it now and stops its jobs."""
+        if conn is not self._writer or self._closed:
+            return
+        self._lost = True
+        if self._reconnecting:
+            return
+        self._reconnecting = True
+
+        async def reconnect() -> None:
+            delay = 0.05
+            try:
+                while not self._closed and self._lost and self._fenced_error is None:
+                    try:
+                        async with self._lock:
+                            if self._lost and not self._closed:
+                                await self._writer_conn()
+                    except StoreError as exc:
+                        if isinstance(exc, StoreFenced):
+                            return
+                        log.warning("store %s: connecting again failed (%s); next try in %.1f s",
+                                    self.path, exc, delay)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+            finally:
+                self._reconnecting = False
+
+        asyncio.get_running_loop().create_task(reconnect())
+
+    def on_fenced(self, callback: Callable[[StoreFenced], None]) -> None:
+        self._fenced = callback
 
     async def open(self) -> None:
         try:
@@ -130,7 +185,7 @@ class PostgresStore(Store):
             await self._take_lock(self._writer)
             await self._migrate(self._writer)
             self._reader = await self._connect("reader")
-        except asyncpg.PostgresError as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
             await self.close()
             raise StoreError(f"cannot open PostgreSQL store {self.path}: {exc}") from None
         except BaseException:
@@ -143,6 +198,20 @@ class PostgresStore(Store):
             "SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_SPACE, self.schema)
         if got:
             return
+        # Our own earlier session, cut off on our side but not yet on the server's
+        # (it learns of it by keepalives): ended, and the lock taken again.
+        ended = await conn.fetchval(
+            "SELECT COUNT(pg_terminate_backend(a.pid)) FROM pg_locks l"
+            " JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory'"
+            " AND l.classid = $1 AND l.objid = hashtext($2)::oid AND l.granted"
+            " AND a.application_name = $3 AND a.pid <> pg_backend_pid()",
+            LOCK_SPACE, self.schema, self._app_name("supervisor"))
+        if ended:
+            for _ in range(50):
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))",
+                                       LOCK_SPACE, self.schema):
+                    return
+                await asyncio.sleep(0.1)
         holder = await conn.fetchval(
             "SELECT a.application_name || ' (' || COALESCE(host(a.client_addr), 'local') || ')'"
             " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
@@ -192,10 +261,11 @@ class PostgresStore(Store):
                 await conn.execute("UPDATE schema_version SET version = $1", number + 1)
 
     async def close(self) -> None:
+        self._closed = True
         for attr in ("_reader", "_writer"):
             conn = getattr(self, attr)
             setattr(self, attr, None)
-            if conn is not None:
+            if conn is not None and not conn.is_closed():
                 try:
                     await asyncio.wait_for(conn.close(), 5.0)
                 except Exception:
@@ -213,19 +283,29 @@ class PostgresStore(Store):
                                 asyncpg.CannotConnectNowError))
 
     async def _writer_conn(self) -> Any:
-        """The writer, connected again (with the lock taken back) after it broke."""
+        """The writer, connected again (with the lock taken back) after it broke.
+        Should another supervisor hold the lock by then, this one is fenced: every
+        write fails with StoreFenced from then on, and on_fenced's callback runs."""
+        if self._fenced_error is not None:
+            raise self._fenced_error
         if self._writer is None or self._lost or self._writer.is_closed():
             if self._writer is not None:
-                self._writer.terminate()
-                self._writer = None
+                old, self._writer = self._writer, None
+                old.terminate()
             conn = await self._connect("supervisor")
             try:
                 await self._take_lock(conn)
             except StoreLocked as exc:
                 conn.terminate()
-                raise StoreError(
+                self._fenced_error = StoreFenced(
                     f"the connection to the store was lost and, meanwhile, {exc}; this supervisor"
-                    " stores nothing more: stop it") from None
+                    " may store nothing more: it stops its jobs and exits")
+                if self._fenced is not None:
+                    self._fenced(self._fenced_error)
+                raise self._fenced_error from None
+            except BaseException:
+                conn.terminate()
+                raise
             self._writer, self._lost = conn, False
             log.warning("store %s: connected again", self.path)
         return self._writer
@@ -477,7 +557,8 @@ class PostgresStore(Store):
                     break
                 rows = await conn.fetch(
                     "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND status = $1"
-                    " AND finished_at < $2 LIMIT $3", status, cutoff, limit - len(out))
+                    " AND finished_at < $2 ORDER BY finished_at LIMIT $3",
+                    status, cutoff, limit - len(out))
                 out.extend((r[0], status, cutoff) for r in rows)
             return out
 
@@ -512,6 +593,16 @@ class PostgresStore(Store):
             " WHERE n.nspname = $1 AND c.relkind = 'r'", self.schema)))
 
 
+def _clean(params: tuple[Any, ...]) -> tuple[Any, ...]:
+    """PostgreSQL's text cannot hold NUL, which SQLite stores: a progress message or a
+    name with one would fail its whole batch again and again. NUL becomes U+FFFD.
+    (JSON texts never hold a raw NUL: orjson writes it as \u0000.)"""
+    for p in params:
+        if type(p) is str and "\x00" in p:
+            return tuple(q.replace("\x00", "\ufffd") if type(q) is str else q for q in params)
+    return params
+
+
 async def _apply_ops(conn: Any, ops: list[Op]) -> int:
     """Every write of a batch, in the open transaction: runs of one guarded update as
     one statement over arrays, other runs by executemany. Returns how many guarded
@@ -523,15 +614,22 @@ async def _apply_ops(conn: Any, ops: list[Op]) -> int:
         j = i + 1
         while j < n and ops[j][0] == kind:
             j += 1
-        if j - i == 1:
-            status = await conn.execute(WRITES[kind], *ops[i][1])
-            changed = _rows(status)
+        run = [_clean(p) for _, p in ops[i:j]]
+        if len(run) == 1:
+            changed = _rows(await conn.execute(WRITES[kind], *run[0]))
         elif kind in _BATCHED:
-            columns = list(zip(*(p for _, p in ops[i:j])))
-            status = await conn.execute(_BATCHED[kind], *[list(c) for c in columns])
-            changed = _rows(status)
+            ids = [p[-1] for p in run]
+            if len(set(ids)) == len(ids):
+                columns = [list(c) for c in zip(*run)]
+                changed = _rows(await conn.execute(_BATCHED[kind], *columns))
+            else:
+                # One job twice in the run (progress written twice, writes retried):
+                # UPDATE ... FROM would apply one of them, not the last; in order instead.
+                changed = 0
+                for p in run:
+                    changed += _rows(await conn.execute(WRITES[kind], *p))
         else:
-            await conn.executemany(WRITES[kind], [p for _, p in ops[i:j]])
+            await conn.executemany(WRITES[kind], run)
             changed = j - i
         if kind in TRANSITION_WRITES:
             refused += (j - i) - changed

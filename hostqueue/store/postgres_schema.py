@@ -168,8 +168,8 @@ def batched(kind: str) -> str:
     """The statement of a guarded UPDATE kind for many jobs at once: its parameters
     become arrays, one element per job, walked by unnest. One round trip, and its
     status ("UPDATE n") says how many jobs it changed, which executemany does not.
-    Each job appears once in a run of one kind (a job makes one transition of a kind
-    per write), so each row is updated at most once."""
+    UPDATE ... FROM changes each row once, with one of its matching elements: only
+    for runs in which each job appears once (postgres.py checks)."""
     sql = WRITES[kind]
     if not sql.startswith("UPDATE jobs SET "):
         raise ValueError(f"{kind} is not a guarded update")

@@ -109,6 +109,7 @@ class Supervisor:
         self._title = ""
         self._title_pending: asyncio.TimerHandle | None = None
         self._trimming = False
+        self._exit_code = 0  # 1 once the store was taken over by another supervisor
         self._title_prefix = f"hostqueue supervisor {display_name(config.store)}"
         # Parts made once the loop runs (_make_parts).
         self.loop: asyncio.AbstractEventLoop
@@ -195,6 +196,7 @@ class Supervisor:
             log.error("%s", exc)
             return 1
         self._make_parts()
+        self.store.on_fenced(self._fenced)
         try:
             await self._recover()
         except StoreError as exc:
@@ -397,6 +399,17 @@ class Supervisor:
         self._check_drained()
         self._update_title()
 
+    def _fenced(self, exc: Exception) -> None:
+        """Another supervisor took the store over while this one was cut off from it:
+        the jobs this one runs now belong to that one (it ran again those it found
+        running). Stop every worker at once, store nothing more, exit 1."""
+        log.critical("%s", exc)
+        self._exit_code = 1
+        if self.state is SupervisorState.DRAINING:
+            self._grace_expired()
+        else:
+            self.begin_drain(grace=0.0)
+
     def _grace_expired(self) -> None:
         for worker in self.pool:
             if worker.exit_status is None:
@@ -416,7 +429,7 @@ class Supervisor:
                 self._grace_timer.cancel()
             self.sampler.stop()
             self.state = SupervisorState.STOPPED
-            self.stopped.set_result(0)
+            self.stopped.set_result(self._exit_code)
 
     # == the pool ================================================================
 
