@@ -94,6 +94,33 @@ PG_URL: str | None = None
 _schemas = 0
 
 
+class PgReader:
+    """The few calls of sqlite3's connection the benchmark uses (execute with ``?``
+    placeholders, fetchone, close), on one PostgreSQL connection."""
+
+    def __init__(self, url: str, schema: str) -> None:
+        import asyncio
+
+        import asyncpg
+
+        self.loop = asyncio.new_event_loop()
+        self.conn = self.loop.run_until_complete(
+            asyncpg.connect(url, timeout=10, server_settings={"search_path": schema}))
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> "PgReader":
+        parts = sql.split("?")
+        text = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
+        self.rows = self.loop.run_until_complete(self.conn.fetch(text, *params))
+        return self
+
+    def fetchone(self) -> Any:
+        return tuple(self.rows[0]) if self.rows else None
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.conn.close())
+        self.loop.close()
+
+
 def pg_execute(url: str, sql: str) -> None:
     """One statement on the PostgreSQL server (asyncpg; the bench imports nothing of hostqueue)."""
     import asyncio
@@ -241,7 +268,10 @@ class Supervisor:
         sup = psutil.Process(self.proc.pid)
         return sup, sup.children(recursive=True)
 
-    def db(self) -> sqlite3.Connection:
+    def db(self) -> Any:
+        """A read-only view of the store: the SQLite file, or (--store URL) the schema."""
+        if self.pg_schema is not None and PG_URL is not None:
+            return PgReader(PG_URL, self.pg_schema)
         return sqlite3.connect(f"file:{self.store}?mode=ro", uri=True, timeout=30)
 
 
@@ -337,8 +367,8 @@ def wait_done(sup: Supervisor, first: int, last: int, budget: float = 300.0) -> 
                 except TimeoutError:
                     pass
             done, bad, newest, open_id = db.execute(
-                "SELECT SUM(status = 'completed'),"
-                " SUM(status NOT IN ('completed', 'pending', 'running')),"
+                "SELECT SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END),"
+                " SUM(CASE WHEN status NOT IN ('completed', 'pending', 'running') THEN 1 ELSE 0 END),"
                 " MAX(finished_at), MAX(CASE WHEN status IN ('pending', 'running') THEN id END)"
                 " FROM jobs WHERE id BETWEEN ? AND ?", (first, last),
             ).fetchone()
