@@ -30,6 +30,31 @@ JOB_COLUMNS = (
 )
 
 
+def job_row_to_dict(row: Any) -> dict[str, Any]:
+    """A row of JOB_COLUMNS (either engine's) as the protocol's job object."""
+    import orjson
+
+    job = dict(zip(JOB_COLUMNS, row))
+    job["args"] = orjson.loads(job["args"]) if job["args"] is not None else {}
+    job["result"] = orjson.loads(job["result"]) if job["result"] is not None else None
+    job["error"] = orjson.loads(job["error"]) if job["error"] is not None else None
+    job["abort_requested"] = bool(job["abort_requested"])
+    return job
+
+
+def state_totals(rows: Iterable[tuple[str, str, int]]) -> dict[str, Any]:
+    """Counts by state, and by queue and state, from (queue, state, count) rows."""
+    names = ("pending", "scheduled", "running", "completed", "failed", "cancelled", "expired")
+    totals: dict[str, Any] = {n: 0 for n in names}
+    queues: dict[str, dict[str, int]] = {}
+    for queue, state, n in rows:
+        totals[state] = totals.get(state, 0) + n
+        per = queues.setdefault(queue, {k: 0 for k in names})
+        per[state] = per.get(state, 0) + n
+    totals["queues"] = queues
+    return totals
+
+
 class StoreError(Exception):
     """The store could not carry out a write or a read (disk full, read-only, corrupt)."""
 
@@ -58,6 +83,28 @@ class PendingSet:
     delayed: list[tuple[float, int]] = field(default_factory=list)
     deadlines: list[tuple[float, int]] = field(default_factory=list)
     keys: dict[str, int] = field(default_factory=dict)
+
+    def add(self, row: Any, now: float) -> None:
+        """One pending row (id, queue, task, priority, run_at, deadline, key), as read
+        by an engine's scan."""
+        job_id, queue, task, priority, run_at, deadline, key = row
+        if run_at <= now:
+            by_priority = self.ready.get((queue, task))
+            if by_priority is None:
+                by_priority = self.ready[(queue, task)] = {}
+            ids = by_priority.get(priority)
+            if ids is None:
+                ids = by_priority[priority] = array("q")
+            if ids and job_id < ids[-1]:
+                self.unordered.append(((queue, task), priority, job_id))
+            else:
+                ids.append(job_id)
+        else:
+            self.delayed.append((run_at, job_id))
+        if deadline is not None:
+            self.deadlines.append((deadline, job_id))
+        if key is not None:
+            self.keys[key] = job_id
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ import orjson
 
 from hostqueue.core.states import FINAL_STATES
 from hostqueue.store.base import (
-    JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreError, StoreFenced,
+    JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreError, StoreFenced, job_row_to_dict,
+    state_totals,
 )
 from hostqueue.store.batch import TRANSITION_WRITES, Op, WriteBatch
 from hostqueue.store.lock import StoreLocked
@@ -78,15 +79,6 @@ def safe_dsn(dsn: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)
     user = netloc[0].split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
-
-
-def job_row_to_dict(row: Any) -> dict[str, Any]:
-    job = dict(zip(JOB_COLUMNS, row))
-    job["args"] = orjson.loads(job["args"]) if job["args"] is not None else {}
-    job["result"] = orjson.loads(job["result"]) if job["result"] is not None else None
-    job["error"] = orjson.loads(job["error"]) if job["error"] is not None else None
-    job["abort_requested"] = bool(job["abort_requested"])
-    return job
 
 
 def _quote_ident(name: str) -> str:
@@ -400,8 +392,6 @@ class PostgresStore(Store):
         return await self._write(recover)
 
     async def load_pending(self, now: float) -> PendingSet:
-        from array import array
-
         async def load(conn: Any) -> PendingSet:
             out = PendingSet()
             async with conn.transaction(readonly=True, isolation="repeatable_read"):
@@ -409,22 +399,8 @@ class PostgresStore(Store):
                     "SELECT id, queue, task, priority, run_at, deadline, key FROM jobs"
                     " WHERE status = 'pending' ORDER BY queue, priority DESC, id",
                     prefetch=10_000)
-                async for job_id, queue, task, priority, run_at, deadline, key in cursor:
-                    if run_at <= now:
-                        by_priority = out.ready.setdefault((queue, task), {})
-                        ids = by_priority.get(priority)
-                        if ids is None:
-                            ids = by_priority[priority] = array("q")
-                        if ids and job_id < ids[-1]:
-                            out.unordered.append(((queue, task), priority, job_id))
-                        else:
-                            ids.append(job_id)
-                    else:
-                        out.delayed.append((run_at, job_id))
-                    if deadline is not None:
-                        out.deadlines.append((deadline, job_id))
-                    if key is not None:
-                        out.keys[key] = job_id
+                async for row in cursor:
+                    out.add(row, now)
             return out
 
         return await self._read(load)
@@ -533,15 +509,7 @@ class PostgresStore(Store):
                 return rows
 
         rows = await self._read(count)
-        names = ("pending", "scheduled", "running", "completed", "failed", "cancelled", "expired")
-        totals: dict[str, Any] = {n: 0 for n in names}
-        queues: dict[str, dict[str, int]] = {}
-        for queue, state, n in rows:
-            totals[state] = totals.get(state, 0) + n
-            per = queues.setdefault(queue, {k: 0 for k in names})
-            per[state] = per.get(state, 0) + n
-        totals["queues"] = queues
-        return totals
+        return state_totals(rows)
 
     async def completed_with_key(self, key: str, since: float) -> dict[str, Any] | None:
         row = await self._read(lambda c: c.fetchrow(

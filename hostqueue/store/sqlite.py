@@ -30,7 +30,6 @@ import stat
 import sqlite3
 import threading
 import time
-from array import array
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import orjson
@@ -38,6 +37,7 @@ import orjson
 from hostqueue.core.states import FINAL_STATES, JobStatus
 from hostqueue.store.base import (
     JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreBusy, StoreCorrupt, StoreError,
+    job_row_to_dict, state_totals,
 )
 from hostqueue.store.batch import TRANSITION_WRITES, Op, WriteBatch
 from hostqueue.store.lock import StoreLock, StoreLocked
@@ -65,15 +65,6 @@ CHECKPOINT_PAGES = 1000
 BUSY_WAIT = 5.0
 
 _SELECT_JOB = "SELECT " + ", ".join(JOB_COLUMNS) + " FROM jobs"
-
-def job_row_to_dict(row: tuple[Any, ...] | sqlite3.Row) -> dict[str, Any]:
-    job = dict(zip(JOB_COLUMNS, row))
-    job["args"] = orjson.loads(job["args"]) if job["args"] is not None else {}
-    job["result"] = orjson.loads(job["result"]) if job["result"] is not None else None
-    job["error"] = orjson.loads(job["error"]) if job["error"] is not None else None
-    job["abort_requested"] = bool(job["abort_requested"])
-    return job
-
 
 
 def _ended_queues(conn: sqlite3.Connection, status: str) -> Iterator[str]:
@@ -545,24 +536,9 @@ class SQLiteStore(Store):
                 rows = cursor.fetchmany(10_000)
                 if not rows:
                     return out
-                for job_id, queue, task, priority, run_at, deadline, key in rows:
-                    if run_at <= now:
-                        by_priority = out.ready.get((queue, task))
-                        if by_priority is None:
-                            by_priority = out.ready[(queue, task)] = {}
-                        ids = by_priority.get(priority)
-                        if ids is None:
-                            ids = by_priority[priority] = array("q")
-                        if ids and job_id < ids[-1]:
-                            out.unordered.append(((queue, task), priority, job_id))
-                        else:
-                            ids.append(job_id)
-                    else:
-                        out.delayed.append((run_at, job_id))
-                    if deadline is not None:
-                        out.deadlines.append((deadline, job_id))
-                    if key is not None:
-                        out.keys[key] = job_id
+                add = out.add
+                for row in rows:
+                    add(row, now)
 
         return await self._run(load)
 
@@ -767,15 +743,7 @@ class SQLiteStore(Store):
             return rows
 
         rows = await self._read(count)
-        names = ("pending", "scheduled", "running", "completed", "failed", "cancelled", "expired")
-        totals: dict[str, Any] = {n: 0 for n in names}
-        queues: dict[str, dict[str, int]] = {}
-        for queue, state, n in rows:
-            totals[state] = totals.get(state, 0) + n
-            per = queues.setdefault(queue, {k: 0 for k in names})
-            per[state] = per.get(state, 0) + n
-        totals["queues"] = queues
-        return totals
+        return state_totals(rows)
 
     async def completed_with_key(self, key: str, since: float) -> dict[str, Any] | None:
         """The newest job with this key that completed at or after ``since`` (result caching)."""
