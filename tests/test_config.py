@@ -125,6 +125,24 @@ def test_reload_applies_a_new_limit_while_jobs_run(hq: HQEnv) -> None:
 
 
 @pytest.mark.timeout(40)
+def test_reload_applies_a_new_retention(hq: HQEnv) -> None:
+    """retention.completed lowered by a reload deletes completed jobs on the new
+    schedule (the retention part kept reading the configuration it started with)."""
+    path = write_config(hq, """
+        [retention]
+        completed = 3600
+        """)
+    sup = hq.supervisor(workers=1, start=False)
+    sup.start("--config", str(path))
+    job = sup.submit("noop")
+    assert sup.wait_job(job["id"])["status"] == "completed"
+    path.write_text("[retention]\ncompleted = 1\n")
+    sup.signal(signal.SIGHUP)
+    wait_for(lambda: not sup.db_query("SELECT id FROM jobs WHERE id = ?", (job["id"],)), 15,
+             "the completed job to be deleted under the reloaded retention of 1 s")
+
+
+@pytest.mark.timeout(40)
 def test_broken_reload_keeps_the_running_configuration(hq: HQEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_config(hq, """
         [workers]

@@ -110,6 +110,8 @@ class Supervisor:
         self._title_pending: asyncio.TimerHandle | None = None
         self._trimming = False
         self._exit_code = 0  # 1 once the store was taken over by another supervisor
+        # Seconds each final state is kept (config.retention(), read once per job's end).
+        self._retention = config.retention()
         self._title_prefix = f"hostqueue supervisor {display_name(config.store)}"
         # Parts made once the loop runs (_make_parts).
         self.loop: asyncio.AbstractEventLoop
@@ -151,7 +153,7 @@ class Supervisor:
             state, lambda: self.config.prefetch, lambda: self.config.max_jobs_per_worker,
             self.sizer.grow, self._jobs_handed, self.events.wants, self._job_ended)
         self.announcer = Announcer(loop, self.store, self.committer, self.events)
-        self.retention = Retention(loop, self.store, self.committer, self.config.retention, state,
+        self.retention = Retention(loop, self.store, self.committer, lambda: self._retention, state,
                                    self.book.forget_deleted)
         self.outcomes = Outcomes(self.book, self.dispatcher, self.committer, self.announcer,
                                  self.events, self.counters, self.runtime, lambda: self.tasks,
@@ -453,7 +455,7 @@ class Supervisor:
             config = settings.reread(self.config)
         except settings.SettingsError as exc:
             raise ProtocolError("bad_request", f"reload refused, the running configuration stays: {exc}") from None
-        for name in ("store", "socket", "durability", "max_line"):
+        for name in ("store", "pg_schema", "socket", "durability", "max_line"):
             if getattr(config, name) != getattr(self.config, name):
                 log.warning("reload: '%s' changed; it takes effect at the next start", name)
                 setattr(config, name, getattr(self.config, name))
@@ -466,6 +468,7 @@ class Supervisor:
             raise ProtocolError("bad_request", f"reload refused, the running configuration stays: {exc}") from None
         self.notifier.notify("RELOADING=1")
         self.config = config
+        self._retention = config.retention()  # the reloaded retention applies from now on
         self.tasks = tasks
         self.shaper.apply(ShapingConfig.parse(config.queues, config.limits))
         self.shaper.recount(a.lane for a in self.book.active())
