@@ -81,7 +81,7 @@ def measure(drop: tuple[str, ...], directory: str) -> tuple[float, float, float,
 
 def main() -> int:
     variants: list[tuple[str, ...]] = [
-        (), ("jobs_pending",), ("jobs_ended",),
+        (), ("jobs_waiting",), ("jobs_ended",),
         ("jobs_key", "jobs_run", "jobs_key_completed"),
     ]
     print(f"{'without':40s} {'insert':>8s} {'start':>8s} {'finish':>8s} {'total':>8s} {'lone job':>9s}"

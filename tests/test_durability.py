@@ -65,6 +65,35 @@ def test_kill9_supervisor_loses_no_acknowledged_job(hq: HQEnv) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_job_held_as_it_was_submitted_is_pending_and_survives_a_crash(hq: HQEnv) -> None:
+    """A one-job submit handed to an idle worker in the turn it arrives is written held
+    (pending, with the worker's pid: it stays out of the index of waiting jobs). To
+    everyone it is pending with no worker; `stats` counts it pending; after a kill -9
+    of the supervisor it runs again, uncharged, and the store keeps no worker for it
+    meanwhile. The worker is stopped (SIGSTOP) so that the job stays held."""
+    sup = hq.supervisor(workers=1)
+    (worker,) = sup.worker_pids()
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        job = sup.submit("add", {"a": 2, "b": 3})
+        rows = sup.db_query("SELECT status, worker_pid FROM jobs WHERE id = ?", (job["id"],))
+        assert (rows[0][0], rows[0][1]) == ("pending", worker), [tuple(r) for r in rows]
+        shown = sup.get(job["id"])
+        assert shown["status"] == "pending" and shown["worker_pid"] is None, shown
+        stats = sup.call("stats", "stats")
+        assert stats["pending"] == 1 and stats["running"] == 0, stats
+        sup.kill9()
+    finally:
+        os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: not sup.session(), 10, "no process left in the supervisor's session")
+    sup.start()
+    done = sup.wait_job(job["id"])
+    assert done["status"] == "completed" and done["result"] == 5, done
+    assert done["attempts"] == 1 and done["worker_pid"] != worker, done
+    assert sup.call("stats", "stats")["pending"] == 0
+
+
+@pytest.mark.timeout(60)
 def test_worker_killed_mid_job_is_retried(hq: HQEnv) -> None:
     sup = hq.supervisor(workers=2)
     marker, release = hq.path("started"), hq.path("release")

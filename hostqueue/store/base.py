@@ -39,6 +39,8 @@ def job_row_to_dict(row: Any) -> dict[str, Any]:
     job["result"] = orjson.loads(job["result"]) if job["result"] is not None else None
     job["error"] = orjson.loads(job["error"]) if job["error"] is not None else None
     job["abort_requested"] = bool(job["abort_requested"])
+    if job["status"] == "pending":
+        job["worker_pid"] = None  # held by a worker, maybe, but not started: nobody's yet
     return job
 
 
@@ -223,7 +225,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def count_by_state(
         self, now: float, run_id: str | None = None, scheduled_ids: list[int] | None = None,
-        running: Callable[[Callable[[], None]], dict[str, int]] | None = None,
+        running: Callable[[Callable[[], None]], tuple[dict[str, int], dict[str, int]]] | None = None,
     ) -> dict[str, Any]: ...
 
     @abc.abstractmethod

@@ -126,6 +126,20 @@ class WriteBatch:
             self._adding.append(seg)
         self.new_rows += count
 
+    def hold_new(self, job_id: int, worker_pid: int) -> bool:
+        """A job of a one-job submit not yet committed was handed to a worker: its row
+        is written held by that worker ("add_held": pending, worker_pid set), which
+        keeps it out of the index of waiting jobs it would leave again at once.
+        False when the job is not such a submit of this batch."""
+        if self.ordered:
+            return False
+        seg = self._segment_of(job_id)
+        if seg is None or seg.rows != 1 or seg.first_id != job_id or not seg.ops \
+                or seg.ops[0][0] != "add_jobs":
+            return False
+        seg.ops[0] = ("add_held", seg.ops[0][1] + (worker_pid,))
+        return True
+
     def after_commit(self, callback: Callable[[], None], job_ids: Iterable[int] | None = None,
                      first: bool = False) -> None:
         """Run callback once everything added so far is committed; given job_ids,

@@ -363,6 +363,9 @@ class PostgresStore(Store):
         async def recover(conn: Any) -> tuple[int, int]:
             requeued = failed = 0
             async with conn.transaction():
+                # Rows held by a worker of the dead supervisor wait again, uncharged.
+                await conn.execute("UPDATE jobs SET worker_pid = NULL WHERE status = 'pending'"
+                                   " AND worker_pid IS NOT NULL")
                 rows = await conn.fetch(
                     "SELECT id, attempts, interruptions, worker_pid, started_at FROM jobs"
                     " WHERE status = 'running' FOR UPDATE")
@@ -484,7 +487,7 @@ class PostgresStore(Store):
 
     async def count_by_state(
         self, now: float, run_id: str | None = None, scheduled_ids: list[int] | None = None,
-        running: Callable[[Callable[[], None]], dict[str, int]] | None = None,
+        running: Callable[[Callable[[], None]], tuple[dict[str, int], dict[str, int]]] | None = None,
     ) -> dict[str, Any]:
         """Counts by state and queue, from one snapshot; pending jobs due later count
         as 'scheduled'. Running jobs are counted in the table (an index holds them:

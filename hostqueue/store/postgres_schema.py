@@ -100,6 +100,15 @@ WRITES: dict[str, str] = {
         " $5::integer, $6::text, $7::text, $8::float8, $9::float8, $10::float8, $11::float8"
         " FROM json_array_elements_text($12::json) WITH ORDINALITY AS t(v, n)"
     ),
+    # One job, held at once by the worker it was handed to (the SQLite store keeps such
+    # rows out of its index of waiting jobs; here the same row, with worker_pid).
+    "add_held": (
+        "INSERT INTO jobs (id, task, queue, status, args, attempts, max_attempts, priority,"
+        " key, run_id, created_at, run_at, deadline, timeout, worker_pid)"
+        " SELECT $1::bigint + t.n - 1, $2::text, $3::text, 'pending', t.v, 0, $4::integer,"
+        " $5::integer, $6::text, $7::text, $8::float8, $9::float8, $10::float8, $11::float8,"
+        " $13::integer FROM json_array_elements_text($12::json) WITH ORDINALITY AS t(v, n)"
+    ),
     "start": (
         "UPDATE jobs SET status = 'running', attempts = $1::integer, started_at = $2::float8,"
         " worker_pid = $3::integer, finished_at = NULL WHERE status = $4::text AND id = $5::bigint"

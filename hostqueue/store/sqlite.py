@@ -483,12 +483,20 @@ class SQLiteStore(Store):
         def recover(conn: sqlite3.Connection) -> tuple[int, int]:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                found = [
-                    Interrupted(*row) for row in conn.execute(
-                        "SELECT id, attempts, interruptions, worker_pid, started_at FROM jobs"
-                        " WHERE status = 'running'"
-                    )
-                ]
+                found = []
+                held = []
+                # One scan finds the running jobs and the rows held by a worker of the
+                # dead supervisor; those wait again (back in jobs_waiting), uncharged:
+                # they never started.
+                for status, *row in conn.execute(
+                    "SELECT status, id, attempts, interruptions, worker_pid, started_at FROM jobs"
+                    " WHERE status = 'running' OR (status = 'pending' AND worker_pid IS NOT NULL)"
+                ):
+                    if status == "running":
+                        found.append(Interrupted(*row))
+                    else:
+                        held.append((row[0],))
+                conn.executemany("UPDATE jobs SET worker_pid = NULL WHERE id = ?", held)
                 requeued = failed = 0
                 for job in found:
                     status, err = decide(job)
@@ -530,7 +538,7 @@ class SQLiteStore(Store):
             out = PendingSet()
             cursor = conn.execute(
                 "SELECT id, queue, task, priority, run_at, deadline, key FROM jobs"
-                " WHERE status = 'pending'"
+                " WHERE status = 'pending' AND worker_pid IS NULL"  # recovery cleared held rows
             )
             while True:
                 rows = cursor.fetchmany(10_000)
@@ -620,7 +628,7 @@ class SQLiteStore(Store):
                 where.append(f"{column} = ?")
                 params.append(value)
         if status == "pending":
-            where.append("status = 'pending'")  # spelled out: the partial jobs_pending applies
+            where.append("status = 'pending'")
         elif status is not None:
             where.append("status = ?")
             params.append(status)
@@ -670,7 +678,7 @@ class SQLiteStore(Store):
 
     async def count_by_state(
         self, now: float, run_id: str | None = None, scheduled_ids: list[int] | None = None,
-        running: Callable[[Callable[[], None]], dict[str, int]] | None = None,
+        running: Callable[[Callable[[], None]], tuple[dict[str, int], dict[str, int]]] | None = None,
     ) -> dict[str, Any]:
         """Counts by state and queue; pending jobs due later count as 'scheduled'.
 
@@ -702,13 +710,13 @@ class SQLiteStore(Store):
             return rows
 
         def count_all(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
-            running_now = None
+            running_now = held_now = None
             if running is not None:  # first: it opens the snapshot everything is read in
 
                 def open_snapshot() -> None:
                     conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
 
-                running_now = running(open_snapshot)
+                running_now, held_now = running(open_snapshot)
             rows: list[tuple[str, str, int]] = conn.execute(
                 "SELECT queue, status, COUNT(*) FROM jobs WHERE finished_at IS NOT NULL"
                 " GROUP BY status, queue"  # jobs_ended's order: no sort
@@ -720,7 +728,7 @@ class SQLiteStore(Store):
                 ).fetchall()
             else:
                 rows += [(queue, "running", n) for queue, n in running_now.items()]
-            if scheduled_ids is None:  # every pending row read for its due time
+            if scheduled_ids is None or held_now is None:  # every pending row read for its due time
                 rows += conn.execute(
                     "SELECT queue, CASE WHEN run_at > ? THEN 'scheduled' ELSE 'pending' END,"
                     " COUNT(*) FROM jobs WHERE status = 'pending' GROUP BY 1, 2",
@@ -734,9 +742,15 @@ class SQLiteStore(Store):
                     " AND status = 'pending' AND run_at > ? GROUP BY queue",
                     (orjson.dumps(scheduled_ids).decode(), now),
                 ).fetchall())
-            for queue, n in conn.execute(
-                "SELECT queue, COUNT(*) FROM jobs WHERE status = 'pending' GROUP BY queue"
-            ).fetchall():
+            # Waiting rows from jobs_waiting alone; held rows (few) as the supervisor
+            # counts them, as of this snapshot. Held jobs are due: never "later".
+            waiting = dict(conn.execute(
+                "SELECT queue, COUNT(*) FROM jobs WHERE status = 'pending' AND worker_pid IS NULL"
+                " GROUP BY queue"
+            ).fetchall())
+            for queue, n in held_now.items():
+                waiting[queue] = waiting.get(queue, 0) + n
+            for queue, n in waiting.items():
                 rows.append((queue, "pending", n - later.get(queue, 0)))
                 if later.get(queue):
                     rows.append((queue, "scheduled", later[queue]))

@@ -135,6 +135,20 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE jobs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        "waiting jobs indexed apart from held ones: a job handed to a worker as it is"
+        " submitted never enters the index",
+        """
+        -- A one-job submit handed to an idle worker in the turn it arrives is written
+        -- held (pending, worker_pid set: "add_held"). Indexed with the waiting jobs, it
+        -- cost an index entry added by its INSERT and removed by its end: a sixth of a
+        -- lone job's commit time. Held rows are few (prefetch x workers at most);
+        -- recovery clears their worker_pid at start, and the supervisor counts them.
+        DROP INDEX jobs_pending;
+        CREATE INDEX jobs_waiting ON jobs (queue, priority DESC, id)
+            WHERE status = 'pending' AND worker_pid IS NULL;
+        """,
+    ),
 ]
 
 # The statements of each write kind (batch.py). A transition is guarded by the
@@ -147,6 +161,14 @@ WRITES: dict[str, str] = {
         "INSERT INTO jobs (id, task, queue, status, args, attempts, max_attempts, priority,"
         " key, run_id, created_at, run_at, deadline, timeout)"
         " SELECT ?1 + key, ?2, ?3, 'pending', value, 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11"
+        " FROM json_each(?12)"
+    ),
+    # One job, held at once by the worker it was handed to: add_jobs' parameters, then
+    # the worker's pid.
+    "add_held": (
+        "INSERT INTO jobs (id, task, queue, status, args, attempts, max_attempts, priority,"
+        " key, run_id, created_at, run_at, deadline, timeout, worker_pid)"
+        " SELECT ?1 + key, ?2, ?3, 'pending', value, 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?13"
         " FROM json_each(?12)"
     ),
     # held -> running: the task started in a worker.

@@ -31,7 +31,7 @@ log = logging.getLogger("hostqueue.store")
 MAX_NEW_ROWS = 4000
 
 # Written only together with the jobs they submit: refused with them.
-SUBMIT_KINDS = frozenset({"add_jobs", "save_schedule"})
+SUBMIT_KINDS = frozenset({"add_jobs", "add_held", "save_schedule"})
 
 # A write this soon after the last commit ended, with other jobs in flight, means
 # load: its transaction waits one more loop turn for company. Otherwise (a lone
@@ -85,6 +85,10 @@ class GroupCommitter:
     def add(self, kind: str, params: tuple[Any, ...]) -> None:
         self.batch.add(kind, params)
         self._schedule()
+
+    def hold_new(self, job_id: int, worker_pid: int) -> None:
+        """The uncommitted one-job submit of job_id was handed to this worker (batch.py)."""
+        self.batch.hold_new(job_id, worker_pid)
 
     def after_commit(self, callback: Callable[[], None], job_ids: Iterable[int] | None = None,
                      first: bool = False) -> None:

@@ -384,10 +384,12 @@ class Dispatcher:
 
     def _send(self, worker: WorkerHandle, attempts: list[Attempt]) -> None:
         """Hand the jobs to their worker once their INSERTs are committed."""
-        newest = max(a.id for a in attempts)
+        newest = attempts[0].id if len(attempts) == 1 else max(a.id for a in attempts)
         if newest <= self.committer.committed_through:
             self._hand_over(worker, attempts)
         else:
+            if len(attempts) == 1:
+                self.committer.hold_new(newest, worker.pid)
             # The worker first: it runs the jobs while the commit's other callbacks
             # (the submits' replies) run here.
             self.committer.after_commit(lambda: self._hand_over(worker, attempts),
