@@ -283,10 +283,11 @@ class Dispatcher:
         """Workers idle with nothing ready for them: take back the jobs held, and not
         started, by workers that run past their expected time; arm a timer for the
         earliest that may do so later."""
-        if not self._plans or not any(True for _ in self.pool.idle()):
+        book = self.book
+        # Nothing held beyond what runs (the usual case between jobs), or nobody idle.
+        if book.handed <= book.running or not self._plans or not self.pool.any_idle():
             return
         earliest = math.inf
-        book = self.book
         for pid, plan in self._plans.items():
             if plan.taking_back or plan.fetching:
                 continue

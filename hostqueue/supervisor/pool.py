@@ -340,6 +340,12 @@ class Pool:
     def idle(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.state is WorkerState.IDLE and w.connected]
 
+    def any_idle(self) -> bool:
+        for w in self.workers.values():
+            if w.state is WorkerState.IDLE and w.connected:
+                return True
+        return False
+
     def busy(self) -> int:
         return sum(1 for w in self.workers.values() if self._holds(w.pid))
 
