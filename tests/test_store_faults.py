@@ -172,9 +172,16 @@ def test_disk_full_refuses_submits_quickly_and_recovers(
     assert not set(refused) & set(rows.values())
     # Jobs whose end (or claim) the full disk refused: a wait is not told they ended
     # before that is committed; it times out instead.
+    # (A full disk still takes a write now and then, when SQLite reuses WAL pages: a wait
+    # answered ok must find the end in the store.)
     unrecorded = [i for i in acked if sup.db_job(i)["status"] != "completed"]
     for job_id in unrecorded[:3]:
-        assert error_code(sup.request("wait", job=job_id, timeout=0.3)) == "timeout"
+        reply = sup.request("wait", job=job_id, timeout=0.3)
+        if reply.get("ok"):
+            assert sup.db_job(job_id)["status"] == reply["job"]["status"], (
+                f"a wait was told job {job_id} ended before its end was stored: {reply['job']['status']}")
+        else:
+            assert error_code(reply) == "timeout", reply
     full_at = time.monotonic()
 
     # Space again: submits are taken (the store is retried with a backoff of at most 5 s).
