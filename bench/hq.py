@@ -121,6 +121,17 @@ class PgReader:
         self.loop.close()
 
 
+def pg_safe(url: str) -> str:
+    """The URL without its password, for reports."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}"
+                                     + (f":{parts.port}" if parts.port else "")))
+
+
 def pg_execute(url: str, sql: str) -> None:
     """One statement on the PostgreSQL server (asyncpg; the bench imports nothing of hostqueue)."""
     import asyncio
