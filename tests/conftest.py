@@ -26,7 +26,8 @@ after the test). The server is ``$HOSTQUEUE_TEST_POSTGRES`` (a URL), else the
 local one if it answers on 127.0.0.1:5432 (database ``test``), else a
 throwaway cluster made with ``initdb``/``pg_ctl`` when they are on PATH (not as
 root: initdb refuses it), else those tests skip, saying why. ``db_query`` reads
-either store: write its SQL with ``?`` placeholders.
+either store: write its SQL with ``?`` placeholders. ``HQ_TEST_STORE=postgres``
+runs every other test on PostgreSQL instead (by hand: most read the SQLite file).
 """
 
 from __future__ import annotations
@@ -932,7 +933,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture
 def hq(request: pytest.FixtureRequest) -> Iterator[HQEnv]:
-    kind = getattr(request, "param", "sqlite")
+    # HQ_TEST_STORE=postgres runs the tests that are not parametrized on PostgreSQL
+    # too (by hand: e.g. the crash torture).
+    kind = getattr(request, "param", os.environ.get("HQ_TEST_STORE", "sqlite"))
     env = HQEnv(postgres_dsn() if kind == "postgres" else None)
     try:
         yield env
