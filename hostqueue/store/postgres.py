@@ -309,30 +309,35 @@ class PostgresStore(Store):
 
     async def _read(self, fn: Callable[[Any], Any]) -> Any:
         async with self._read_lock:
-            try:
-                return await fn(await self._reader_conn())
-            except StoreError:
-                raise
-            except Exception as exc:
-                if self._broken(exc) and self._reader is not None:
-                    self._reader.terminate()
-                    self._reader = None
-                if isinstance(exc, (self._asyncpg.PostgresError, OSError, self._asyncpg.InterfaceError)):
-                    raise self._error(exc, "read failed: ") from exc
-                raise
+            return await self._on(self._reader_conn, fn, self._reader_broke, "read failed: ")
 
     async def _write(self, fn: Callable[[Any], Any]) -> Any:
         async with self._lock:
-            try:
-                return await fn(await self._writer_conn())
-            except StoreError:
-                raise
-            except Exception as exc:
-                if self._broken(exc):
-                    self._lost = True
-                if isinstance(exc, (self._asyncpg.PostgresError, OSError, self._asyncpg.InterfaceError)):
-                    raise self._error(exc, "store write failed: ") from exc
-                raise
+            return await self._on(self._writer_conn, fn, self._writer_broke, "store write failed: ")
+
+    def _reader_broke(self) -> None:
+        if self._reader is not None:
+            self._reader.terminate()
+            self._reader = None
+
+    def _writer_broke(self) -> None:
+        self._lost = True  # connected again, and the lock taken back, before the next write
+
+    async def _on(self, connection: Callable[[], Any], fn: Callable[[Any], Any],
+                  broke: Callable[[], None], what: str) -> Any:
+        """fn(connection) with the driver's errors as StoreError; a broken connection
+        is noted (broke()) so that the next use connects again."""
+        asyncpg = self._asyncpg
+        try:
+            return await fn(await connection())
+        except StoreError:
+            raise
+        except Exception as exc:
+            if self._broken(exc):
+                broke()
+            if isinstance(exc, (asyncpg.PostgresError, OSError, asyncpg.InterfaceError)):
+                raise self._error(exc, what) from exc
+            raise
 
     # -- writes -----------------------------------------------------------------
 
