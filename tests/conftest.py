@@ -275,9 +275,14 @@ TASKS_SOURCE = textwrap.dedent(
 
 
     @hostqueue.task
-    def blob(ctx, data="", token=None):
-        """Take a big argument; return its length."""
-        return len(data)
+    def blob(ctx, data="", token=None, result_size=0, release=None):
+        """Take a big argument; return its length (or, with result_size, that many bytes,
+        once the file `release` exists if given)."""
+        if release:
+            end = time.monotonic() + 30
+            while not os.path.exists(release) and time.monotonic() < end:
+                time.sleep(0.01)
+        return "r" * result_size if result_size else len(data)
 
 
     def _vm_size():
