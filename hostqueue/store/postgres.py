@@ -495,8 +495,9 @@ class PostgresStore(Store):
         running: Callable[[Callable[[], None]], tuple[dict[str, int], dict[str, int]]] | None = None,
     ) -> dict[str, Any]:
         """Counts by state and queue, from one snapshot; pending jobs due later count
-        as 'scheduled'. Running jobs are counted in the table (an index holds them:
-        the supervisor's own count is for SQLite, see runcount.py)."""
+        as 'scheduled' (with scheduled_ids, the only pending jobs that may be due
+        later, only their rows are read). Running jobs are counted in the table (an
+        index holds them: the supervisor's own count is for SQLite, see runcount.py)."""
 
         async def count(conn: Any) -> list[Any]:
             if run_id is not None:
@@ -511,9 +512,22 @@ class PostgresStore(Store):
                 rows += await conn.fetch(
                     "SELECT queue, 'running', COUNT(*) FROM jobs WHERE status = 'running'"
                     " GROUP BY queue")
-                rows += await conn.fetch(
-                    "SELECT queue, CASE WHEN run_at > $1 THEN 'scheduled' ELSE 'pending' END,"
-                    " COUNT(*) FROM jobs WHERE status = 'pending' GROUP BY 1, 2", now)
+                if scheduled_ids is None:  # every pending row read for its due time
+                    rows += await conn.fetch(
+                        "SELECT queue, CASE WHEN run_at > $1 THEN 'scheduled' ELSE 'pending' END,"
+                        " COUNT(*) FROM jobs WHERE status = 'pending' GROUP BY 1, 2", now)
+                    return rows
+                # The supervisor knows the only jobs that may be due later: the pending
+                # ones are counted from jobs_pending, and only those rows read.
+                later = dict(await conn.fetch(
+                    "SELECT queue, COUNT(*) FROM jobs WHERE id = ANY($1::bigint[])"
+                    " AND status = 'pending' AND run_at > $2 GROUP BY queue",
+                    scheduled_ids, now)) if scheduled_ids else {}
+                for queue, n in await conn.fetch(
+                        "SELECT queue, COUNT(*) FROM jobs WHERE status = 'pending' GROUP BY queue"):
+                    rows.append((queue, "pending", n - later.get(queue, 0)))
+                    if later.get(queue):
+                        rows.append((queue, "scheduled", later[queue]))
                 return rows
 
         rows = await self._read(count)
