@@ -64,10 +64,6 @@ _SELECT_JOB = "SELECT " + ", ".join(JOB_COLUMNS) + " FROM jobs"
 _BATCHED = {kind: batched(kind) for kind in TRANSITION_WRITES | {"record_progress"}}
 
 
-def is_postgres(location: str) -> bool:
-    return location.startswith(("postgresql://", "postgres://"))
-
-
 def safe_dsn(dsn: str) -> str:
     """The DSN with its password hidden, for logs and errors."""
     try:
