@@ -149,6 +149,7 @@ def test_worker_killed_while_holding_jobs_charges_only_the_running_one(hq: HQEnv
     assert victim not in sup.wait_workers(1)
 
 
+@pytest.mark.sqlite_only  # on PostgreSQL a second supervisor joins as a host (test_hosts.py)
 @pytest.mark.timeout(30)
 def test_second_supervisor_on_same_store_refuses(hq: HQEnv) -> None:
     first = hq.supervisor(workers=1)

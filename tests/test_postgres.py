@@ -248,36 +248,3 @@ def test_one_job_twice_in_a_batch_keeps_the_last_write(pg: HQEnv) -> None:
     assert (job["progress"], job["progress_message"]) == (0.9, "second"), job
     assert job["status"] == "completed"
     assert refused == 1
-
-
-@pytest.mark.timeout(90)
-def test_a_supervisor_cut_off_while_another_takes_over_stops_its_jobs(pg: HQEnv) -> None:
-    """Supervisor A is frozen (SIGSTOP) while its jobs run, and the server ends its
-    connections (as after a network cut); B starts on the same schema, takes the lock,
-    and runs again the jobs A left running. When A wakes (SIGCONT) it learns it lost
-    the store: it stops its workers at once, stores nothing more and exits 1. Every
-    job completes, in B."""
-    import signal as sig
-
-    a = pg.supervisor(workers=2, name="a")
-    dsn = pg.pg_dsn or ""
-    log = pg.path("runs.log")
-    ids = [a.submit("record", {"log": log, "tag": f"t{i}", "sleep": 3.0})["id"] for i in range(2)]
-    wait_for(lambda: a.status()["running_jobs"] == 2, 10, "both jobs to start on A")
-    a_workers = a.worker_pids()
-    a.signal(sig.SIGSTOP)
-    try:
-        pg_run(dsn, None, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-               " WHERE application_name LIKE ?", (f"hostqueue % pid {a.pid} %",))
-        b = pg.supervisor(workers=2, name="b", start=False)
-        b.pg_schema = a.pg_schema
-        b.start()
-    finally:
-        a.signal(sig.SIGCONT)
-    assert a.wait_exit(20) == 1, a.log_text()[-3000:]
-    assert "may store nothing more" in a.log_text()
-    wait_for(lambda: not any(is_alive(p) for p in a_workers), 10, "A's workers to be stopped")
-    for job_id in ids:
-        assert b.wait_job(job_id, timeout=30)["status"] == "completed"
-    rows = b.db_query("SELECT status FROM jobs")
-    assert [r[0] for r in rows] == ["completed", "completed"]

@@ -50,6 +50,9 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("store", str, DEFAULT_STORE, "HOSTQUEUE_STORE", "path of the SQLite store, or a PostgreSQL URL (postgresql://USER@HOST/DB)", "store.path"),
     Setting("pg_schema", str, "hostqueue", "HOSTQUEUE_PG_SCHEMA", "PostgreSQL store: the schema that holds its tables (made if missing)", "store.pg_schema"),
+    Setting("pg_lease", float, 5.0, "HOSTQUEUE_PG_LEASE", "PostgreSQL store: seconds a host's lease lasts unrenewed (renewed every fifth of it); a host silent longer has its jobs run by others", "store.pg_lease"),
+    Setting("pg_notify", str, "on", "HOSTQUEUE_PG_NOTIFY", "PostgreSQL store: 'on' (hosts wake each other by LISTEN/NOTIFY) or 'off' (poll every pg_poll seconds: PgBouncer in transaction mode)", "store.pg_notify"),
+    Setting("pg_poll", float, 1.0, "HOSTQUEUE_PG_POLL", "PostgreSQL store with pg_notify off: seconds between looks for released jobs and ended ones", "store.pg_poll"),
     Setting("socket", str, None, "HOSTQUEUE_SOCKET", "path of the control socket (default: next to the store)", "socket.path"),
     Setting("workers", int, None, "HOSTQUEUE_WORKERS", "worker processes (default: the size kept in the store, else the CPU count)", "workers.count"),
     Setting("tasks", list, (), "HOSTQUEUE_TASKS", "task modules to import (module names or .py paths; comma-separated in the environment)", "tasks.modules"),
@@ -91,6 +94,9 @@ class SupervisorConfig:
     durability: str = "normal"
     store_check: str = "quick"
     pg_schema: str = "hostqueue"
+    pg_lease: float = 5.0
+    pg_notify: str = "on"
+    pg_poll: float = 1.0
     max_line: int = DEFAULT_MAX_LINE
     log_level: str = "info"
     workers_min: int | None = None
@@ -141,6 +147,12 @@ class SupervisorConfig:
             raise SettingsError(
                 f"pg_schema must be a plain PostgreSQL name (lowercase letters, digits, _;"
                 f" at most 63), got {self.pg_schema!r}")
+        if not 0.5 <= self.pg_lease <= 600:
+            raise SettingsError(f"pg_lease must be between 0.5 and 600 seconds, got {self.pg_lease}")
+        if self.pg_notify not in ("on", "off"):
+            raise SettingsError(f"pg_notify must be 'on' or 'off', got {self.pg_notify!r}")
+        if not 0.05 <= self.pg_poll <= 60:
+            raise SettingsError(f"pg_poll must be between 0.05 and 60 seconds, got {self.pg_poll}")
         if self.max_line < 1024:
             raise SettingsError(f"max_line must be at least 1024 bytes, got {self.max_line}")
         if (self.workers_min is None) != (self.workers_max is None):

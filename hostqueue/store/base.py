@@ -69,6 +69,15 @@ class StoreCorrupt(StoreError):
     """The store's file is damaged: retrying cannot help; it must be restored or recovered."""
 
 
+class StoreKeyTaken(StoreError):
+    """A submit's idempotency key is held by an unfinished job another host stored
+    meanwhile (a store shared by several hosts): its transaction stored nothing."""
+
+    def __init__(self, message: str, key: str | None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class StoreFenced(StoreError):
     """Another supervisor took the store over (this one lost its lock while cut off):
     nothing this one does may be stored any more; it must stop its jobs and exit."""
@@ -144,6 +153,12 @@ class Store(abc.ABC):
     """A store engine. Writes arrive as batches; reads are coroutines."""
 
     path: str
+
+    @property
+    def shared(self) -> bool:
+        """Whether several hosts may share this store (the PostgreSQL one): the
+        supervisor then joins it as a host (supervisor/cluster.py)."""
+        return False
 
     # -- life ---------------------------------------------------------------------
 

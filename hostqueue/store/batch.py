@@ -109,12 +109,14 @@ class WriteBatch:
         extra: list[Op],
         on_commit: Callable[[], None],
         on_failure: Callable[[BaseException], None],
+        kind: str = "add_jobs",
     ) -> None:
-        """The jobs first_id .. first_id + count - 1 of one submit ("add_jobs" params),
-        with the writes that stand or fall with them."""
+        """The jobs first_id .. first_id + count - 1 of one submit ("add_jobs" params;
+        kind "add_released" on a store shared by several hosts, for jobs this host
+        does not keep), with the writes that stand or fall with them."""
         seg = Segment(first_id=first_id if count else NO_NEW_JOBS, rows=count)
         if count:
-            seg.ops.append(("add_jobs", params))
+            seg.ops.append((kind, params))
         seg.ops.extend(extra)
         seg.submits.append((on_commit, on_failure))
         if not self._size:

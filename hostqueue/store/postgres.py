@@ -31,6 +31,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -38,12 +39,11 @@ import orjson
 
 from hostqueue.core.states import FINAL_STATES
 from hostqueue.store.base import (
-    JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreError, StoreFenced, job_row_to_dict,
-    state_totals,
+    JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreError, StoreFenced, StoreKeyTaken,
+    job_row_to_dict, state_totals,
 )
 from hostqueue.store.batch import TRANSITION_WRITES, Op, WriteBatch
-from hostqueue.store.lock import StoreLocked
-from hostqueue.store.postgres_schema import MIGRATIONS, VERSION_TABLE, WRITES, batched
+from hostqueue.store.postgres_schema import CLUSTER, MIGRATIONS, VERSION_TABLE, WRITES, batched
 
 log = logging.getLogger("hostqueue.store")
 
@@ -97,6 +97,15 @@ class PostgresStore(Store):
         self._fenced: Callable[[StoreFenced], None] | None = None
         self._fenced_error: StoreFenced | None = None
         self._reconnecting = False
+        # Several hosts (cluster part): this host's id once joined, the connection of
+        # its lease, claims and LISTEN, and what it is told by NOTIFY.
+        self._host: int | None = None
+        self._cluster: Any = None
+        self._cluster_lock = asyncio.Lock()
+        self._notified: Callable[[dict[str, Any]], None] | None = None
+        self._reconnected: Callable[[], None] | None = None
+        self.channel = ("hostqueue_" + schema)[:63]
+        self._gone_here: list[int] = []
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -170,7 +179,6 @@ class PostgresStore(Store):
         self._asyncpg = asyncpg
         try:
             self._writer = await self._connect("supervisor")
-            await self._take_lock(self._writer)
             await self._migrate(self._writer)
             self._reader = await self._connect("reader")
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
@@ -179,37 +187,6 @@ class PostgresStore(Store):
         except BaseException:
             await self.close()
             raise
-
-    async def _take_lock(self, conn: Any) -> None:
-        """One supervisor per schema: a session advisory lock, held while connected."""
-        got = await conn.fetchval(
-            "SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_SPACE, self.schema)
-        if got:
-            return
-        # Our own earlier session, cut off on our side but not yet on the server's
-        # (it learns of it by keepalives): ended, and the lock taken again.
-        ended = await conn.fetchval(
-            "SELECT COUNT(pg_terminate_backend(a.pid)) FROM pg_locks l"
-            " JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory'"
-            " AND l.classid = $1 AND l.objid = hashtext($2)::oid AND l.granted"
-            " AND a.application_name = $3 AND a.pid <> pg_backend_pid()",
-            LOCK_SPACE, self.schema, self._app_name("supervisor"))
-        if ended:
-            for _ in range(50):
-                if await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))",
-                                       LOCK_SPACE, self.schema):
-                    return
-                await asyncio.sleep(0.1)
-        holder = await conn.fetchval(
-            "SELECT a.application_name || ' (' || COALESCE(host(a.client_addr), 'local') || ')'"
-            " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-            " WHERE l.locktype = 'advisory' AND l.classid = $1 AND l.objid = hashtext($2)::oid"
-            " AND l.granted LIMIT 1", LOCK_SPACE, self.schema)
-        raise StoreLocked(
-            f"PostgreSQL store {self.path} is in use by another supervisor"
-            f" ({holder or 'unknown'}); stop it first, or give this one another --pg-schema"
-            " (one supervisor per schema for now)"
-        )
 
     async def _migrate(self, conn: Any) -> None:
         schema = _quote_ident(self.schema)
@@ -250,7 +227,7 @@ class PostgresStore(Store):
 
     async def close(self) -> None:
         self._closed = True
-        for attr in ("_reader", "_writer"):
+        for attr in ("_reader", "_writer", "_cluster"):
             conn = getattr(self, attr)
             setattr(self, attr, None)
             if conn is not None and not conn.is_closed():
@@ -271,9 +248,8 @@ class PostgresStore(Store):
                                 asyncpg.CannotConnectNowError))
 
     async def _writer_conn(self) -> Any:
-        """The writer, connected again (with the lock taken back) after it broke.
-        Should another supervisor hold the lock by then, this one is fenced: every
-        write fails with StoreFenced from then on, and on_fenced's callback runs."""
+        """The writer, connected again after it broke (its first write checks that this
+        host still holds its lease: fenced otherwise)."""
         if self._fenced_error is not None:
             raise self._fenced_error
         if self._writer is None or self._lost or self._writer.is_closed():
@@ -282,15 +258,9 @@ class PostgresStore(Store):
                 old.terminate()
             conn = await self._connect("supervisor")
             try:
-                await self._take_lock(conn)
-            except StoreLocked as exc:
-                conn.terminate()
-                self._fenced_error = StoreFenced(
-                    f"the connection to the store was lost and, meanwhile, {exc}; this supervisor"
-                    " may store nothing more: it stops its jobs and exits")
-                if self._fenced is not None:
-                    self._fenced(self._fenced_error)
-                raise self._fenced_error from None
+                if self._host is not None:
+                    await conn.execute("SELECT set_config('hostqueue.host', $1, false)",
+                                       str(self._host))
             except BaseException:
                 conn.terminate()
                 raise
@@ -331,6 +301,12 @@ class PostgresStore(Store):
         except Exception as exc:
             if self._broken(exc):
                 broke()
+            if isinstance(exc, asyncpg.UniqueViolationError) and exc.constraint_name == "jobs_key":
+                detail = getattr(exc, "detail", "") or ""
+                key = detail.split("=(", 1)[1].rsplit(") already", 1)[0] if "=(" in detail else None
+                raise StoreKeyTaken(
+                    f"{what}another host stored an unfinished job with the same key"
+                    f" ({key!r}) meanwhile; nothing of this transaction was stored", key) from exc
             if isinstance(exc, (asyncpg.PostgresError, OSError, asyncpg.InterfaceError)):
                 raise self._error(exc, what) from exc
             raise
@@ -344,17 +320,301 @@ class PostgresStore(Store):
         return False
 
     async def apply(self, batch: WriteBatch) -> None:
+        if self._fenced_error is not None:
+            raise self._fenced_error
         ops = batch.all_ops()
+        notice = _notice(ops, time.time(), self._host)
 
         async def transaction(conn: Any) -> int:
             async with conn.transaction():
-                return await _apply_ops(conn, ops)
+                if self._host is not None and await conn.fetchval(CLUSTER["fence"]) is None:
+                    raise self.lease_lost()
+                refused = await _apply_ops(conn, ops)
+                if notice is not None:
+                    await conn.execute("SELECT pg_notify($1, $2)", self.channel, notice)
+                return refused
 
         self._refused += await self._write(transaction)
+
+    def lease_lost(self) -> StoreFenced:
+        """This host's lease lapsed (it was frozen, or cut off from the database, for
+        longer than the lease): another host may have taken its jobs over. Nothing it
+        does may be stored any more."""
+        if self._fenced_error is None:
+            self._fenced_error = StoreFenced(
+                f"this host's lease on {self.path} lapsed (it was frozen or cut off for longer"
+                " than the lease): other hosts run its jobs again; it stops its jobs, stores"
+                " nothing more, and must start again to rejoin")
+            if self._fenced is not None:
+                self._fenced(self._fenced_error)
+        return self._fenced_error
 
     def refused_transitions(self) -> int:
         refused, self._refused = self._refused, 0
         return refused
+
+
+    # -- several hosts ------------------------------------------------------------
+
+    @property
+    def shared(self) -> bool:
+        """Several hosts may share this store: the supervisor joins it as a host."""
+        return True
+
+    @property
+    def host(self) -> int | None:
+        return self._host
+
+    async def _cluster_conn(self) -> Any:
+        """The connection of the lease, claims, id ranges and LISTEN; connected again
+        (and listening again) after it broke: reconnected() then runs, since
+        notifications may have been missed meanwhile."""
+        if self._cluster is None or self._cluster.is_closed():
+            again = self._cluster is not None
+            conn = await self._connect("host")
+            try:
+                if self._host is not None:
+                    await conn.execute("SELECT set_config('hostqueue.host', $1, false)",
+                                       str(self._host))
+                if self._notified is not None:
+                    await conn.add_listener(self.channel, self._on_notification)
+            except BaseException:
+                conn.terminate()
+                raise
+            self._cluster = conn
+            if again and self._reconnected is not None:
+                self._reconnected()
+        return self._cluster
+
+    def _cluster_broke(self) -> None:
+        if self._cluster is not None:
+            self._cluster.terminate()
+            self._cluster = None
+
+    async def _on_cluster(self, fn: Callable[[Any], Any]) -> Any:
+        async with self._cluster_lock:
+            return await self._on(self._cluster_conn, fn, self._cluster_broke, "")
+
+    def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if self._notified is None:
+            return
+        try:
+            notice = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            log.warning("store %s: a notification that is not ours on %s: %.80r",
+                        self.path, channel, payload)
+            return
+        if isinstance(notice, dict) and notice.get("h") != self._host:
+            self._notified(notice)
+
+    async def join(self, name: str, pid: int, socket_path: str, workers: int, version: str,
+                   lease: float, alive: Callable[[int], bool]) -> int:
+        """Join the store as a host: a new hosts row and lease; returns its id. Hosts
+        gone from this machine and socket (their PID no longer lives) are left for
+        the next rescue() at once instead of after their lease."""
+        async def insert(conn: Any) -> tuple[int, list[int]]:
+            gone = [r[0] for r in await conn.fetch(CLUSTER["same_place"], name, socket_path)
+                    if not alive(r[1])]
+            host = await conn.fetchval(CLUSTER["join"], name, pid, socket_path, workers, version,
+                                       lease)
+            await conn.execute("SELECT set_config('hostqueue.host', $1, false)", str(host))
+            return int(host), gone
+
+        host, gone = await self._on_cluster(insert)
+        self._host = host
+        self._gone_here = gone
+
+        async def own(conn: Any) -> None:
+            await conn.execute("SELECT set_config('hostqueue.host', $1, false)", str(host))
+
+        await self._write(own)
+        return host
+
+    def listen(self, notified: Callable[[dict[str, Any]], None],
+               reconnected: Callable[[], None]) -> None:
+        """notified(notice) for each NOTIFY of another host (claims, ends, aborts);
+        reconnected() when LISTEN was broken for a while."""
+        self._notified = notified
+        self._reconnected = reconnected
+
+    async def start_listening(self) -> None:
+        async def add(conn: Any) -> None:
+            await conn.add_listener(self.channel, self._on_notification)
+
+        await self._on_cluster(add)
+
+    async def notify(self, notice: dict[str, Any]) -> None:
+        body = dict(notice, h=self._host)
+        await self._on_cluster(lambda c: c.execute(
+            "SELECT pg_notify($1, $2)", self.channel, orjson.dumps(body).decode()))
+
+    async def renew(self, lease: float, workers: int) -> float | None:
+        """Renew this host's lease; the seconds it had left, or None: it had lapsed."""
+        left = await self._on_cluster(lambda c: c.fetchval(
+            CLUSTER["renew"], self._host, lease, workers))
+        return None if left is None else float(left)
+
+    async def try_lead(self) -> bool:
+        """Whether this host does the schema's once-only work (schedules, retention):
+        a session advisory lock on its connection, held while it stays connected."""
+        return bool(await self._on_cluster(lambda c: c.fetchval(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_SPACE, self.schema)))
+
+    async def rescue(self, now: float, decide: Callable[[Interrupted], tuple[str, Any]],
+                     orphans: bool = False) -> tuple[list[tuple[int, str, int]], int, int, list[int]]:
+        """Take over the jobs of hosts whose lease lapsed (and of hosts of this place
+        found gone at join): their waiting jobs are released, their running ones
+        interrupted (run again, uncharged, or failed after too many interruptions),
+        in one transaction with a NOTIFY. With orphans, also the jobs of hosts with
+        no row (a store of before several hosts). Returns (hosts gone, requeued,
+        failed, failed ids)."""
+        gone_here, self._gone_here = self._gone_here, []
+
+        async def take(conn: Any) -> tuple[list[tuple[int, str, int]], int, int, list[int]]:
+            async with conn.transaction():
+                gone = [tuple(r) for r in await conn.fetch(CLUSTER["lapsed"], gone_here)]
+                owners = [g[0] for g in gone]
+                if orphans:
+                    owners += [r[0] for r in await conn.fetch(
+                        "SELECT DISTINCT owner FROM jobs WHERE owner IS NOT NULL"
+                        " AND status IN ('pending', 'running')"
+                        " AND owner NOT IN (SELECT id FROM hosts)")]
+                elif not owners:
+                    return [], 0, 0, []
+                await conn.execute(CLUSTER["release_pending"], owners)
+                rows = await conn.fetch(CLUSTER["interrupted"], owners)
+                requeued, failed = [], []
+                for row in rows:
+                    job = Interrupted(*row)
+                    status, err = decide(job)
+                    err_text = orjson.dumps(err).decode() if err is not None else None
+                    await conn.execute(CLUSTER["interrupted_attempt"], job.id, job.attempts,
+                                       err_text, job.worker_pid, job.started_at, now)
+                    if status == "failed":
+                        failed.append(job.id)
+                        await conn.execute(CLUSTER["interrupted_fail"], now, err_text, job.id)
+                    else:
+                        requeued.append(job.id)
+                        await conn.execute(CLUSTER["interrupted_again"], now, job.id)
+                await conn.execute("SELECT pg_notify($1, $2)", self.channel, orjson.dumps(
+                    {"h": None, "r": 1, "e": failed[:NOTICE_IDS]}).decode())
+                return gone, len(requeued), len(failed), failed
+
+        return await self._on_cluster(take)
+
+    async def claim(self, count: int, now: float, paused: list[str],
+                    strict: list[str] | None = None) -> tuple[list[DispatchRow], float | None]:
+        """Up to count released jobs that are due, now this host's (by priority, then
+        age; with strict, the queues it names first, in its order); and, when fewer
+        were found, when the next released job is due (None: none waits)."""
+        async def take(conn: Any) -> tuple[list[DispatchRow], float | None]:
+            async with conn.transaction():
+                if await conn.fetchval(CLUSTER["fence"]) is None:
+                    raise self.lease_lost()
+                if strict is None:
+                    rows = await conn.fetch(CLUSTER["claim"], self._host, now, paused, count)
+                else:
+                    rows = await conn.fetch(CLUSTER["claim_strict"], self._host, now, paused,
+                                            count, strict)
+            due = None
+            if len(rows) < count:
+                due = await conn.fetchval(CLUSTER["next_due"], now)
+            return [DispatchRow(*r) for r in rows], due
+
+        return await self._on_cluster(take)
+
+    async def release(self, ids: list[int]) -> int:
+        """Jobs this host owns and will not run (not started): released, with a NOTIFY."""
+        async def give(conn: Any) -> int:
+            async with conn.transaction():
+                n = _rows(await conn.execute(CLUSTER["release"], ids, self._host))
+                if n:
+                    await conn.execute("SELECT pg_notify($1, $2)", self.channel,
+                                       orjson.dumps({"h": self._host, "r": 1}).decode())
+                return n
+
+        return int(await self._on_cluster(give))
+
+    async def expire_released(self, now: float, error: dict[str, Any]
+                              ) -> tuple[list[int], float | None]:
+        """Released jobs whose deadline passed unclaimed: expired (with a NOTIFY).
+        Returns their ids and the next deadline of a released job."""
+        async def expire(conn: Any) -> tuple[list[int], float | None]:
+            async with conn.transaction():
+                if await conn.fetchval(CLUSTER["fence"]) is None:
+                    raise self.lease_lost()
+                ids = [r[0] for r in await conn.fetch(
+                    CLUSTER["expire_released"], now, orjson.dumps(error).decode())]
+                if ids:
+                    await conn.execute("SELECT pg_notify($1, $2)", self.channel, orjson.dumps(
+                        {"h": self._host, "e": ids if len(ids) <= NOTICE_IDS else "*"}).decode())
+                due = await conn.fetchval(CLUSTER["next_deadline"], now)
+            return ids, due
+
+        return await self._on_cluster(expire)
+
+    async def released_by_queue(self, now: float) -> dict[str, int]:
+        rows = await self._read(lambda c: c.fetch(CLUSTER["released_by_queue"], now))
+        return {r[0]: r[1] for r in rows}
+
+    async def reserve_ids(self, count: int) -> int:
+        """count new job ids, consecutive: returns the first."""
+        return int(await self._on_cluster(lambda c: c.fetchval(CLUSTER["ids"], count)))
+
+    async def hosts(self) -> list[dict[str, Any]]:
+        rows = await self._read(lambda c: c.fetch(CLUSTER["hosts"]))
+        return [{"id": r[0], "name": r[1], "pid": r[2], "socket": r[3], "workers": r[4],
+                 "version": r[5], "started_at": r[6], "renewed_at": r[7],
+                 "lease_left": round(r[8], 3), "alive": r[8] > 0} for r in rows]
+
+    async def owners(self, ids: list[int]) -> dict[int, tuple[int | None, str]]:
+        rows = await self._read(lambda c: c.fetch(CLUSTER["owners"], ids))
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    async def cancel_released(self, job_id: int, now: float, error: dict[str, Any]) -> bool:
+        """A released job (no host's), aborted before it started."""
+        async def cancel(conn: Any) -> bool:
+            async with conn.transaction():
+                if await conn.fetchval(CLUSTER["fence"]) is None:
+                    raise self.lease_lost()
+                n = _rows(await conn.execute(CLUSTER["cancel_released"], now,
+                                             orjson.dumps(error).decode(), job_id))
+                if n:
+                    await conn.execute("SELECT pg_notify($1, $2)", self.channel, orjson.dumps(
+                        {"h": self._host, "e": [job_id]}).decode())
+                return bool(n)
+
+        return bool(await self._write(cancel))
+
+    async def leave(self) -> None:
+        """A clean stop: the jobs this host owns and did not start are released (with
+        a NOTIFY), and its row goes; unless jobs it ran are still stored running
+        (their ends were not stored): then its lease lapses and another host takes
+        them over, as after a crash."""
+        if self._host is None:
+            return
+        host = self._host
+
+        async def go(conn: Any) -> None:
+            async with conn.transaction():
+                if await conn.fetchval(CLUSTER["fence"]) is None:
+                    return
+                released = _rows(await conn.execute(
+                    "UPDATE jobs SET owner = NULL, worker_pid = NULL WHERE owner = $1"
+                    " AND status = 'pending'", host))
+                running = await conn.fetchval(
+                    "SELECT COUNT(*) FROM jobs WHERE owner = $1 AND status = 'running'", host)
+                if not running:
+                    await conn.execute(CLUSTER["leave"], host)
+                if released:
+                    await conn.execute("SELECT pg_notify($1, $2)", self.channel,
+                                       orjson.dumps({"h": host, "r": 1}).decode())
+
+        try:
+            await self._write(go)
+        except StoreError as exc:
+            log.warning("store %s: could not remove this host's row (%s); it lapses in a few"
+                        " seconds", self.path, exc)
 
     # -- start-up -----------------------------------------------------------------
 
@@ -529,6 +789,11 @@ class PostgresStore(Store):
         rows = await self._read(count)
         return state_totals(rows)
 
+    async def unfinished_with_key(self, key: str) -> int | None:
+        """The unfinished job holding this key, whichever host stored it."""
+        return await self._read(lambda c: c.fetchval(
+            "SELECT id FROM jobs WHERE key = $1 AND status IN ('pending', 'running')", key))
+
     async def completed_with_key(self, key: str, since: float) -> dict[str, Any] | None:
         row = await self._read(lambda c: c.fetchrow(
             _SELECT_JOB + " WHERE key = $1 AND status = 'completed' AND finished_at >= $2"
@@ -577,6 +842,41 @@ class PostgresStore(Store):
             "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
             " JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE n.nspname = $1 AND c.relkind = 'r'", self.schema)))
+
+
+# Ended jobs named in one NOTIFY at most (its payload holds 8,000 bytes); more: "*".
+NOTICE_IDS = 500
+_ENDING = frozenset({"finish", "cancel_pending"})
+
+
+def _notice(ops: list[Op], now: float, host: int | None) -> str | None:
+    """The NOTIFY of a transaction (one at most), for other hosts: "r" released jobs
+    are ready, "d" the earliest due time of released delayed jobs, "e" the jobs
+    that ended (their waiters and watchers may be elsewhere)."""
+    if host is None:
+        return None
+    ready = False
+    due: float | None = None
+    ended: list[int] = []
+    for kind, params in ops:
+        if kind in _ENDING:
+            ended.append(params[-1])
+        elif kind == "add_released":
+            run_at = params[8]
+            if run_at <= now:
+                ready = True
+            elif due is None or run_at < due:
+                due = run_at
+    if not ready and due is None and not ended:
+        return None
+    notice: dict[str, Any] = {"h": host}
+    if ready:
+        notice["r"] = 1
+    if due is not None:
+        notice["d"] = due
+    if ended:
+        notice["e"] = ended if len(ended) <= NOTICE_IDS else "*"
+    return orjson.dumps(notice).decode()
 
 
 def _clean(params: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -82,10 +82,49 @@ MIGRATIONS: list[tuple[str, str]] = [
         )
         """,
     ),
+    (
+        "several hosts: hosts and their leases, job owners, ids handed out in blocks",
+        """
+        -- One row per live supervisor (a "host"); ids are never used twice, so a
+        -- host that lost its lease and comes back is a new host.
+        CREATE SEQUENCE host_ids;
+        CREATE TABLE hosts (
+            id          bigint  PRIMARY KEY,
+            name        text    NOT NULL,
+            pid         integer NOT NULL,
+            socket      text,
+            workers     integer NOT NULL DEFAULT 0,
+            version     text,
+            started_at  float8  NOT NULL,
+            renewed_at  float8  NOT NULL,
+            lease_until float8  NOT NULL
+        );
+        -- The host whose book holds the job (NULL: released, for any host to claim).
+        ALTER TABLE jobs ADD COLUMN owner bigint;
+        -- Claims: released jobs in dispatch order, and when the next delayed one is due.
+        CREATE INDEX jobs_released ON jobs (priority DESC, id)
+            WHERE status = 'pending' AND owner IS NULL;
+        CREATE INDEX jobs_released_due ON jobs (run_at)
+            WHERE status = 'pending' AND owner IS NULL;
+        CREATE INDEX jobs_released_deadline ON jobs (deadline)
+            WHERE status = 'pending' AND owner IS NULL AND deadline IS NOT NULL;
+        -- Rescue: the unfinished jobs of a host whose lease lapsed.
+        CREATE INDEX jobs_owned ON jobs (owner)
+            WHERE owner IS NOT NULL AND status IN ('pending', 'running');
+        -- Job ids: each host takes a range at a time (one row, bumped under its lock).
+        CREATE TABLE job_ids (next bigint NOT NULL);
+        INSERT INTO job_ids SELECT COALESCE(MAX(id), 0) + 1 FROM jobs;
+        """,
+    ),
 ]
 
 # The schema's version, one row; made before the first migration.
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)"
+
+# This host's id, set on the writer's session when it joins (hosts.id).
+OWNER = "NULLIF(current_setting('hostqueue.host', true), '')::bigint"
+# The database's clock, in seconds since the epoch: leases are timed by one clock.
+DB_NOW = "extract(epoch from clock_timestamp())::float8"
 
 # The statements of each write kind (batch.py), with the parameters in the order
 # batch.py gives them (the SQLite store's order). A transition is guarded by the
@@ -94,6 +133,15 @@ WRITES: dict[str, str] = {
     # The jobs of one submit, in one statement: ids $1, $1 + 1, ..., one per element
     # of a JSON array of their args texts.
     "add_jobs": (
+        "INSERT INTO jobs (id, task, queue, status, args, attempts, max_attempts, priority,"
+        " key, run_id, created_at, run_at, deadline, timeout, owner)"
+        " SELECT $1::bigint + t.n - 1, $2::text, $3::text, 'pending', t.v, 0, $4::integer,"
+        " $5::integer, $6::text, $7::text, $8::float8, $9::float8, $10::float8, $11::float8,"
+        " " + OWNER + " FROM json_array_elements_text($12::json) WITH ORDINALITY AS t(v, n)"
+    ),
+    # Jobs this host does not keep (its workers are busy): released, for any host to
+    # claim; a NOTIFY in the same transaction wakes the hosts with room.
+    "add_released": (
         "INSERT INTO jobs (id, task, queue, status, args, attempts, max_attempts, priority,"
         " key, run_id, created_at, run_at, deadline, timeout)"
         " SELECT $1::bigint + t.n - 1, $2::text, $3::text, 'pending', t.v, 0, $4::integer,"
@@ -104,10 +152,10 @@ WRITES: dict[str, str] = {
     # rows out of its index of waiting jobs; here the same row, with worker_pid).
     "add_held": (
         "INSERT INTO jobs (id, task, queue, status, args, attempts, max_attempts, priority,"
-        " key, run_id, created_at, run_at, deadline, timeout, worker_pid)"
+        " key, run_id, created_at, run_at, deadline, timeout, worker_pid, owner)"
         " SELECT $1::bigint + t.n - 1, $2::text, $3::text, 'pending', t.v, 0, $4::integer,"
         " $5::integer, $6::text, $7::text, $8::float8, $9::float8, $10::float8, $11::float8,"
-        " $13::integer FROM json_array_elements_text($12::json) WITH ORDINALITY AS t(v, n)"
+        " $13::integer, " + OWNER + " FROM json_array_elements_text($12::json) WITH ORDINALITY AS t(v, n)"
     ),
     "start": (
         "UPDATE jobs SET status = 'running', attempts = $1::integer, started_at = $2::float8,"
@@ -137,8 +185,8 @@ WRITES: dict[str, str] = {
     "revive": (
         "UPDATE jobs SET status = 'pending', attempts = 0, interruptions = 0, run_at = $1::float8,"
         " result = NULL, error = NULL, finished_at = NULL, started_at = NULL,"
-        " abort_requested = false, progress = NULL, progress_message = NULL"
-        " WHERE status = $2::text AND id = $3::bigint"
+        " abort_requested = false, progress = NULL, progress_message = NULL, worker_pid = NULL,"
+        " owner = " + OWNER + " WHERE status = $2::text AND id = $3::bigint"
     ),
     "request_abort": "UPDATE jobs SET abort_requested = true WHERE id = $1::bigint",
     "record_progress": (
@@ -194,3 +242,115 @@ def batched(kind: str) -> str:
         " AND id = ", " AND jobs.id = ")
     return f"UPDATE jobs SET {body.split(' WHERE ')[0]} FROM unnest({arrays}) AS v({names})" \
            f" WHERE {body.split(' WHERE ')[1]}"
+
+
+# == several hosts =========================================================
+# Statements of the hosts' leases, claims and rescue (postgres.py's cluster part).
+# Times come from the database's clock: hosts' clocks may disagree.
+CLUSTER: dict[str, str] = {
+    "join": (
+        "INSERT INTO hosts (id, name, pid, socket, workers, version, started_at, renewed_at,"
+        " lease_until) SELECT nextval('host_ids'), $1::text, $2::integer, $3::text, $4::integer,"
+        " $5::text, n, n, n + $6::float8 FROM (SELECT " + DB_NOW + " AS n) t RETURNING id"
+    ),
+    # The lease, renewed; no row: it lapsed (and another host may have taken its jobs).
+    "renew": (
+        "UPDATE hosts SET renewed_at = n, lease_until = n + $2::float8, workers = $3::integer"
+        " FROM (SELECT " + DB_NOW + " AS n) t WHERE id = $1::bigint AND lease_until > n"
+        " RETURNING lease_until - n"
+    ),
+    # First in every write transaction: this host still holds its lease, and keeps its
+    # row (a rescue deletes it) until the transaction ends. No row: fenced.
+    "fence": (
+        "SELECT 1 FROM hosts WHERE id = " + OWNER + " AND lease_until > " + DB_NOW
+        + " FOR KEY SHARE"
+    ),
+    # Hosts whose lease lapsed, gone; their jobs are rescued in the same transaction.
+    "lapsed": (
+        "DELETE FROM hosts WHERE lease_until < " + DB_NOW + " OR id = ANY($1::bigint[])"
+        " RETURNING id, name, pid"
+    ),
+    "leave": "DELETE FROM hosts WHERE id = $1::bigint",
+    "hosts": (
+        "SELECT id, name, pid, socket, workers, version, started_at, renewed_at,"
+        " lease_until - " + DB_NOW + " FROM hosts ORDER BY id"
+    ),
+    "same_place": (
+        "SELECT id, pid FROM hosts WHERE name = $1::text AND socket = $2::text"
+    ),
+    # Pending jobs of gone hosts (and of none, held by a worker: a store of before
+    # several hosts): released, not held by anyone.
+    "release_pending": (
+        "UPDATE jobs SET owner = NULL, worker_pid = NULL WHERE status = 'pending'"
+        " AND (owner = ANY($1::bigint[]) OR (owner IS NULL AND worker_pid IS NOT NULL))"
+    ),
+    # Running jobs of gone hosts (or of no host: a store of before several hosts).
+    "interrupted": (
+        "SELECT id, attempts, interruptions, worker_pid, started_at FROM jobs"
+        " WHERE status = 'running' AND (owner = ANY($1::bigint[]) OR owner IS NULL) FOR UPDATE"
+    ),
+    "interrupted_attempt": (
+        "INSERT INTO attempts (job_id, attempt, status, error, worker_pid, started_at,"
+        " finished_at) VALUES ($1::bigint, $2::integer, 'interrupted', $3::text, $4::integer,"
+        " $5::float8, $6::float8)"
+    ),
+    "interrupted_fail": (
+        "UPDATE jobs SET status = 'failed', finished_at = $1::float8, error = $2::text,"
+        " interruptions = interruptions + 1, owner = NULL WHERE status = 'running' AND id = $3::bigint"
+    ),
+    "interrupted_again": (
+        "UPDATE jobs SET status = 'pending', attempts = GREATEST(attempts - 1, 0),"
+        " interruptions = interruptions + 1, run_at = LEAST(run_at, $1::float8),"
+        " started_at = NULL, worker_pid = NULL, owner = NULL"
+        " WHERE status = 'running' AND id = $2::bigint"
+    ),
+    # Released jobs that are due, in dispatch order, taken by this host.
+    "claim": (
+        "UPDATE jobs SET owner = $1::bigint WHERE id IN (SELECT id FROM jobs"
+        " WHERE status = 'pending' AND owner IS NULL AND run_at <= $2::float8"
+        " AND NOT (queue = ANY($3::text[])) ORDER BY priority DESC, id LIMIT $4::integer"
+        " FOR UPDATE SKIP LOCKED)"
+        " RETURNING id, task, queue, args, attempts, max_attempts, timeout, abort_requested,"
+        " run_id, priority, key, created_at, run_at, deadline"
+    ),
+    # The same, with queues in a strict order (queues.order = "strict"): the queues
+    # named first, whatever the priorities (a sort of the released jobs, no index).
+    "claim_strict": (
+        "UPDATE jobs SET owner = $1::bigint WHERE id IN (SELECT id FROM jobs"
+        " WHERE status = 'pending' AND owner IS NULL AND run_at <= $2::float8"
+        " AND NOT (queue = ANY($3::text[]))"
+        " ORDER BY COALESCE(array_position($5::text[], queue), 2147483647), priority DESC, id"
+        " LIMIT $4::integer FOR UPDATE SKIP LOCKED)"
+        " RETURNING id, task, queue, args, attempts, max_attempts, timeout, abort_requested,"
+        " run_id, priority, key, created_at, run_at, deadline"
+    ),
+    "next_due": (
+        "SELECT MIN(run_at) FROM jobs WHERE status = 'pending' AND owner IS NULL"
+        " AND run_at > $1::float8"
+    ),
+    # Jobs this host will not run after all (a pause, a drain): released again.
+    "release": (
+        "UPDATE jobs SET owner = NULL, worker_pid = NULL WHERE id = ANY($1::bigint[])"
+        " AND status = 'pending' AND owner = $2::bigint"
+    ),
+    # Released jobs whose deadline passed before any host could claim them.
+    "expire_released": (
+        "UPDATE jobs SET status = 'expired', finished_at = $1::float8, error = $2::text"
+        " WHERE status = 'pending' AND owner IS NULL AND deadline <= $1::float8 RETURNING id"
+    ),
+    "next_deadline": (
+        "SELECT MIN(deadline) FROM jobs WHERE status = 'pending' AND owner IS NULL"
+        " AND deadline > $1::float8"
+    ),
+    "released_by_queue": (
+        "SELECT queue, COUNT(*) FROM jobs WHERE status = 'pending' AND owner IS NULL"
+        " AND run_at <= $1::float8 GROUP BY queue"
+    ),
+    "ids": "UPDATE job_ids SET next = next + $1::bigint RETURNING next - $1::bigint",
+    # A job another host owns: where it is (abort asks its owner).
+    "owners": "SELECT id, owner, status FROM jobs WHERE id = ANY($1::bigint[])",
+    "cancel_released": (
+        "UPDATE jobs SET status = 'cancelled', finished_at = $1::float8, error = $2::text"
+        " WHERE id = $3::bigint AND status = 'pending' AND owner IS NULL"
+    ),
+}

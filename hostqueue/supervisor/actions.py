@@ -19,6 +19,7 @@ from hostqueue.core.errors import ProtocolError
 from hostqueue.core.outcome import aborted_before_start
 from hostqueue.store import display_name
 from hostqueue.core.states import FINAL_STATES, Event, State, SupervisorState, WorkerState
+from hostqueue.supervisor.background import spawn
 from hostqueue.supervisor.deferred import DeferredReply
 from hostqueue.supervisor.readyindex import Payload
 
@@ -67,17 +68,26 @@ class Actions:
         key = options.get("key")
         run_id = options.get("run_id")
         sup = self.sup
-        first_id = sup.next_id
         try:
             texts = [orjson.dumps(args).decode() for args in args_list]
         except orjson.JSONEncodeError as exc:
             raise ProtocolError("bad_request", f"'args' cannot be stored as JSON: {exc}") from None
         count = len(texts)
-        sup.next_id += count
+        first_id = sup.take_ids(count)
         ids = range(first_id, first_id + count)
         max_attempts = retries + 1
+        # On a store shared by several hosts, this host keeps what it can start soon;
+        # the rest is released for any host to claim (cluster.py).
+        cluster = sup.cluster
+        keep = count if cluster is None else cluster.keep(count, run_at <= now, queue)
+        kept = ids[:keep]
         params = (first_id, spec.name, queue, max_attempts, priority, key, run_id, now, run_at,
-                  deadline, timeout, orjson.dumps(texts).decode())
+                  deadline, timeout, orjson.dumps(texts[:keep] if 0 < keep < count else texts).decode())
+        kind = "add_jobs" if keep else "add_released"
+        if 0 < keep < count:
+            released = (first_id + keep, spec.name, queue, max_attempts, priority, key, run_id,
+                        now, run_at, deadline, timeout, orjson.dumps(texts[keep:]).decode())
+            extra = [("add_released", released)] + list(extra or ())
         # Every job of a submit shares these; the reply copies the template.
         template = {
             "id": 0, "task": spec.name, "queue": queue, "status": "pending", "args": None,
@@ -100,14 +110,16 @@ class Actions:
         # client gets its answer. If the transaction fails, failed() takes them back
         # out: nothing ran.
         payloads = None
-        if count and self.book.cache_allows(queue, sup.paused):
+        if keep and self.book.cache_allows(queue, sup.paused):
             payloads = [Payload(spec.name, queue, text, 0, max_attempts, timeout, priority, run_id,
-                                key, now, run_at, deadline) for text in texts]
-        if count:
-            self.book.submitted(ids, (queue, spec.name), priority, run_at, deadline, key, now, payloads)
+                                key, now, run_at, deadline) for text in texts[:keep]]
+        if keep:
+            self.book.submitted(kept, (queue, spec.name), priority, run_at, deadline, key, now, payloads)
 
         def committed() -> None:
             sup.counters["submitted"] = sup.counters.get("submitted", 0) + count
+            if keep < count and cluster is not None:
+                cluster.released(run_at, deadline)
             if events.everything:
                 for job in jobs:
                     events.publish(
@@ -116,11 +128,12 @@ class Actions:
             on_done(jobs, None)
 
         def failed(exc: BaseException) -> None:
-            for a in self.book.withdraw(ids, (queue, spec.name), key):
-                sup.dispatcher.released_unsent(a)
+            if keep:
+                for a in self.book.withdraw(kept, (queue, spec.name), key):
+                    sup.dispatcher.released_unsent(a)
             on_done(None, exc)
 
-        self.committer.add_submit(first_id, count, params, committed, failed, extra)
+        self.committer.add_submit(first_id, count, params, committed, failed, extra, kind)
         if count >= TRIM_AFTER_JOBS:
             sup.trim_memory_soon()
         return ids
@@ -153,6 +166,7 @@ class Actions:
         before = await self.committed_jobs(ids)
         now = time.time()
         aborted = []
+        elsewhere = []
         for job_id in ids:
             job = before.get(job_id)
             if job is None:
@@ -171,13 +185,34 @@ class Actions:
                     status = book.recent_final(job_id) or job["status"]
                     raise ProtocolError("invalid_state", f"job {job_id} has already ended ({status}); nothing to abort")
                 continue
+            elif sup.cluster is not None:
+                elsewhere.append(job_id)  # released, or another host's
             elif job["status"] == "pending":
                 status = book.cancel_waiting(job_id, Event.ABORTED, now, aborted_before_start(),
                                              lane=(job["queue"], job["task"]))
                 sup._job_ended(job_id, status, now)
             aborted.append(job_id)
+        if elsewhere:
+            await self._abort_elsewhere(elsewhere, now)
         after = await self.committed_jobs(aborted)
         return [after.get(job_id) or before[job_id] for job_id in aborted]
+
+    async def _abort_elsewhere(self, ids: list[int], now: float) -> None:
+        """Aborts of jobs not in this host's book: a released job is cancelled here;
+        one another host owns is marked aborted, and its owner told (NOTIFY): it
+        aborts it as its own (and a host that claims it later finds the mark)."""
+        sup = self.sup
+        assert sup.cluster is not None
+        told = []
+        for job_id in ids:
+            if await self.store.cancel_released(job_id, now, aborted_before_start()):
+                sup._job_ended(job_id, "cancelled", now)
+            else:
+                told.append(job_id)
+                self.committer.add("request_abort", (job_id,))
+        if told:
+            await self.committer.barrier()
+            await sup.cluster.tell({"a": told})
 
     def wait_reply(self, job_id: int, timeout: float | None, wrap: Callable[[dict[str, Any]], Any],
                    on_timeout: Callable[[DeferredReply], None]) -> DeferredReply | None:
@@ -283,7 +318,13 @@ class Actions:
         else:
             sup.paused.discard(name)
         self.committer.add("save_setting", self.store.setting_params("paused", sorted(sup.paused)))
+        if sup.cluster is not None:  # every host pauses and resumes with this one
+            cluster = sup.cluster
+            self.committer.after_commit(
+                lambda: spawn(cluster.tell({"p": sorted(sup.paused)}), "tell the paused queues"))
         if not paused:
+            if sup.cluster is not None:
+                sup.cluster.resumed()
             sup.dispatcher.wake()
         return sorted(sup.paused)
 

@@ -63,6 +63,27 @@ class Announcer:
             self.armed = True
             self.committer.after_commit(self._start)
 
+    def ended_elsewhere(self, ids: list[int] | None) -> None:
+        """Jobs that ended on another host (None: any may have, a NOTIFY was missed):
+        those waited on or watched here are read, and announced if they ended."""
+        events = self.events
+        if ids is None:
+            wanted = list(self.waiters)
+        else:
+            wanted = [i for i in ids if i in self.waiters or events.wants(i)]
+        if wanted:
+            spawn(self._deliver_ended(wanted), "announce jobs ended elsewhere")
+
+    async def _deliver_ended(self, ids: list[int]) -> None:
+        try:
+            jobs = await self.store.get_jobs(ids)
+        except StoreError as exc:
+            log.error("cannot read jobs that ended on another host to announce them: %s", exc)
+            return
+        ended = {i: job for i, job in jobs.items() if job["status"] in FINAL_STATES}
+        if ended:
+            self._publish({i: job["status"] for i, job in ended.items()}, ended)
+
     def _start(self) -> None:
         self.armed = False
         pending, self.pending = self.pending, {}

@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Any, Callable, Iterable
 
-from hostqueue.store.base import Store, StoreBusy, StoreCorrupt, StoreError
+from hostqueue.store.base import Store, StoreBusy, StoreCorrupt, StoreError, StoreFenced
 from hostqueue.store.batch import WriteBatch
 from hostqueue.supervisor.background import spawn
 
@@ -31,7 +31,7 @@ log = logging.getLogger("hostqueue.store")
 MAX_NEW_ROWS = 4000
 
 # Written only together with the jobs they submit: refused with them.
-SUBMIT_KINDS = frozenset({"add_jobs", "add_held", "save_schedule"})
+SUBMIT_KINDS = frozenset({"add_jobs", "add_held", "add_released", "save_schedule"})
 
 # A write this soon after the last commit ended, with other jobs in flight, means
 # load: its transaction waits one more loop turn for company. Otherwise (a lone
@@ -80,6 +80,8 @@ class GroupCommitter:
         # Every job with an id up to this one has its INSERT committed (or never will:
         # its submit failed). Ids only grow and submits commit in order.
         self.committed_through = 0
+        # Several hosts: ids this host did not hand out (jobs claimed from the store).
+        self.foreign: Callable[[int], bool] | None = None
         self.refused = 0  # guarded transitions that found their job elsewhere (bugs)
 
     def add(self, kind: str, params: tuple[Any, ...]) -> None:
@@ -106,11 +108,19 @@ class GroupCommitter:
         on_commit: Callable[[], None],
         on_failure: Callable[[BaseException], None],
         extra: list[tuple[str, tuple[Any, ...]]] | None = None,
+        kind: str = "add_jobs",
     ) -> None:
         """Add the jobs of one submit (and writes that stand or fall with them);
         exactly one of the callbacks runs, after the transaction ends."""
-        self.batch.add_submit(first_id, count, params, list(extra or ()), on_commit, on_failure)
+        self.batch.add_submit(first_id, count, params, list(extra or ()), on_commit, on_failure,
+                              kind)
         self._schedule()
+
+    def inserted(self, job_id: int) -> bool:
+        """Whether the job's row is committed (a job of this host's submits once its
+        INSERT is; a job claimed from the store always)."""
+        return job_id <= self.committed_through or (
+            self.foreign is not None and self.foreign(job_id))
 
     async def barrier(self, reads: bool = False) -> None:
         """Wait until everything added so far is committed. With reads (a read that
@@ -235,7 +245,11 @@ class GroupCommitter:
     def _failed(self, batch: WriteBatch, exc: StoreError) -> None:
         """A refused submit leaves nothing to retry: the next write is tried at once.
         Other writes are retried after a growing delay, and submits are refused
-        meanwhile (``failing``)."""
+        meanwhile (``failing``). A fenced store (another host took this one's jobs
+        over) takes nothing more: its writes are dropped, its submits refused."""
+        if isinstance(exc, StoreFenced):
+            self._fenced_drop(batch, exc)
+            return
         self.failures += 1
         self.last_error = str(exc)
         self.failure_kind = ("busy" if isinstance(exc, StoreBusy)
@@ -282,6 +296,20 @@ class GroupCommitter:
                 callback()
             except Exception:  # noqa: BLE001 - one bad callback must not stop the rest
                 log.exception("error in a post-commit callback")
+
+    def _fenced_drop(self, batch: WriteBatch, exc: StoreFenced) -> None:
+        self.failures += 1
+        self.last_error = str(exc)
+        self.failure_kind = "fenced"
+        self.failing = True
+        for _, on_failure in batch.submits():
+            try:
+                on_failure(exc)
+            except Exception:  # noqa: BLE001
+                log.exception("error in a submit-failure callback")
+        for waiter in list(self._read_waiters):
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _carry_over(self, batch: WriteBatch, exc: StoreError) -> None:
         """Submits of a failed batch are refused; the rest goes first into the next attempt."""

@@ -114,7 +114,12 @@ class Dispatcher:
         self._overdue_timer = EarliestTimer(self.wake, time.monotonic)
         self._start_timer = EarliestTimer(self._check_starts, time.monotonic)
         self._waiting = 0  # plans with waiting_since set: the start timer runs while any
+        self._hungry: Callable[[], None] | None = None
 
+    def on_hungry(self, callback: Callable[[], None]) -> None:
+        """callback() after each dispatch: a store shared by several hosts claims
+        released jobs then, if this host has room (cluster.py)."""
+        self._hungry = callback
     # == when ======================================================================
 
     def wake(self) -> None:
@@ -157,6 +162,11 @@ class Dispatcher:
         self._scheduled = False
         if self._state() is not SupervisorState.RUNNING:
             return
+        self._dispatch_ready()
+        if self._hungry is not None:
+            self._hungry()
+
+    def _dispatch_ready(self) -> None:
         now_m = time.monotonic()
         if not self.book.ready_count:
             self._balance(now_m)
@@ -386,7 +396,7 @@ class Dispatcher:
     def _send(self, worker: WorkerHandle, attempts: list[Attempt]) -> None:
         """Hand the jobs to their worker once their INSERTs are committed."""
         newest = attempts[0].id if len(attempts) == 1 else max(a.id for a in attempts)
-        if newest <= self.committer.committed_through:
+        if self.committer.inserted(newest):
             self._hand_over(worker, attempts)
         else:
             if len(attempts) == 1:
@@ -437,7 +447,7 @@ class Dispatcher:
         ids = [job_id for _, job_id, _, _ in fetch]
         rows = None
         try:
-            if max(ids) > self.committer.committed_through:
+            if not self.committer.inserted(max(ids)):
                 await self.committer.barrier()  # their rows are on their way to the store
             rows = await self.store.jobs_for_dispatch(ids)
         except StoreError as exc:

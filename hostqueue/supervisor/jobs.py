@@ -290,6 +290,28 @@ class JobBook:
                 self._delayed.push(run_at, job_id)
         self._on_wait(run_at, deadline)
 
+    def claimed(self, rows: list[DispatchRow], now: float) -> list[int]:
+        """Jobs this host claimed from the store (released by a submit on any host, or
+        by a host gone silent): waiting here from now on. Returns those whose abort
+        was asked meanwhile (the caller ends them)."""
+        aborted = []
+        earliest: float | None = None
+        for r in rows:
+            if r.key is not None:
+                self._keys[r.key] = r.id
+            self._payloads[r.id] = Payload(
+                r.task, r.queue, r.args, r.attempts, r.max_attempts, r.timeout, r.priority,
+                r.run_id, r.key, r.created_at, r.run_at, r.deadline)
+            if r.deadline is not None:
+                self._deadlines.push(r.deadline, r.id)
+                if earliest is None or r.deadline < earliest:
+                    earliest = r.deadline
+            self._ready.push((r.queue, r.task), r.priority, r.id)
+            if r.abort_requested:
+                aborted.append(r.id)
+        self._on_wait(0.0, earliest)
+        return aborted
+
     def withdraw(self, ids: range, lane: Lane, key: str | None) -> list[Attempt]:
         """A submit that failed to commit: its jobs never existed. Returns those that
         were handed to a worker already (not sent yet: they wait for that commit)."""

@@ -53,6 +53,7 @@ from hostqueue.supervisor.actions import Actions
 from hostqueue.supervisor.announce import Announcer
 from hostqueue.supervisor.autoscale import PoolSizer
 from hostqueue.supervisor.background import spawn
+from hostqueue.supervisor.cluster import Cluster
 from hostqueue.supervisor.committer import GroupCommitter
 from hostqueue.supervisor.dispatcher import Dispatcher
 from hostqueue.supervisor.events import EventHub
@@ -129,6 +130,7 @@ class Supervisor:
         self.sizer: PoolSizer
         self.scheduler: Scheduler
         self.actions: Actions
+        self.cluster: Cluster | None = None  # several hosts share the store
 
     # == the parts ================================================================
 
@@ -153,7 +155,8 @@ class Supervisor:
             state, lambda: self.config.prefetch, lambda: self.config.max_jobs_per_worker,
             self.sizer.grow, self._jobs_handed, self.events.wants, self._job_ended)
         self.announcer = Announcer(loop, self.store, self.committer, self.events)
-        self.retention = Retention(loop, self.store, self.committer, lambda: self._retention, state,
+        self.retention = Retention(loop, self.store, self.committer, lambda: self._retention,
+                                   lambda: self.state if self._leading() else SupervisorState.STARTING,
                                    self.book.forget_deleted)
         self.outcomes = Outcomes(self.book, self.dispatcher, self.committer, self.announcer,
                                  self.events, self.counters, self.runtime, lambda: self.tasks,
@@ -162,8 +165,20 @@ class Supervisor:
                                        self.outcomes.board_started)
         self.actions = Actions(self)
         self.scheduler = Scheduler(loop, self.store, self.committer,
-                                   lambda: self.state is SupervisorState.RUNNING,
-                                   lambda: self.tasks, lambda: self.next_id, self.actions.submit_jobs)
+                                   lambda: self.state is SupervisorState.RUNNING and self._leading(),
+                                   lambda: self.tasks, self.peek_id, self.actions.submit_jobs)
+        if self.store.shared:
+            config = self.config
+            self.cluster = Cluster(
+                loop, self.store, self.book, lambda: self.pool.target,
+                lambda: len(self.pool.idle()), self.paused,
+                lambda: self.state, self.dispatcher.wake, self._decide_interrupted,
+                self.announcer.ended_elsewhere, self._abort_here, self._paused_elsewhere,
+                self._ended_count, self._expired_released, config.pg_lease, config.pg_notify == "on", config.pg_poll,
+                self.shaper.strict_queues)
+            self.cluster.on_leader(self._became_leader)
+            self.committer.foreign = self.cluster.foreign
+            self.dispatcher.on_hungry(self.cluster.hungry)
         # One loop timer each for the earliest delayed job and deadline.
         self._delay_timer = EarliestTimer(self._delay_due)
         self._deadline_timer = EarliestTimer(self._deadline_due)
@@ -232,8 +247,9 @@ class Supervisor:
         self.pool.converge()
         self._arm_delay_timer()
         self._arm_deadline_timer()
-        spawn(self.retention.rearm(), "retention timer")
-        await self.scheduler.start(Scheduler.configured(self.config.schedules, self.tasks), time.time())
+        if self._leading():
+            spawn(self.retention.rearm(), "retention timer")
+            await self.scheduler.start(Scheduler.configured(self.config.schedules, self.tasks), time.time())
         self.dispatcher.wake()
         self._update_title()
         self.ready_event.set()
@@ -266,22 +282,28 @@ class Supervisor:
                     " then are lost; jobs that were running then run again at the next start",
                     len(self.committer.batch), self.committer.last_error)
                 code = 1
+            if self.cluster is not None:
+                await self.cluster.leave()
             await self.store.close()
             self.board.close()
         log.info("supervisor %d stopped", os.getpid())
         return code
 
+    def _decide_interrupted(self, job: Interrupted) -> tuple[str, Any]:
+        """What a job interrupted by the death of its supervisor (or host) becomes."""
+        d = outcome.after_crash(job.interruptions, time.time())
+        return (d.state.value if d.state is State.FAILED else "pending"), d.error
+
     async def _recover(self) -> None:
         """Before any new work: jobs left running by a supervisor that died run again
         (uncharged; failed after 3 such interruptions in a row), and the job book,
-        timers and keys are rebuilt from the store."""
+        timers and keys are rebuilt from the store. On a store shared by several
+        hosts: this host joins, takes over from hosts gone silent, and claims."""
         now = time.time()
-
-        def decide(job: Interrupted) -> tuple[str, Any]:
-            d = outcome.after_crash(job.interruptions, now)
-            return (d.state.value if d.state is State.FAILED else "pending"), d.error
-
-        requeued, failed = await self.store.recover_interrupted(now, decide)
+        if self.cluster is not None:
+            await self._join()
+            return
+        requeued, failed = await self.store.recover_interrupted(now, self._decide_interrupted)
         if requeued or failed:
             log.warning(
                 "recovered %d jobs interrupted by the last stop: %d run again, not charged;"
@@ -301,12 +323,85 @@ class Supervisor:
         self.paused.update(stored.get("paused", []))
         self.book.load(await self.store.load_pending(now))
 
+    async def _join(self) -> None:
+        assert self.cluster is not None
+        stored = await self.store.load_settings()
+        if self.config.workers is not None:
+            self.pool.target = self.config.workers
+        else:
+            self.pool.target = int(stored.get(self._workers_setting, os.cpu_count() or 2))
+        if self.autoscale:
+            assert self.config.workers_min is not None and self.config.workers_max is not None
+            self.pool.target = min(max(self.pool.target, self.config.workers_min), self.config.workers_max)
+        self.paused.update(stored.get("paused", []))
+        await self.cluster.join(self.config.socket_path, self.pool.target)
+        self.committer.committed_through = self.cluster.peek_id() - 1
+
+    @property
+    def _workers_setting(self) -> str:
+        """The stored pool size: per host (name and socket) on a shared store."""
+        if self.cluster is None:
+            return "workers"
+        return f"workers@{self.cluster.name}:{os.path.abspath(self.config.socket_path)}"
+
+    def _leading(self) -> bool:
+        """Whether this host runs schedules and retention (always, on one host)."""
+        return self.cluster is None or self.cluster.leader
+
+    def _became_leader(self) -> None:
+        if self.state is SupervisorState.RUNNING:
+            spawn(self.retention.rearm(), "retention timer")
+            spawn(self.scheduler.start(Scheduler.configured(self.config.schedules, self.tasks),
+                                       time.time()), "schedules")
+
+    def peek_id(self) -> int:
+        """The id the next submitted job gets."""
+        return self.cluster.peek_id() if self.cluster is not None else self.next_id
+
+    def ids_ready(self, count: int) -> bool:
+        return self.cluster is None or self.cluster.ids_ready(count)
+
+    def take_ids(self, count: int) -> int:
+        """The first of count new job ids, in this host's order."""
+        if self.cluster is not None:
+            return self.cluster.take_ids(count)
+        first = self.next_id
+        self.next_id += count
+        return first
+
+    def _ended_count(self) -> int:
+        c = self.counters
+        return c.get("completed", 0) + c.get("failed", 0) + c.get("retried", 0) \
+            + c.get("cancelled", 0) + c.get("expired", 0)
+
+    def _expired_released(self, ids: list[int]) -> None:
+        now = time.time()
+        for job_id in ids:
+            self.counters["expired"] = self.counters.get("expired", 0) + 1
+            self.retention.ended("expired", now)
+        self.announcer.ended_elsewhere(ids)
+
+    def _abort_here(self, ids: list[int]) -> None:
+        """Another host asked to abort jobs: those this host owns are aborted here."""
+        mine = [i for i in ids if self.book.state(i) is not None]
+        if mine:
+            spawn(self.actions.abort_jobs(mine), "abort asked by another host")
+
+    def _paused_elsewhere(self, paused: list[str]) -> None:
+        self.paused.clear()
+        self.paused.update(paused)
+        if self.cluster is not None:
+            self.cluster.resumed()
+        self.dispatcher.wake()
+
     async def count_by_state(self, run_id: str | None = None) -> dict[str, Any]:
         """The store's counts by state and queue, once our writes so far are committed
         (at once while the store refuses writes)."""
         await self.committer.barrier(reads=True)
         now = time.time()
-        later = self.book.scheduled(now, SCHEDULED_BY_ID) if run_id is None else None
+        # Several hosts: jobs due later may be released, in no book: read them all.
+        later = self.book.scheduled(now, SCHEDULED_BY_ID) \
+            if run_id is None and self.cluster is None else None
         running = self.running_count.in_snapshot if run_id is None else None
         return await self.store.count_by_state(now, run_id, later, running)
 
@@ -442,7 +537,7 @@ class Supervisor:
             self.autoscale = False
             log.info("autoscale off until reload: the pool size was set by hand")
         self.pool.target = n
-        self.committer.add("save_setting", self.store.setting_params("workers", n))
+        self.committer.add("save_setting", self.store.setting_params(self._workers_setting, n))
         if n != previous:
             log.info("scaling from %d to %d workers", previous, n)
         self.pool.converge()
@@ -480,15 +575,16 @@ class Supervisor:
         file_workers = settings.read_config_file(config.config_path).get("workers") if config.config_path else None
         if file_workers is not None and file_workers != self.pool.target:
             self.pool.target = file_workers
-            self.committer.add("save_setting", self.store.setting_params("workers", self.pool.target))
+            self.committer.add("save_setting", self.store.setting_params(self._workers_setting, self.pool.target))
         old = [w for w in self.pool if w.state is not WorkerState.RETIRING]
         for worker in old:
             self.pool.retire(worker)
         self.pool.reset_failures()
         self.pool.converge()
         self.retention.cancel()
-        spawn(self.retention.rearm(), "retention timer")
-        spawn(self.scheduler.start(schedules, time.time()), "schedules")
+        if self._leading():
+            spawn(self.retention.rearm(), "retention timer")
+            spawn(self.scheduler.start(schedules, time.time()), "schedules")
         log.info("reloaded: %d tasks, replacing %d workers", len(tasks), len(old))
         self.notifier.notify("READY=1")
         return {"workers": self.pool.target, "tasks": sorted(tasks)}

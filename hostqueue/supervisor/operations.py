@@ -20,7 +20,7 @@ from hostqueue import __version__
 from hostqueue.supervisor.actions import wait_timeout
 from hostqueue.supervisor.deferred import DeferredReply
 from hostqueue.store import display_name
-from hostqueue.store.base import StoreBusy
+from hostqueue.store.base import StoreBusy, StoreError, StoreKeyTaken
 from hostqueue.core.errors import ProtocolError
 from hostqueue.supervisor.events import Subscription
 from hostqueue.supervisor.readyindex import PRIORITY_MAX, PRIORITY_MIN
@@ -259,7 +259,9 @@ class Operations:
             raise ProtocolError("bad_request", "field 'key_ttl' needs a 'key' and must be > 0 seconds")
         reply: Awaitable[dict[str, Any]]
         existing = sup.book.key_owner(key) if key is not None else None
-        if existing is not None:
+        if key is not None and existing is None and sup.cluster is not None:
+            reply = self._submit_keyed_shared(spec, args, opts, key, key_ttl)
+        elif existing is not None:
             reply = self._duplicate(existing)
         elif key_ttl is not None:
             reply = self._submit_cached(spec, args, opts, key, key_ttl)
@@ -337,6 +339,35 @@ class Operations:
         result: dict[str, Any] = await self._submit(spec, [args], opts, many=False)
         return result
 
+    async def _submit_keyed_shared(self, spec: Any, args: dict[str, Any], opts: dict[str, Any],
+                                   key: str, key_ttl: float | None) -> dict[str, Any]:
+        """A keyed submit on a store shared by several hosts: the key may be held by a
+        job another host stored (found by a read, or by the unique index when both
+        submit at once: then the other's job is the answer)."""
+        sup = self.supervisor
+        await sup.committer.barrier(reads=True)
+        existing = await sup.store.unfinished_with_key(key)
+        if existing is None and key_ttl is not None:
+            done = await sup.store.completed_with_key(key, time.time() - key_ttl)
+            if done is not None:
+                return {"job": done, "duplicate": True}
+        if existing is None:
+            existing = sup.book.key_owner(key)
+        if existing is not None:
+            return await self._duplicate(existing)
+        self._check_accepting()
+        try:
+            result: dict[str, Any] = await self._submit(spec, [args], opts, many=False)
+        except ProtocolError as exc:
+            if exc.code != "key_taken":
+                raise
+            existing = await sup.store.unfinished_with_key(key)
+            if existing is None:  # it ended meanwhile
+                raise ProtocolError("store_error", "nothing was stored: another host's job with"
+                                    f" the key {key!r} was stored at the same moment; submit again") from None
+            return await self._duplicate(existing)
+        return result
+
     async def _duplicate(self, job_id: int) -> dict[str, Any]:
         job = await self.supervisor.actions.committed_job(job_id)
         if job is None:
@@ -345,11 +376,19 @@ class Operations:
 
     def _submit(self, spec: Any, args_list: list[dict[str, Any]], opts: dict[str, Any], many: bool,
                 ids_only: bool = False) -> DeferredReply:
+        sup = self.supervisor
+        if not sup.ids_ready(len(args_list)):
+            # Several hosts: ids come from the store a range at a time; this one first.
+            later = DeferredReply()
+            later.follow(asyncio.ensure_future(self._submit_later(spec, args_list, opts, many, ids_only)))
+            return later
         reply = DeferredReply()
 
         def done(jobs: list[dict[str, Any]] | None, error: BaseException | None) -> None:
             if error is not None:
                 code = "store_busy" if isinstance(error, StoreBusy) else "store_error"
+                if isinstance(error, StoreKeyTaken) and error.key == opts.get("key"):
+                    code = "key_taken"  # _submit_keyed_shared() answers with the other job
                 reply.fail(ProtocolError(code, f"nothing was stored: {self.public(error)}"))
             elif ids_only:
                 reply.resolve({"ids": list(ids)})
@@ -361,6 +400,18 @@ class Operations:
 
         ids = self.supervisor.actions.submit_jobs(spec, args_list, opts, done, ids_only=ids_only)
         return reply
+
+    async def _submit_later(self, spec: Any, args_list: list[dict[str, Any]], opts: dict[str, Any],
+                            many: bool, ids_only: bool) -> dict[str, Any]:
+        cluster = self.supervisor.cluster
+        assert cluster is not None
+        try:
+            await cluster.ensure_ids(len(args_list))
+        except StoreError as exc:
+            raise ProtocolError("store_error", f"nothing was stored: {self.public(exc)}") from None
+        self._check_accepting()
+        result: dict[str, Any] = await self._submit(spec, args_list, opts, many, ids_only)
+        return result
 
     def op_submit_many(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         self._check_accepting()
@@ -529,7 +580,29 @@ class Operations:
         return {"pong": {"pid": os.getpid(), "version": __version__, "state": self.supervisor.state.value}}
 
     def op_status(self, conn: "Connection", req: dict[str, Any]) -> Reply:
+        if self.supervisor.cluster is not None:
+            return self._status_with_hosts()
         return {"status": self.supervisor.actions.status()}
+
+    async def _status_with_hosts(self) -> dict[str, Any]:
+        """Several hosts: this host's status, with the hosts alive and this one's part."""
+        sup = self.supervisor
+        assert sup.cluster is not None
+        status = sup.actions.status()
+        status["cluster"] = sup.cluster.describe()
+        try:
+            released = await sup.store.released_by_queue(time.time())
+        except StoreError:
+            released = {}
+        waiting = status["waiting_by_queue"]
+        for queue, n in released.items():  # released jobs wait for any host
+            waiting[queue] = waiting.get(queue, 0) + n
+        try:
+            status["hosts"] = [h for h in await sup.store.hosts() if h["alive"]]
+        except StoreError as exc:
+            status["hosts"] = None
+            status["hosts_error"] = self.public(exc)
+        return {"status": status}
 
     def op_stats(self, conn: "Connection", req: dict[str, Any]) -> Reply:
         run_id = _field(req, "run_id", str)

@@ -271,6 +271,12 @@ class Shaper:
         if task in self.task_limits:
             self.task_limits[task].finished()
 
+    def strict_queues(self) -> list[str] | None:
+        """With order = "strict": the queues in their order (others come after them)."""
+        if self.config.order != "strict":
+            return None
+        return [q.name for q in self.config.queues]
+
     def order_key(self, lane: Lane, top: int) -> tuple[float, float, int]:
         """Smaller runs first; ``top`` is the lane's best packed (priority, id) key."""
         queue = lane[0]
