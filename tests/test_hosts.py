@@ -314,3 +314,60 @@ def test_kill_one_of_three_hosts_twenty_rounds(pg: HQEnv) -> None:
     print(f"\nhosts torture: {rounds} rounds, {result['acked']} jobs acknowledged, 0 lost;"
           f" rescue after {min(result['rescue_times'] or [0]):.2f}-{max(result['rescue_times'] or [0]):.2f} s;"
           f" {result['twice']} jobs ran twice (each running at a kill)")
+
+
+@pytest.mark.timeout(60)
+def test_a_queue_cap_holds_across_hosts(pg: HQEnv) -> None:
+    """[queues.capped] concurrency = 2 on 3 hosts of 2 workers: never more than 2 of
+    its jobs run at once in the whole store, and they run on several hosts."""
+    hs = hosts(pg, 3, config="""
+        [queues.capped]
+        concurrency = 2
+        """)
+    log = pg.path("runs.log")
+    ids = []
+    for i in range(12):  # submitted to every host in turn
+        ids.append(hs[i % 3].submit("record", {"log": log, "tag": f"c{i}", "sleep": 0.3},
+                                    queue="capped")["id"])
+    most = 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = hs[0].db_query("SELECT status, COUNT(*) FROM jobs WHERE queue = 'capped'"
+                              " GROUP BY status")
+        counts = {r[0]: r[1] for r in rows}
+        most = max(most, counts.get("running", 0))
+        if counts.get("completed", 0) == 12:
+            break
+        time.sleep(0.01)
+    assert most <= 2, f"{most} jobs of a queue capped at 2 ran at once"
+    assert most == 2
+    for job_id in ids:
+        assert hs[0].wait_job(job_id)["status"] == "completed"
+    workers = {i: h.worker_pids() for i, h in enumerate(hs)}
+    on = {i for i, pids in workers.items() for p in runs(Path(log)).values() if p[0] in pids}
+    assert len(on) >= 2, on
+
+
+@pytest.mark.timeout(60)
+def test_a_watch_on_one_host_sees_the_progress_and_end_of_a_job_on_another(pg: HQEnv) -> None:
+    a = pg.supervisor(workers=0, name="a")  # runs nothing: the job runs on b
+    b = pg.supervisor(workers=1, name="b", start=False)
+    b.pg_schema = a.pg_schema
+    b.start()
+    with a.conn() as c:
+        ok(c.request("pause"))
+        wait_for(lambda: b.status()["paused"] == ["*"], 5, "b to learn the pause")
+        job = ok(c.request("submit", task=f"{TASKS}.slow", args={"seconds": 2.0, "steps": 8}))["job"]
+        rid = c.send_op("watch", job=job["id"])
+        assert c.read_for(rid) == {"id": rid, "ok": True, "watching": job["id"]}
+        ok(c.request("resume"))
+        events = []
+        for event in c.events(rid, timeout=15):
+            events.append(event)
+            if event["event"] in ("completed", "failed", "cancelled", "expired"):
+                break
+    kinds = [e["event"] for e in events]
+    assert kinds[-1] == "completed", kinds
+    fractions = [e["progress"] for e in events if e["event"] == "progress"]
+    assert len(set(fractions)) >= 3 and fractions == sorted(fractions), fractions
+    assert events[-1]["job"]["worker_pid"] in b.worker_pids()

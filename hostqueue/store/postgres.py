@@ -51,6 +51,7 @@ DEFAULT_SCHEMA = "hostqueue"
 # The advisory locks' first key (the second is the schema name's hash): "hq".
 LOCK_SPACE = 0x6871
 MIGRATION_SPACE = 0x6872
+CAP_SPACE = 0x6873
 CONNECT_TIMEOUT = 10.0
 # A statement that takes longer fails (StoreError) instead of holding the writer for
 # as long as the kernel takes to give up on a half-open connection.
@@ -520,6 +521,26 @@ class PostgresStore(Store):
             if len(rows) < count:
                 due = await conn.fetchval(CLUSTER["next_due"], now)
             return [DispatchRow(*r) for r in rows], due
+
+        return await self._on_cluster(take)
+
+    async def claim_capped(self, queue: str, cap: int, count: int, now: float
+                           ) -> tuple[list[DispatchRow], bool]:
+        """Up to count released jobs of a queue whose cap holds across hosts, within
+        the cap (jobs held or running on any host count). Returns them, and whether
+        the cap was what stopped the claim."""
+        async def take(conn: Any) -> tuple[list[DispatchRow], bool]:
+            async with conn.transaction():
+                if await conn.fetchval(CLUSTER["fence"]) is None:
+                    raise self.lease_lost()
+                await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                                   CAP_SPACE, self.schema + "." + queue)
+                active = await conn.fetchval(CLUSTER["queue_active"], queue)
+                n = min(count, cap - active)
+                if n <= 0:
+                    return [], True
+                rows = await conn.fetch(CLUSTER["claim_queue"], self._host, now, queue, n)
+            return [DispatchRow(*r) for r in rows], len(rows) == n < count
 
         return await self._on_cluster(take)
 

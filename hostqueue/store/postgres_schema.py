@@ -333,6 +333,20 @@ CLUSTER: dict[str, str] = {
         "UPDATE jobs SET owner = NULL, worker_pid = NULL WHERE id = ANY($1::bigint[])"
         " AND status = 'pending' AND owner = $2::bigint"
     ),
+    # A queue with a concurrency cap across hosts: its jobs held or running anywhere
+    # (counted under a lock of the queue's, so that two hosts cannot both see room).
+    "queue_active": (
+        "SELECT COUNT(*) FROM jobs WHERE queue = $1::text AND owner IS NOT NULL"
+        " AND status IN ('pending', 'running')"
+    ),
+    "claim_queue": (
+        "UPDATE jobs SET owner = $1::bigint WHERE id IN (SELECT id FROM jobs"
+        " WHERE status = 'pending' AND owner IS NULL AND run_at <= $2::float8"
+        " AND queue = $3::text ORDER BY priority DESC, id LIMIT $4::integer"
+        " FOR UPDATE SKIP LOCKED)"
+        " RETURNING id, task, queue, args, attempts, max_attempts, timeout, abort_requested,"
+        " run_id, priority, key, created_at, run_at, deadline"
+    ),
     # Released jobs whose deadline passed before any host could claim them.
     "expire_released": (
         "UPDATE jobs SET status = 'expired', finished_at = $1::float8, error = $2::text"

@@ -72,7 +72,9 @@ class Cluster:
                  paused_elsewhere: Callable[[list[str]], None],
                  ended_count: Callable[[], int], expired: Callable[[list[int]], None],
                  lease: float, notify: bool, poll: float,
-                 strict: Callable[[], list[str] | None] = lambda: None) -> None:
+                 strict: Callable[[], list[str] | None] = lambda: None,
+                 caps: Callable[[], dict[str, int]] = dict,
+                 progress_elsewhere: Callable[[list[Any]], None] = lambda _: None) -> None:
         self.loop = loop
         self.store = store
         self.book = book
@@ -88,6 +90,9 @@ class Cluster:
         self._ended_count = ended_count
         self._expired = expired  # released jobs this host expired: counted, announced
         self._strict = strict  # queues in strict order (queues.order = "strict"), or None
+        self._caps = caps  # queues whose concurrency cap holds across hosts
+        self._progress_elsewhere = progress_elsewhere  # watchers here of jobs elsewhere
+        self._ended_seen = 0
         self.lease = lease
         self.renew_every = lease / 5
         self.notify = notify
@@ -219,7 +224,8 @@ class Cluster:
         """Of a submit of count jobs here, how many this host keeps (the first ones);
         the rest are released for any host. Delayed jobs, and those of a paused
         queue, are always released (all hosts take them in order when due)."""
-        if not ready or self._fenced or queue in self._paused or "*" in self._paused:
+        if (not ready or self._fenced or queue in self._paused or "*" in self._paused
+                or queue in self._caps()):
             return 0
         return max(0, min(count, self.room()))
 
@@ -236,6 +242,12 @@ class Cluster:
     def hungry(self) -> None:
         """Dispatch has handed what it could: claim released jobs if there is room
         and there may be some (nothing is read while none can be)."""
+        caps = self._caps()
+        if caps and not self._maybe_ready:
+            ended = self._ended_count()
+            if ended != self._ended_seen:  # a capped queue's job may have ended here
+                self._ended_seen = ended
+                self._maybe_ready = True
         if not self._maybe_ready or self._claiming or self._stopped or "*" in self._paused:
             return
         if self._state() is not SupervisorState.RUNNING:
@@ -251,8 +263,16 @@ class Cluster:
         try:
             now = time.time()
             self._maybe_ready = False  # a NOTIFY during the claim sets it again
+            caps = self._caps()
             try:
-                rows, due = await self.store.claim(want, now, sorted(self._paused), self._strict())
+                rows, due = await self.store.claim(want, now, sorted(self._paused | set(caps)),
+                                                   self._strict())
+                more = len(rows) >= want
+                for queue, cap in caps.items():
+                    if len(rows) >= want or queue in self._paused:
+                        break
+                    capped, _full = await self.store.claim_capped(queue, cap, want - len(rows), now)
+                    rows += capped
             except StoreFenced:
                 return
             except StoreError as exc:
@@ -262,7 +282,7 @@ class Cluster:
             self.claims += 1
             if due is not None:
                 self._due_timer.arm(due)
-            if len(rows) >= want:
+            if more or len(rows) >= want:
                 self._maybe_ready = True  # there may be more
             if rows:
                 self.claimed += len(rows)
@@ -314,6 +334,9 @@ class Cluster:
         if isinstance(due, (int, float)):
             self._due_timer.arm(float(due))
         ended = notice.get("e")
+        if ended and self._caps():  # a capped queue may have room again
+            self._maybe_ready = True
+            self.hungry()
         if ended == "*":
             self._ended_elsewhere(None)
         elif isinstance(ended, list) and ended:
@@ -321,9 +344,34 @@ class Cluster:
         aborts = notice.get("a")
         if isinstance(aborts, list) and aborts:
             self._abort_here([i for i in aborts if isinstance(i, int)])
+        progress = notice.get("g")
+        if isinstance(progress, list) and progress:
+            self._progress_elsewhere(progress)
         paused = notice.get("p")
         if isinstance(paused, list):
             self._paused_elsewhere([q for q in paused if isinstance(q, str)])
+
+    def progress(self, changed: list[Any]) -> None:
+        """Progress sampled here (at most every 0.1 s): told to the other hosts, whose
+        clients may watch these jobs, in one NOTIFY (at most ~7 KB of it)."""
+        if not self.notify or self._stopped:
+            return
+        entries = []
+        size = 0
+        for a in changed:
+            message = (a.progress_message or "")[:200] or None
+            entry = [a.id, a.progress, message, a.queue, a.task, a.run_id]
+            size += 40 + len(a.queue) + len(a.task) + len(message or "") + len(a.run_id or "")
+            if size > 7000:
+                break
+            entries.append(entry)
+        spawn(self._tell_quietly({"g": entries}), "tell progress")
+
+    async def _tell_quietly(self, notice: dict[str, Any]) -> None:
+        try:
+            await self.store.notify(notice)
+        except StoreError as exc:
+            log.debug("cannot tell progress to other hosts: %s", exc)
 
     def _reconnected(self) -> None:
         """LISTEN was down for a while: what it missed is looked for once."""

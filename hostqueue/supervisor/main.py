@@ -175,8 +175,9 @@ class Supervisor:
                 lambda: self.state, self.dispatcher.wake, self._decide_interrupted,
                 self.announcer.ended_elsewhere, self._abort_here, self._paused_elsewhere,
                 self._ended_count, self._expired_released, config.pg_lease, config.pg_notify == "on", config.pg_poll,
-                self.shaper.strict_queues)
+                self.shaper.strict_queues, self.shaper.queue_caps, self._progress_elsewhere)
             self.cluster.on_leader(self._became_leader)
+            self.sampler.on_changed = self.cluster.progress
             self.committer.foreign = self.cluster.foreign
             self.dispatcher.on_hungry(self.cluster.hungry)
         # One loop timer each for the earliest delayed job and deadline.
@@ -386,6 +387,17 @@ class Supervisor:
         mine = [i for i in ids if self.book.state(i) is not None]
         if mine:
             spawn(self.actions.abort_jobs(mine), "abort asked by another host")
+
+    def _progress_elsewhere(self, entries: list[Any]) -> None:
+        """Progress of jobs running on another host, for the watchers here."""
+        events = self.events
+        for entry in entries:
+            if not isinstance(entry, list) or len(entry) != 6 or not isinstance(entry[0], int):
+                continue
+            job_id, fraction, message, queue, task, run_id = entry
+            if events.wants(job_id):
+                events.publish({"event": "progress", "job_id": job_id, "progress": fraction,
+                                "message": message}, queue, task, run_id)
 
     def _paused_elsewhere(self, paused: list[str]) -> None:
         self.paused.clear()

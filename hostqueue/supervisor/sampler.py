@@ -41,6 +41,8 @@ class ProgressSampler:
         self._board_started = board_started  # a held job the board shows running
         self.timer: asyncio.TimerHandle | None = None
         self.last_write = 0.0
+        # Several hosts: progress told to the other hosts' watchers (cluster.py).
+        self.on_changed: Callable[[list[Attempt]], None] | None = None
 
     def start(self) -> None:
         if self.timer is None:
@@ -56,6 +58,7 @@ class ProgressSampler:
         if not self.book.handed:
             return
         now = time.time()
+        changed: list[Attempt] = []
         for worker in self.pool:
             if worker.slot < 0 or not self.book.holds(worker.pid):
                 continue
@@ -75,12 +78,15 @@ class ProgressSampler:
             a.board_seq = reading.seq
             a.progress, a.progress_message = reading.fraction, reading.message
             a.progress_dirty = True
+            changed.append(a)
             if self.events.wants(a.id):
                 self.events.publish(
                     {"event": "progress", "job_id": a.id, "progress": a.progress,
                      "message": a.progress_message},
                     a.queue, a.task, a.run_id,
                 )
+        if changed and self.on_changed is not None:
+            self.on_changed(changed)
         if now - self.last_write >= PROGRESS_PERSIST_INTERVAL:
             self.last_write = now
             for a in list(self.book.active()):

@@ -271,6 +271,12 @@ class Shaper:
         if task in self.task_limits:
             self.task_limits[task].finished()
 
+    def queue_caps(self) -> dict[str, int]:
+        """The queues with a concurrency cap, and their caps (held across hosts on a
+        shared store: cluster.py)."""
+        return {q.name: q.limit.concurrency for q in self.config.queues
+                if q.limit.concurrency is not None}
+
     def strict_queues(self) -> list[str] | None:
         """With order = "strict": the queues in their order (others come after them)."""
         if self.config.order != "strict":
