@@ -1,7 +1,10 @@
 """hostqueue on PostgreSQL beside procrastinate, on the same server, in one run.
 
     python bench/pg_peers.py [--dsn postgresql://postgres@127.0.0.1/test] [--runs 3]
-                             [--jobs 5000] [--workers 2] [--latency 200]
+                             [--jobs 5000] [--workers 2] [--latency 200] [--hosts 1,2]
+
+hostqueue runs with 1 and (--hosts) 2 hosts: supervisors of --workers workers
+each on one schema, the clients talking to the first.
 
 Both get the same server, the same number of worker processes (one job at a
 time each) and a no-op task; rounds alternate (hostqueue, procrastinate, then
@@ -166,21 +169,35 @@ def procrastinate_round(python: str, dsn: str, workers: int, jobs: int, latency_
         hq.pg_execute(dsn, f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
 
 
-def hostqueue_round(dsn: str, workers: int, jobs: int, latency_n: int) -> dict[str, float]:
+def hostqueue_round(dsn: str, workers: int, jobs: int, latency_n: int,
+                    hosts: int = 1) -> dict[str, float]:
+    """hosts supervisors of `workers` workers each on one schema; the clients talk
+    to the first (its submits are kept or released, and every host claims)."""
     hq.PG_URL = dsn
     sup = hq.Supervisor(os.path.dirname(HERE), workers)
+    others = []
     try:
         sup.start()
+        for _ in range(hosts - 1):
+            other = hq.Supervisor(os.path.dirname(HERE), workers)
+            other.pg_schema = sup.pg_schema
+            others.append(other)
+            other.start()
         figures = hq.end_to_end_bulk(sup, jobs)
         lat = hq.latency(sup, latency_n, one_request=True)
         figures["lat_p50"] = lat["lat1_p50"]
         figures["lat_p99"] = lat["lat1_p99"]
-        supervisor, worker_procs = sup.processes()
-        figures.update(idle_figures([supervisor, *worker_procs]))
-        sup.stop()
+        procs = []
+        for s in (sup, *others):
+            supervisor, worker_procs = s.processes()
+            procs += [supervisor, *worker_procs]
+        figures.update(idle_figures(procs))
+        for s in (*others, sup):
+            s.stop()
         return figures
     finally:
-        sup.close()
+        for s in (*others, sup):
+            s.close()
 
 
 def main() -> int:
@@ -190,15 +207,22 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--latency", type=int, default=200)
+    parser.add_argument("--hosts", default="1,2",
+                        help="hostqueue with these numbers of hosts (supervisors of --workers workers"
+                             " each on one schema), comma-separated (default 1,2)")
     opts = parser.parse_args()
     python = ensure_venv()
-    rounds: dict[str, list[dict[str, float]]] = {"hostqueue": [], "procrastinate": []}
+    host_counts = [int(h) for h in opts.hosts.split(",")]
+    names = [("hostqueue" if h == 1 else f"hostqueue, {h} hosts") for h in host_counts]
+    rounds: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    rounds["procrastinate"] = []
     for i in range(opts.runs):
-        order = ["hostqueue", "procrastinate"] if i % 2 == 0 else ["procrastinate", "hostqueue"]
+        order = names + ["procrastinate"] if i % 2 == 0 else ["procrastinate"] + names[::-1]
         for name in order:
             print(f"[{time.strftime('%H:%M:%S')}] round {i + 1}/{opts.runs}: {name}", flush=True)
-            if name == "hostqueue":
-                rounds[name].append(hostqueue_round(opts.dsn, opts.workers, opts.jobs, opts.latency))
+            if name.startswith("hostqueue"):
+                rounds[name].append(hostqueue_round(opts.dsn, opts.workers, opts.jobs, opts.latency,
+                                                    host_counts[names.index(name)]))
             else:
                 rounds[name].append(procrastinate_round(python, opts.dsn, opts.workers, opts.jobs,
                                                         opts.latency))
@@ -209,21 +233,22 @@ def main() -> int:
             ("wake-ups while idle, 3 s", "idle_wakeups", "{:.0f}")]
     print(f"\n{opts.workers} workers, {opts.jobs:,} jobs end to end, {opts.latency} for latency,"
           f" {opts.runs} rounds each on {hq.pg_safe(opts.dsn)}; median [min-max]\n")
-    print(f"{'figure':<36} {'hostqueue':>28} {'procrastinate':>28} {'ratio':>8}")
+    columns = names + ["procrastinate"]
+    print(f"{'figure':<36} " + " ".join(f"{n:>28}" for n in columns) + f" {'ratio':>8}")
     for label, key, fmt in rows:
         cells = []
         meds = []
-        for name in ("hostqueue", "procrastinate"):
+        for name in columns:
             values = [r[key] for r in rounds[name]]
             med = statistics.median(values)
             meds.append(med)
             cells.append(f"{fmt.format(med)} [{fmt.format(min(values))}-{fmt.format(max(values))}]")
-        ratio = ""
-        if meds[1] and meds[0] and key == "e2e_bulk":
-            ratio = f"{meds[0] / meds[1]:.1f}x"
-        elif meds[0] and meds[1] and key.startswith("lat"):
-            ratio = f"{meds[1] / meds[0]:.1f}x"
-        print(f"{label:<36} {cells[0]:>28} {cells[1]:>28} {ratio:>8}")
+        ratio = ""  # the first hostqueue column against procrastinate
+        if meds[-1] and meds[0] and key == "e2e_bulk":
+            ratio = f"{meds[0] / meds[-1]:.1f}x"
+        elif meds[0] and meds[-1] and key.startswith("lat"):
+            ratio = f"{meds[-1] / meds[0]:.1f}x"
+        print(f"{label:<36} " + " ".join(f"{c:>28}" for c in cells) + f" {ratio:>8}")
     return 0
 
 

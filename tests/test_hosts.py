@@ -187,9 +187,11 @@ def test_a_schedule_on_three_hosts_fires_once_per_due_time(pg: HQEnv) -> None:
 def test_a_frozen_host_loses_its_jobs_and_its_late_outcomes_are_refused(pg: HQEnv) -> None:
     """Host a is frozen (SIGSTOP) past its 1 s lease while its two jobs run; host b
     runs them again. a's workers finish their copies meanwhile; when a wakes its
-    writes are refused (fenced): it stops its workers, exits 1, and the store keeps
-    b's outcomes, each job completed once."""
+    writes are refused (fenced): it stops its workers, starts again in place (same
+    PID) and rejoins as a new host; the store keeps b's outcomes, each job
+    completed once."""
     a, b = hosts(pg, 2, extra=("--pg-lease", "1"))
+    first_host = a.status()["cluster"]["host"]
     log = pg.path("runs.log")
     ids = [a.submit("record", {"log": log, "tag": f"t{i}", "sleep": 2.0})["id"] for i in range(2)]
     wait_for(lambda: a.status()["running_jobs"] == 2, 10, "both jobs to start on a")
@@ -206,9 +208,14 @@ def test_a_frozen_host_loses_its_jobs_and_its_late_outcomes_are_refused(pg: HQEn
         assert all({p for p in ran[i]} <= a_workers | b_workers for i in ids), ran
     finally:
         a.signal(signal.SIGCONT)
-    assert a.wait_exit(20) == 1, a.log_text()[-3000:]
-    assert "lease" in a.log_text() and "lapsed" in a.log_text()
+    wait_for(lambda: "rejoining" in a.log_text(), 20, "a to learn it lost its lease")
+    assert "lapsed" in a.log_text()
     wait_for(lambda: not any(is_alive(p) for p in a_workers), 10, "a's workers to be stopped")
+    back = wait_for(lambda: a.status()["cluster"], 20, "a to rejoin")
+    assert back["host"] != first_host and a.proc is not None and a.proc.poll() is None
+    alive = {h["id"] for h in b.status()["hosts"]}
+    assert alive == {back["host"], b.status()["cluster"]["host"]}, alive
+    assert a.wait_job(a.submit("add", {"a": 1, "b": 2})["id"])["result"] == 3
     after = [b.get(job_id) for job_id in ids]
     for before, now in zip(done, after):
         assert now["status"] == "completed" and now["finished_at"] == before["finished_at"]

@@ -8,6 +8,7 @@ of its own, dropped afterwards.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -248,3 +249,132 @@ def test_one_job_twice_in_a_batch_keeps_the_last_write(pg: HQEnv) -> None:
     assert (job["progress"], job["progress_message"]) == (0.9, "second"), job
     assert job["status"] == "completed"
     assert refused == 1
+
+
+class CutAtCommit:
+    """A TCP proxy to the PostgreSQL server that, once armed, breaks the connection
+    when the server's answer to a statement with the given tag (b"COMMIT", b"INSERT
+    ...") comes by: that answer never reaches the client (the server has done it)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket as socketlib
+        import threading
+
+        self.target = (host, port)
+        self.listener = socketlib.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed: bytes | None = None
+        self.cuts = 0
+        self.threads: list[threading.Thread] = []
+        accept = threading.Thread(target=self._accept, daemon=True)
+        accept.start()
+
+    def _accept(self) -> None:
+        import socket as socketlib
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socketlib.create_connection(self.target)
+            for src, dst, parse in ((client, server, False), (server, client, True)):
+                t = threading.Thread(target=self._pump, args=(src, dst, parse, client, server),
+                                     daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def _pump(self, src: Any, dst: Any, parse: bool, client: Any, server: Any) -> None:
+        import struct
+
+        buf = b""
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not parse:
+                    dst.sendall(data)
+                    continue
+                buf += data
+                out = b""
+                while len(buf) >= 5:
+                    kind, length = buf[:1], struct.unpack("!I", buf[1:5])[0]
+                    if len(buf) < 1 + length:
+                        break
+                    message, buf = buf[:1 + length], buf[1 + length:]
+                    if kind == b"C" and self.armed is not None and message[5:].startswith(self.armed):
+                        self.armed = None
+                        self.cuts += 1
+                        dst.sendall(out)
+                        raise ConnectionAbortedError("cut")
+                    out += message
+                dst.sendall(out)
+        except OSError:
+            pass
+        finally:
+            import socket as socketlib
+
+            for s in (client, server):
+                try:  # shutdown first: it wakes the other pump's recv, and sends FIN now
+                    s.shutdown(socketlib.SHUT_RDWR)
+                except OSError:
+                    pass
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_commit_whose_answer_is_lost_is_found_stored_or_not(pg: HQEnv) -> None:
+    """The connection breaks as the server answers COMMIT (the batch is stored, the
+    answer lost): apply() finds its number in the store and succeeds. Broken before
+    COMMIT (after an INSERT's answer): apply() fails, and nothing was stored."""
+    import asyncio
+    from urllib.parse import urlsplit, urlunsplit
+
+    from hostqueue.store import StoreError, WriteBatch
+    from hostqueue.store.postgres import PostgresStore
+
+    dsn = pg.pg_dsn or ""
+    parts = urlsplit(dsn)
+    proxy = CutAtCommit(parts.hostname or "127.0.0.1", parts.port or 5432)
+    netloc = parts.netloc.rsplit("@", 1)
+    via = urlunsplit(parts._replace(netloc=f"{netloc[0]}@127.0.0.1:{proxy.port}" if len(netloc) == 2
+                                    else f"127.0.0.1:{proxy.port}"))
+    via += ("&" if "?" in via else "?") + "sslmode=disable"
+    schema = f"{pg.pg_prefix}_cut"
+
+    def submit(first: int) -> WriteBatch:
+        batch = WriteBatch()
+        batch.add_submit(first, 1, (first, "t.x", "default", 1, 0, None, None, 1.0, 1.0, None,
+                                    None, '["{}"]'), [], lambda: None, lambda e: None)
+        return batch
+
+    async def run() -> tuple[Any, Any, str]:
+        store = PostgresStore(via, schema)
+        await store.open()
+        try:
+            await store.join("test", os.getpid(), "/nowhere", 1, "test", 30.0, lambda pid: True)
+            proxy.armed = b"COMMIT"
+            await store.apply(submit(1))  # stored; its answer lost: no error
+            proxy.armed = b"INSERT"
+            error = ""
+            try:
+                await store.apply(submit(2))
+            except StoreError as exc:
+                error = str(exc)
+            return await store.get_job(1), await store.get_job(2), error
+        finally:
+            await store.close()
+            proxy.close()
+
+    first, second, error = asyncio.run(run())
+    assert proxy.cuts == 2
+    assert first is not None and first["status"] == "pending"
+    assert second is None and error and "lease" not in error, (second, error)

@@ -154,12 +154,6 @@ class Store(abc.ABC):
 
     path: str
 
-    @property
-    def shared(self) -> bool:
-        """Whether several hosts may share this store (the PostgreSQL one): the
-        supervisor then joins it as a host (supervisor/cluster.py)."""
-        return False
-
     # -- life ---------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -264,3 +258,68 @@ class Store(abc.ABC):
         import orjson
 
         return (name, orjson.dumps(value).decode())
+
+
+class SharedStore(Store):
+    """A store several hosts share (PostgreSQL): what the supervisor's cluster part
+    (supervisor/cluster.py) and the cross-host operations ask of it besides."""
+
+    @abc.abstractmethod
+    async def join(self, name: str, pid: int, socket_path: str, workers: int, version: str,
+                   lease: float, alive: Callable[[int], bool]) -> int: ...
+
+    @abc.abstractmethod
+    def listen(self, notified: Callable[[dict[str, Any]], None] | None,
+               reconnected: Callable[[], None]) -> None: ...
+
+    @abc.abstractmethod
+    async def start_listening(self) -> None: ...
+
+    @abc.abstractmethod
+    async def notify(self, notice: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def renew(self, lease: float, workers: int) -> float | None: ...
+
+    @abc.abstractmethod
+    async def try_lead(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def rescue(self, now: float, decide: Callable[[Interrupted], tuple[str, Any]],
+                     orphans: bool = False) -> tuple[list[tuple[int, str, int]], int, int, list[int]]: ...
+
+    @abc.abstractmethod
+    async def claim(self, count: int, now: float, paused: list[str],
+                    strict: list[str] | None = None) -> tuple[list[DispatchRow], float | None]: ...
+
+    @abc.abstractmethod
+    async def claim_capped(self, queue: str, cap: int, count: int, now: float
+                           ) -> tuple[list[DispatchRow], bool]: ...
+
+    @abc.abstractmethod
+    async def release(self, ids: list[int]) -> int: ...
+
+    @abc.abstractmethod
+    async def expire_released(self, now: float, error: dict[str, Any]
+                              ) -> tuple[list[int], float | None]: ...
+
+    @abc.abstractmethod
+    async def released_by_queue(self, now: float) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    async def reserve_ids(self, count: int) -> int: ...
+
+    @abc.abstractmethod
+    async def hosts(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def cancel_released(self, job_id: int, now: float, error: dict[str, Any]) -> bool: ...
+
+    @abc.abstractmethod
+    async def unfinished_with_key(self, key: str) -> int | None: ...
+
+    @abc.abstractmethod
+    def lease_lost(self) -> StoreFenced: ...
+
+    @abc.abstractmethod
+    async def leave(self) -> None: ...

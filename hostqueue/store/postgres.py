@@ -13,13 +13,12 @@ of the rows changed, so guarded transitions that found their job in another
 state are counted as on SQLite); the reader serves reads, so a long count
 never holds up a commit. Neither blocks the event loop: asyncpg is asyncio's.
 
-One supervisor per schema, for now: the writer holds a session advisory lock
-on the schema's name for as long as it is connected, and a second supervisor
-is refused with the first one's host and PID. (Several hosts sharing one
-schema is the next step of docs/postgresql.md.) If the writer's connection is
-lost, writes fail with StoreError (the committer retries them, submits are
-refused meanwhile) until a new connection gets the lock back; should another
-supervisor hold it by then, this one refuses to write and says so.
+Several hosts share a schema (supervisor/cluster.py is the other half): a third
+connection renews this host's lease, claims released jobs, takes id ranges and
+LISTENs; every write transaction first checks the lease (``fence``), and sends
+one NOTIFY for the other hosts when it released or ended jobs. If the writer's
+connection is lost, writes fail with StoreError (the committer retries them,
+submits are refused meanwhile) until a new connection is made.
 
 Migrations run at open under a transaction-level advisory lock, each in its
 own transaction, recorded in ``schema_version``.
@@ -39,8 +38,8 @@ import orjson
 
 from hostqueue.core.states import FINAL_STATES
 from hostqueue.store.base import (
-    JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, Store, StoreError, StoreFenced, StoreKeyTaken,
-    job_row_to_dict, state_totals,
+    JOB_COLUMNS, DispatchRow, Interrupted, PendingSet, SharedStore, StoreError, StoreFenced,
+    StoreKeyTaken, job_row_to_dict, state_totals,
 )
 from hostqueue.store.batch import TRANSITION_WRITES, Op, WriteBatch
 from hostqueue.store.postgres_schema import CLUSTER, MIGRATIONS, VERSION_TABLE, WRITES, batched
@@ -59,7 +58,12 @@ COMMAND_TIMEOUT = 30.0
 # The server notices a client gone silent (a host frozen, a network cut) within
 # about 10 + 3 x 5 s, and ends its session: the advisory lock is freed with it.
 KEEPALIVES = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5",
-              "tcp_keepalives_count": "3"}
+              "tcp_keepalives_count": "3",
+              # A host frozen (SIGSTOP, a VM paused) inside a transaction keeps its
+              # connection alive but would hold its locks, and so hold up the rescue
+              # of its jobs: the server ends such a session after 2 s. Our
+              # transactions never wait on anything but the server's answers.
+              "idle_in_transaction_session_timeout": "2000"}
 _SELECT_JOB = "SELECT " + ", ".join(JOB_COLUMNS) + " FROM jobs"
 # Guarded updates batched over arrays (postgres_schema.batched).
 _BATCHED = {kind: batched(kind) for kind in TRANSITION_WRITES | {"record_progress"}}
@@ -82,7 +86,7 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-class PostgresStore(Store):
+class PostgresStore(SharedStore):
     def __init__(self, dsn: str, schema: str = DEFAULT_SCHEMA) -> None:
         self.dsn = dsn
         self.schema = schema
@@ -107,6 +111,7 @@ class PostgresStore(Store):
         self._reconnected: Callable[[], None] | None = None
         self.channel = ("hostqueue_" + schema)[:63]
         self._gone_here: list[int] = []
+        self._batches = 0  # write transactions numbered (hosts.last_batch)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -325,17 +330,34 @@ class PostgresStore(Store):
             raise self._fenced_error
         ops = batch.all_ops()
         notice = _notice(ops, time.time(), self._host)
+        self._batches += 1
+        number = self._batches
 
         async def transaction(conn: Any) -> int:
             async with conn.transaction():
-                if self._host is not None and await conn.fetchval(CLUSTER["fence"]) is None:
+                if self._host is not None and await conn.fetchval(
+                        CLUSTER["fence_batch"], number) is None:
                     raise self.lease_lost()
                 refused = await _apply_ops(conn, ops)
                 if notice is not None:
                     await conn.execute("SELECT pg_notify($1, $2)", self.channel, notice)
                 return refused
 
-        self._refused += await self._write(transaction)
+        try:
+            self._refused += await self._write(transaction)
+        except StoreError as exc:
+            if self._host is None or not self._lost or isinstance(exc, StoreFenced):
+                raise
+            # The connection broke: before COMMIT (nothing stored), or after it, its
+            # answer lost (all stored). The batch's number in the store tells which.
+            try:
+                stored = await self._write(lambda c: c.fetchval(CLUSTER["last_batch"]))
+            except StoreError:
+                raise exc from None
+            if stored != number:
+                raise
+            log.warning("store %s: the connection broke as a transaction committed; it was"
+                        " stored (its number is in the store)", self.path)
 
     def lease_lost(self) -> StoreFenced:
         """This host's lease lapsed (it was frozen, or cut off from the database, for
@@ -356,11 +378,6 @@ class PostgresStore(Store):
 
 
     # -- several hosts ------------------------------------------------------------
-
-    @property
-    def shared(self) -> bool:
-        """Several hosts may share this store: the supervisor joins it as a host."""
-        return True
 
     @property
     def host(self) -> int | None:
@@ -431,7 +448,7 @@ class PostgresStore(Store):
         await self._write(own)
         return host
 
-    def listen(self, notified: Callable[[dict[str, Any]], None],
+    def listen(self, notified: Callable[[dict[str, Any]], None] | None,
                reconnected: Callable[[], None]) -> None:
         """notified(notice) for each NOTIFY of another host (claims, ends, aborts);
         reconnected() when LISTEN was broken for a while."""

@@ -97,8 +97,11 @@ MIGRATIONS: list[tuple[str, str]] = [
             version     text,
             started_at  float8  NOT NULL,
             renewed_at  float8  NOT NULL,
-            lease_until float8  NOT NULL
-        );
+            lease_until float8  NOT NULL,
+            -- The number of this host's last committed write transaction: after a
+            -- connection lost during COMMIT, it tells whether the COMMIT was stored.
+            last_batch  bigint  NOT NULL DEFAULT 0
+        ) WITH (fillfactor = 50);  -- a host's row is updated by each of its transactions
         -- The host whose book holds the job (NULL: released, for any host to claim).
         ALTER TABLE jobs ADD COLUMN owner bigint;
         -- Claims: released jobs in dispatch order, and when the next delayed one is due.
@@ -265,6 +268,13 @@ CLUSTER: dict[str, str] = {
         "SELECT 1 FROM hosts WHERE id = " + OWNER + " AND lease_until > " + DB_NOW
         + " FOR KEY SHARE"
     ),
+    # The same for a batch of the group commit, numbered: the number is stored with
+    # the batch, so that a COMMIT whose answer was lost can be told stored or not.
+    "fence_batch": (
+        "UPDATE hosts SET last_batch = $1::bigint WHERE id = " + OWNER + " AND lease_until > "
+        + DB_NOW + " RETURNING 1"
+    ),
+    "last_batch": "SELECT last_batch FROM hosts WHERE id = " + OWNER,
     # Hosts whose lease lapsed, gone; their jobs are rescued in the same transaction.
     "lapsed": (
         "DELETE FROM hosts WHERE lease_until < " + DB_NOW + " OR id = ANY($1::bigint[])"

@@ -205,7 +205,7 @@ class Actions:
         assert sup.cluster is not None
         told = []
         for job_id in ids:
-            if await self.store.cancel_released(job_id, now, aborted_before_start()):
+            if await sup.shared_store.cancel_released(job_id, now, aborted_before_start()):
                 sup._job_ended(job_id, "cancelled", now)
             else:
                 told.append(job_id)
@@ -298,6 +298,8 @@ class Actions:
                 f"job {job_id} is {job['status']}; only failed, cancelled or expired jobs can be retried",
             )
         owner = self.book.key_owner(job["key"]) if job["key"] is not None else None
+        if owner is None and job["key"] is not None and self.sup.cluster is not None:
+            owner = await self.sup.shared_store.unfinished_with_key(job["key"])  # on another host
         if owner is not None:
             raise ProtocolError(
                 "invalid_state", f"job {owner} with the same key {job['key']!r} is unfinished"
@@ -320,8 +322,11 @@ class Actions:
         self.committer.add("save_setting", self.store.setting_params("paused", sorted(sup.paused)))
         if sup.cluster is not None:  # every host pauses and resumes with this one
             cluster = sup.cluster
-            self.committer.after_commit(
-                lambda: spawn(cluster.tell({"p": sorted(sup.paused)}), "tell the paused queues"))
+
+            def tell() -> None:
+                spawn(cluster.tell({"p": sorted(sup.paused)}), "tell the paused queues")
+
+            self.committer.after_commit(tell)
         if not paused:
             if sup.cluster is not None:
                 sup.cluster.resumed()

@@ -131,8 +131,8 @@ class Cluster:
         self.host = await store.join(self.name, os.getpid(), os.path.abspath(socket_path), workers,
                                      __version__, self.lease, pid_alive)
         await self._rescue(orphans=True)
+        store.listen(self._notified if self.notify else None, self._reconnected)
         if self.notify:
-            store.listen(self._notified, self._reconnected)
             await store.start_listening()
         await self._reserve(ID_RANGE)
         self.leader = await store.try_lead()
@@ -153,6 +153,20 @@ class Cluster:
         for handle in (self._renew_handle, self._poll_handle):
             if handle is not None:
                 handle.cancel()
+
+    def drain(self) -> None:
+        """This host drains: the ready jobs it kept go to the other hosts now, not
+        when it exits."""
+        ids = self.book.release_ready()
+        if ids and not self._fenced:
+            spawn(self._release(ids), "release kept jobs")
+
+    async def _release(self, ids: list[int]) -> None:
+        try:
+            await self.store.release(ids)
+        except StoreError as exc:
+            log.warning("could not give %d waiting jobs to the other hosts (%s); they go when"
+                        " this host stops", len(ids), exc)
 
     async def leave(self) -> None:
         """A clean stop: this host's row goes; its jobs not run were given back."""
@@ -374,7 +388,13 @@ class Cluster:
             log.debug("cannot tell progress to other hosts: %s", exc)
 
     def _reconnected(self) -> None:
-        """LISTEN was down for a while: what it missed is looked for once."""
+        """The host's connection was down for a while: what NOTIFY said meanwhile is
+        looked for once, and the advisory lock of the schedules went with it (the
+        next renewal tries to take it again)."""
+        if self.leader:
+            log.warning("host %s: its connection to the store broke; schedules and retention"
+                        " stop here until it leads again", self.host)
+        self.leader = False
         self._maybe_ready = True
         self.hungry()
         self._ended_elsewhere(None)

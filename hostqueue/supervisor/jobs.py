@@ -312,6 +312,20 @@ class JobBook:
         self._on_wait(0.0, earliest)
         return aborted
 
+    def release_ready(self) -> list[int]:
+        """Every ready job, out of this book: a host that drains gives them to the
+        other hosts (its caller releases them in the store)."""
+        ids = []
+        for lane in list(self._ready.lanes):
+            while self._ready.top(lane) is not None:
+                job_id = unpack_id(self._ready.pop(lane))
+                p = self._payloads.pop(job_id, None)
+                self._deadlines.discard(job_id)
+                if p is not None and p.key is not None and self._keys.get(p.key) == job_id:
+                    del self._keys[p.key]
+                ids.append(job_id)
+        return ids
+
     def withdraw(self, ids: range, lane: Lane, key: str | None) -> list[Attempt]:
         """A submit that failed to commit: its jobs never existed. Returns those that
         were handed to a worker already (not sent yet: they wait for that commit)."""

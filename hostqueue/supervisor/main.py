@@ -36,6 +36,7 @@ import ctypes
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -47,7 +48,7 @@ from hostqueue.core.logs import setup_logging
 from hostqueue.core.settings import SupervisorConfig
 from hostqueue.core.states import Event, State, SupervisorState, WorkerState
 from hostqueue.store import StoreError, StoreLocked, display_name, open_store, store_lock
-from hostqueue.store.base import Interrupted
+from hostqueue.store.base import Interrupted, SharedStore
 from hostqueue.supervisor import sdnotify
 from hostqueue.supervisor.actions import Actions
 from hostqueue.supervisor.announce import Announcer
@@ -111,6 +112,7 @@ class Supervisor:
         self._title_pending: asyncio.TimerHandle | None = None
         self._trimming = False
         self._exit_code = 0  # 1 once the store was taken over by another supervisor
+        self.rejoin = False  # fenced while serving: start again in place (run_supervisor)
         # Seconds each final state is kept (config.retention(), read once per job's end).
         self._retention = config.retention()
         self._title_prefix = f"hostqueue supervisor {display_name(config.store)}"
@@ -167,15 +169,15 @@ class Supervisor:
         self.scheduler = Scheduler(loop, self.store, self.committer,
                                    lambda: self.state is SupervisorState.RUNNING and self._leading(),
                                    lambda: self.tasks, self.peek_id, self.actions.submit_jobs)
-        if self.store.shared:
-            config = self.config
+        if isinstance(self.store, SharedStore):
+            conf = self.config
             self.cluster = Cluster(
                 loop, self.store, self.book, lambda: self.pool.target,
                 lambda: len(self.pool.idle()), self.paused,
                 lambda: self.state, self.dispatcher.wake, self._decide_interrupted,
                 self.announcer.ended_elsewhere, self._abort_here, self._paused_elsewhere,
-                self._ended_count, self._expired_released, config.pg_lease, config.pg_notify == "on", config.pg_poll,
-                self.shaper.strict_queues, self.shaper.queue_caps, self._progress_elsewhere)
+                self._ended_count, self._expired_released, conf.pg_lease,
+                conf.pg_notify == "on", conf.pg_poll, self.shaper.strict_queues, self.shaper.queue_caps, self._progress_elsewhere)
             self.cluster.on_leader(self._became_leader)
             self.sampler.on_changed = self.cluster.progress
             self.committer.foreign = self.cluster.foreign
@@ -353,7 +355,13 @@ class Supervisor:
         if self.state is SupervisorState.RUNNING:
             spawn(self.retention.rearm(), "retention timer")
             spawn(self.scheduler.start(Scheduler.configured(self.config.schedules, self.tasks),
-                                       time.time()), "schedules")
+                                       time.time(), fresh=True), "schedules")
+
+    @property
+    def shared_store(self) -> SharedStore:
+        """The store, shared by several hosts (only while self.cluster is not None)."""
+        assert isinstance(self.store, SharedStore)
+        return self.store
 
     def peek_id(self) -> int:
         """The id the next submitted job gets."""
@@ -365,6 +373,9 @@ class Supervisor:
     def take_ids(self, count: int) -> int:
         """The first of count new job ids, in this host's order."""
         if self.cluster is not None:
+            if not self.cluster.ids_ready(count):  # a caller that did not ensure_ids()
+                raise ProtocolError("store_busy", "job ids are being reserved in the store;"
+                                    " submit again in a moment")
             return self.cluster.take_ids(count)
         first = self.next_id
         self.next_id += count
@@ -494,6 +505,8 @@ class Supervisor:
         self.notifier.notify(f"STOPPING=1\nSTATUS=draining: {busy} jobs running\nEXTEND_TIMEOUT_USEC={extend}")
         log.info("draining: %d jobs running on %d workers, grace %.1f s", busy, busy, grace)
         self.scheduler.stop()
+        if self.cluster is not None:
+            self.cluster.drain()
         for timer in (self._delay_timer, self._deadline_timer, self.retention.timer,
                       self.sizer.idle_timer):
             timer.cancel()
@@ -509,11 +522,15 @@ class Supervisor:
         self._update_title()
 
     def _fenced(self, exc: Exception) -> None:
-        """Another supervisor took the store over while this one was cut off from it:
-        the jobs this one runs now belong to that one (it ran again those it found
-        running). Stop every worker at once, store nothing more, exit 1."""
+        """This host's lease lapsed while it was frozen or cut off: the jobs it runs
+        now belong to other hosts (they run again those it was running). Stop every
+        worker at once, store nothing more, exit 1; a host that was serving (not
+        draining already) then starts again in place and rejoins as a new host
+        (run_supervisor)."""
         log.critical("%s", exc)
         self._exit_code = 1
+        if self.cluster is not None and not self.embedded and self.state is SupervisorState.RUNNING:
+            self.rejoin = True
         if self.state is SupervisorState.DRAINING:
             self._grace_expired()
         else:
@@ -795,4 +812,12 @@ def run_supervisor(config: SupervisorConfig) -> int:
         block_sigchld()  # before any thread starts: see reaper.py
     supervisor = Supervisor(config)
     set_title(f"hostqueue supervisor {display_name(config.store)} [starting]")
-    return int(uvloop.run(supervisor.run()))
+    code = int(uvloop.run(supervisor.run()))
+    if supervisor.rejoin:
+        # Its lease lapsed (frozen, cut off): its jobs were taken over and its workers
+        # are stopped. The same command again, in this process (same PID for the
+        # service manager): it joins as a new host.
+        log.warning("rejoining %s as a new host", display_name(config.store))
+        logging.shutdown()
+        os.execv(sys.executable, [sys.executable, "-m", "hostqueue", *sys.argv[1:]])
+    return code

@@ -346,7 +346,7 @@ class Operations:
         submit at once: then the other's job is the answer)."""
         sup = self.supervisor
         await sup.committer.barrier(reads=True)
-        existing = await sup.store.unfinished_with_key(key)
+        existing = await sup.shared_store.unfinished_with_key(key)
         if existing is None and key_ttl is not None:
             done = await sup.store.completed_with_key(key, time.time() - key_ttl)
             if done is not None:
@@ -361,7 +361,7 @@ class Operations:
         except ProtocolError as exc:
             if exc.code != "key_taken":
                 raise
-            existing = await sup.store.unfinished_with_key(key)
+            existing = await sup.shared_store.unfinished_with_key(key)
             if existing is None:  # it ended meanwhile
                 raise ProtocolError("store_error", "nothing was stored: another host's job with"
                                     f" the key {key!r} was stored at the same moment; submit again") from None
@@ -591,14 +591,14 @@ class Operations:
         status = sup.actions.status()
         status["cluster"] = sup.cluster.describe()
         try:
-            released = await sup.store.released_by_queue(time.time())
+            released = await sup.shared_store.released_by_queue(time.time())
         except StoreError:
             released = {}
         waiting = status["waiting_by_queue"]
         for queue, n in released.items():  # released jobs wait for any host
             waiting[queue] = waiting.get(queue, 0) + n
         try:
-            status["hosts"] = [h for h in await sup.store.hosts() if h["alive"]]
+            status["hosts"] = [h for h in await sup.shared_store.hosts() if h["alive"]]
         except StoreError as exc:
             status["hosts"] = None
             status["hosts_error"] = self.public(exc)

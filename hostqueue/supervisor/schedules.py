@@ -159,10 +159,12 @@ class Scheduler:
                                                 timezone=task.cron_timezone), f"task {name}"))
         return specs
 
-    async def start(self, specs: list[ScheduleSpec], now: float) -> None:
-        """Plan every schedule from what the store kept; submit missed runs by policy."""
+    async def start(self, specs: list[ScheduleSpec], now: float, fresh: bool = False) -> None:
+        """Plan every schedule from what the store kept; submit missed runs by policy.
+        With fresh (a host that takes the schedules over from another), from the
+        store alone: what this host remembers is out of date."""
         stored = await self.store.load_schedules()
-        known = self.states  # on reload, memory is ahead of the store
+        known = {} if fresh else self.states  # on reload, memory is ahead of the store
         self.specs = {s.name: s for s in specs}
         self.states = {}
         for spec in specs:
