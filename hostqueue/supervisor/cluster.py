@@ -74,7 +74,8 @@ class Cluster:
                  lease: float, notify: bool, poll: float,
                  strict: Callable[[], list[str] | None] = lambda: None,
                  caps: Callable[[], dict[str, int]] = dict,
-                 progress_elsewhere: Callable[[list[Any]], None] = lambda _: None) -> None:
+                 progress_elsewhere: Callable[[list[Any]], None] = lambda _: None,
+                 after_commit: Callable[[Callable[[], None]], None] = lambda f: f()) -> None:
         self.loop = loop
         self.store = store
         self.book = book
@@ -93,6 +94,7 @@ class Cluster:
         self._caps = caps  # queues whose concurrency cap holds across hosts
         self._progress_elsewhere = progress_elsewhere  # watchers here of jobs elsewhere
         self._ended_seen = 0
+        self._after_commit = after_commit  # the committer's: once what is written is stored
         self.lease = lease
         self.renew_every = lease / 5
         self.notify = notify
@@ -185,8 +187,14 @@ class Cluster:
         assert first + count <= self._ids.stop, "ids_ready() first"
         self._next += count
         if self._ids.stop - self._next < ID_LOW and self._reserving is None:
-            self._reserving = asyncio.ensure_future(self._reserve(ID_RANGE))
+            self._reserving = asyncio.ensure_future(self._reserve_ahead())
         return first
+
+    async def _reserve_ahead(self) -> None:
+        try:
+            await self._reserve(ID_RANGE)
+        except StoreError as exc:  # ensure_ids() tries again when the ids run out
+            log.warning("cannot reserve job ids ahead (%s); tried again when needed", exc)
 
     def peek_id(self) -> int:
         return self._next
@@ -257,11 +265,13 @@ class Cluster:
         """Dispatch has handed what it could: claim released jobs if there is room
         and there may be some (nothing is read while none can be)."""
         caps = self._caps()
-        if caps and not self._maybe_ready:
+        if caps:
             ended = self._ended_count()
-            if ended != self._ended_seen:  # a capped queue's job may have ended here
+            if ended != self._ended_seen:
+                # A capped queue's job may have ended here: once its end is stored,
+                # the cap may have room (the claim counts what the store says).
                 self._ended_seen = ended
-                self._maybe_ready = True
+                self._after_commit(self._capped_room)
         if not self._maybe_ready or self._claiming or self._stopped or "*" in self._paused:
             return
         if self._state() is not SupervisorState.RUNNING:
@@ -326,6 +336,10 @@ class Cluster:
             self._expired(ids)
         if due is not None:
             self._expiry_timer.arm(due)
+
+    def _capped_room(self) -> None:
+        self._maybe_ready = True
+        self.hungry()
 
     def resumed(self) -> None:
         """Queues were resumed: their released jobs may be claimed now."""
@@ -438,9 +452,13 @@ class Cluster:
                 self._renew_handle = self.loop.call_later(self.renew_every, self._renew_now)
 
     def _fence(self) -> None:
+        self.fenced()
+        self.store.lease_lost()  # the supervisor's on_fenced stops every job
+
+    def fenced(self) -> None:
+        """This host's lease lapsed: it stores, claims and renews nothing more."""
         self._fenced = True
         self.stop()
-        self.store.lease_lost()  # the supervisor's on_fenced stops every job
 
     async def _rescue(self, orphans: bool = False) -> None:
         gone, requeued, failed, failed_ids = await self.store.rescue(

@@ -177,7 +177,8 @@ class Supervisor:
                 lambda: self.state, self.dispatcher.wake, self._decide_interrupted,
                 self.announcer.ended_elsewhere, self._abort_here, self._paused_elsewhere,
                 self._ended_count, self._expired_released, conf.pg_lease,
-                conf.pg_notify == "on", conf.pg_poll, self.shaper.strict_queues, self.shaper.queue_caps, self._progress_elsewhere)
+                conf.pg_notify == "on", conf.pg_poll, self.shaper.strict_queues,
+                self.shaper.queue_caps, self._progress_elsewhere, self.committer.after_commit)
             self.cluster.on_leader(self._became_leader)
             self.sampler.on_changed = self.cluster.progress
             self.committer.foreign = self.cluster.foreign
@@ -529,8 +530,10 @@ class Supervisor:
         (run_supervisor)."""
         log.critical("%s", exc)
         self._exit_code = 1
-        if self.cluster is not None and not self.embedded and self.state is SupervisorState.RUNNING:
-            self.rejoin = True
+        if self.cluster is not None:
+            self.cluster.fenced()
+            if not self.embedded and self.state is SupervisorState.RUNNING:
+                self.rejoin = True
         if self.state is SupervisorState.DRAINING:
             self._grace_expired()
         else:
