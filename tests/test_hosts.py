@@ -93,6 +93,10 @@ def test_jobs_submitted_on_one_host_run_on_every_host(pg: HQEnv) -> None:
     assert len(alive) == 3 and {h["pid"] for h in alive} == {h.pid for h in hs}, alive
     assert all(h["lease_left"] > 0 for h in alive)
     assert status["cluster"]["host"] in {h["id"] for h in alive}
+    shown = pg.cli("ctl", "--socket", str(hs[1].socket), "status")
+    assert shown.returncode == 0, shown.stderr
+    assert "hosts alive (3; * this one)" in shown.stdout, shown.stdout
+    assert all(str(h.pid) in shown.stdout for h in hs), shown.stdout
 
 
 @pytest.mark.timeout(60)

@@ -139,6 +139,16 @@ def format_status(st: Mapping[str, Any]) -> str:
                 for w in workers]
         headers = ["PID", "STATE", "JOB", "RSS MB", "CPU%"]
         lines += ["", format_table(headers, rows, right=[0, 2, 3, 4])]
+    hosts = st.get("hosts")
+    if hosts:  # several hosts share a PostgreSQL store: the ones alive
+        me = (st.get("cluster") or {}).get("host")
+        rows = [[("* " if h.get("id") == me else "") + str(h.get("id")), h.get("name"), h.get("pid"),
+                 h.get("workers"), f"{h['lease_left']:.1f}" if h.get("lease_left") is not None else None,
+                 h.get("socket")]
+                for h in hosts]
+        lines += ["", f"hosts alive ({len(hosts)}; * this one):",
+                  format_table(["HOST", "NAME", "PID", "WORKERS", "LEASE S", "SOCKET"], rows,
+                               right=[2, 3, 4])]
     return "\n".join(lines)
 
 

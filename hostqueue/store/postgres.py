@@ -333,15 +333,29 @@ class PostgresStore(SharedStore):
         self._batches += 1
         number = self._batches
 
+        host = self._host
+
         async def transaction(conn: Any) -> int:
-            async with conn.transaction():
-                if self._host is not None and await conn.fetchval(
-                        CLUSTER["fence_batch"], number) is None:
-                    raise self.lease_lost()
+            if host is None:
+                async with conn.transaction():
+                    return await _apply_ops(conn, ops)
+            # BEGIN and the fence in one round trip, the NOTIFY with COMMIT in another:
+            # a transaction costs what it did on one host.
+            if _rows(await conn.execute(CLUSTER["fence_batch"].format(batch=number, host=host))) != 1:
+                await conn.execute("ROLLBACK")
+                raise self.lease_lost()
+            try:
                 refused = await _apply_ops(conn, ops)
-                if notice is not None:
-                    await conn.execute("SELECT pg_notify($1, $2)", self.channel, notice)
-                return refused
+                await conn.execute("COMMIT" if notice is None
+                                   else f"SELECT pg_notify('{self.channel}', {_dollar(notice)}); COMMIT")
+            except BaseException:
+                if not conn.is_closed() and conn.is_in_transaction():
+                    try:
+                        await conn.execute("ROLLBACK")
+                    except Exception:  # noqa: BLE001 - the first error is the one to tell
+                        pass
+                raise
+            return refused
 
         try:
             self._refused += await self._write(transaction)
@@ -466,11 +480,12 @@ class PostgresStore(SharedStore):
         await self._on_cluster(lambda c: c.execute(
             "SELECT pg_notify($1, $2)", self.channel, orjson.dumps(body).decode()))
 
-    async def renew(self, lease: float, workers: int) -> float | None:
-        """Renew this host's lease; the seconds it had left, or None: it had lapsed."""
-        left = await self._on_cluster(lambda c: c.fetchval(
+    async def renew(self, lease: float, workers: int) -> tuple[float | None, bool]:
+        """Renew this host's lease: the seconds it had left (None: it had lapsed), and
+        whether another host's lease has lapsed (rescue() then takes its jobs)."""
+        row = await self._on_cluster(lambda c: c.fetchrow(
             CLUSTER["renew"], self._host, lease, workers))
-        return None if left is None else float(left)
+        return (None if row[0] is None else float(row[0])), bool(row[1])
 
     async def try_lead(self) -> bool:
         """Whether this host does the schema's once-only work (schedules, retention):
@@ -526,14 +541,11 @@ class PostgresStore(SharedStore):
         age; with strict, the queues it names first, in its order); and, when fewer
         were found, when the next released job is due (None: none waits)."""
         async def take(conn: Any) -> tuple[list[DispatchRow], float | None]:
-            async with conn.transaction():
-                if await conn.fetchval(CLUSTER["fence"]) is None:
-                    raise self.lease_lost()
-                if strict is None:
-                    rows = await conn.fetch(CLUSTER["claim"], self._host, now, paused, count)
-                else:
-                    rows = await conn.fetch(CLUSTER["claim_strict"], self._host, now, paused,
-                                            count, strict)
+            if strict is None:
+                rows = await conn.fetch(CLUSTER["claim"], self._host, now, paused, count)
+            else:
+                rows = await conn.fetch(CLUSTER["claim_strict"], self._host, now, paused,
+                                        count, strict)
             due = None
             if len(rows) < count:
                 due = await conn.fetchval(CLUSTER["next_due"], now)
@@ -915,6 +927,16 @@ def _notice(ops: list[Op], now: float, host: int | None) -> str | None:
     if ended:
         notice["e"] = ended if len(ended) <= NOTICE_IDS else "*"
     return orjson.dumps(notice).decode()
+
+
+def _dollar(text: str) -> str:
+    """text as a dollar-quoted literal (whatever the server's string settings)."""
+    tag = "$hq$"
+    n = 0
+    while tag in text:
+        n += 1
+        tag = f"$hq{n}$"
+    return f"{tag}{text}{tag}"
 
 
 def _clean(params: tuple[Any, ...]) -> tuple[Any, ...]:

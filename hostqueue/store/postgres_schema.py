@@ -248,6 +248,18 @@ def batched(kind: str) -> str:
 
 
 # == several hosts =========================================================
+CLAIM = (
+    "WITH me AS (SELECT id FROM hosts WHERE id = $1::bigint AND lease_until > " + DB_NOW
+    + " FOR KEY SHARE), picked AS (SELECT id FROM jobs WHERE status = 'pending'"
+    " AND owner IS NULL AND run_at <= $2::float8 {where} ORDER BY {order}"
+    " LIMIT $4::integer FOR UPDATE SKIP LOCKED)"
+    " UPDATE jobs SET owner = $1::bigint FROM picked WHERE jobs.id = picked.id"
+    " AND EXISTS (SELECT 1 FROM me)"
+    " RETURNING jobs.id, jobs.task, jobs.queue, jobs.args, jobs.attempts, jobs.max_attempts,"
+    " jobs.timeout, jobs.abort_requested, jobs.run_id, jobs.priority, jobs.key,"
+    " jobs.created_at, jobs.run_at, jobs.deadline"
+)
+
 # Statements of the hosts' leases, claims and rescue (postgres.py's cluster part).
 # Times come from the database's clock: hosts' clocks may disagree.
 CLUSTER: dict[str, str] = {
@@ -257,10 +269,14 @@ CLUSTER: dict[str, str] = {
         " $5::text, n, n, n + $6::float8 FROM (SELECT " + DB_NOW + " AS n) t RETURNING id"
     ),
     # The lease, renewed; no row: it lapsed (and another host may have taken its jobs).
+    # The lease, renewed (its seconds left; NULL: it had lapsed, and another host may
+    # have taken its jobs), and whether some host's lease lapsed: one round trip.
     "renew": (
-        "UPDATE hosts SET renewed_at = n, lease_until = n + $2::float8, workers = $3::integer"
-        " FROM (SELECT " + DB_NOW + " AS n) t WHERE id = $1::bigint AND lease_until > n"
-        " RETURNING lease_until - n"
+        "WITH t AS (SELECT " + DB_NOW + " AS n), r AS (UPDATE hosts SET renewed_at = t.n,"
+        " lease_until = t.n + $2::float8, workers = $3::integer FROM t WHERE id = $1::bigint"
+        " AND lease_until > t.n RETURNING lease_until - t.n AS remaining)"
+        " SELECT (SELECT remaining FROM r), EXISTS (SELECT 1 FROM hosts, t WHERE lease_until < t.n"
+        " AND id <> $1::bigint)"
     ),
     # First in every write transaction: this host still holds its lease, and keeps its
     # row (a rescue deletes it) until the transaction ends. No row: fenced.
@@ -270,9 +286,10 @@ CLUSTER: dict[str, str] = {
     ),
     # The same for a batch of the group commit, numbered: the number is stored with
     # the batch, so that a COMMIT whose answer was lost can be told stored or not.
+    # (two integers of ours are put in: it is sent with BEGIN as one simple query)
     "fence_batch": (
-        "UPDATE hosts SET last_batch = $1::bigint WHERE id = " + OWNER + " AND lease_until > "
-        + DB_NOW + " RETURNING 1"
+        "BEGIN; UPDATE hosts SET last_batch = {batch:d} WHERE id = {host:d} AND lease_until > "
+        + DB_NOW
     ),
     "last_batch": "SELECT last_batch FROM hosts WHERE id = " + OWNER,
     # Hosts whose lease lapsed, gone; their jobs are rescued in the same transaction.
@@ -314,26 +331,14 @@ CLUSTER: dict[str, str] = {
         " started_at = NULL, worker_pid = NULL, owner = NULL"
         " WHERE status = 'running' AND id = $2::bigint"
     ),
-    # Released jobs that are due, in dispatch order, taken by this host.
-    "claim": (
-        "UPDATE jobs SET owner = $1::bigint WHERE id IN (SELECT id FROM jobs"
-        " WHERE status = 'pending' AND owner IS NULL AND run_at <= $2::float8"
-        " AND NOT (queue = ANY($3::text[])) ORDER BY priority DESC, id LIMIT $4::integer"
-        " FOR UPDATE SKIP LOCKED)"
-        " RETURNING id, task, queue, args, attempts, max_attempts, timeout, abort_requested,"
-        " run_id, priority, key, created_at, run_at, deadline"
-    ),
+    # Released jobs that are due, in dispatch order, taken by this host: one statement,
+    # fenced like a write transaction (no row taken unless its lease is live).
+    "claim": CLAIM.format(where="AND NOT (queue = ANY($3::text[]))", order="priority DESC, id"),
     # The same, with queues in a strict order (queues.order = "strict"): the queues
     # named first, whatever the priorities (a sort of the released jobs, no index).
-    "claim_strict": (
-        "UPDATE jobs SET owner = $1::bigint WHERE id IN (SELECT id FROM jobs"
-        " WHERE status = 'pending' AND owner IS NULL AND run_at <= $2::float8"
-        " AND NOT (queue = ANY($3::text[]))"
-        " ORDER BY COALESCE(array_position($5::text[], queue), 2147483647), priority DESC, id"
-        " LIMIT $4::integer FOR UPDATE SKIP LOCKED)"
-        " RETURNING id, task, queue, args, attempts, max_attempts, timeout, abort_requested,"
-        " run_id, priority, key, created_at, run_at, deadline"
-    ),
+    "claim_strict": CLAIM.format(
+        where="AND NOT (queue = ANY($3::text[]))",
+        order="COALESCE(array_position($5::text[], queue), 2147483647), priority DESC, id"),
     "next_due": (
         "SELECT MIN(run_at) FROM jobs WHERE status = 'pending' AND owner IS NULL"
         " AND run_at > $1::float8"
@@ -349,14 +354,7 @@ CLUSTER: dict[str, str] = {
         "SELECT COUNT(*) FROM jobs WHERE queue = $1::text AND owner IS NOT NULL"
         " AND status IN ('pending', 'running')"
     ),
-    "claim_queue": (
-        "UPDATE jobs SET owner = $1::bigint WHERE id IN (SELECT id FROM jobs"
-        " WHERE status = 'pending' AND owner IS NULL AND run_at <= $2::float8"
-        " AND queue = $3::text ORDER BY priority DESC, id LIMIT $4::integer"
-        " FOR UPDATE SKIP LOCKED)"
-        " RETURNING id, task, queue, args, attempts, max_attempts, timeout, abort_requested,"
-        " run_id, priority, key, created_at, run_at, deadline"
-    ),
+    "claim_queue": CLAIM.format(where="AND queue = $3::text", order="priority DESC, id"),
     # Released jobs whose deadline passed before any host could claim them.
     "expire_released": (
         "UPDATE jobs SET status = 'expired', finished_at = $1::float8, error = $2::text"

@@ -211,10 +211,16 @@ class Cluster:
     async def _reserve(self, count: int) -> None:
         try:
             first = await self.store.reserve_ids(count)
-            self._ids = range(first, first + count)
-            self._next = first
-            self._ranges.append(first)
-            self._range_ends.append(first + count)
+            if self._ranges and first == self._ids.stop:
+                # No host took ids since: the range goes on (one host's ids stay
+                # consecutive, as on SQLite).
+                self._ids = range(self._ids.start, first + count)
+                self._range_ends[-1] = first + count
+            else:
+                self._ids = range(first, first + count)
+                self._next = first
+                self._ranges.append(first)
+                self._range_ends.append(first + count)
         finally:
             self._reserving = None
 
@@ -226,21 +232,20 @@ class Cluster:
 
     # == room and claims ============================================================
 
-    def room(self, dispatched: bool = False) -> int:
-        """Jobs this host can take now: its idle workers, plus its recent pace's worth
-        of prefetch, less the ready jobs it has. Right after a dispatch (dispatched),
-        the ready jobs left could not start (a pause, a limit): they take no worker."""
+    def _prefetch(self) -> int:
+        """About PREFETCH_SECONDS of this host's recent pace (jobs ended per second)."""
         now = time.monotonic()
         elapsed = now - self._pace_at
         if elapsed >= 0.1:
             ended = self._ended_count()
             self._pace = 0.5 * self._pace + 0.5 * (ended - self._pace_count) / elapsed
             self._pace_count, self._pace_at = ended, now
-        extra = min(PREFETCH_MAX, int(self._pace * PREFETCH_SECONDS))
-        ready = self.book.ready_count
-        if dispatched:
-            return self._idle() + max(0, extra - ready)
-        return self._idle() + extra - ready
+        return min(PREFETCH_MAX, int(self._pace * PREFETCH_SECONDS))
+
+    def room(self) -> int:
+        """Jobs this host can take now: its idle workers, plus its prefetch, less the
+        ready jobs it has."""
+        return self._idle() + self._prefetch() - self.book.ready_count
 
     def keep(self, count: int, ready: bool, queue: str) -> int:
         """Of a submit of count jobs here, how many this host keeps (the first ones);
@@ -276,10 +281,17 @@ class Cluster:
             return
         if self._state() is not SupervisorState.RUNNING:
             return
-        want = self.room(dispatched=True)
-        if want > 0:
-            self._claiming = True
-            spawn(self._claim(want), "claim released jobs")
+        # Right after a dispatch, the ready jobs left could not start (a pause, a
+        # limit): they take no worker. An idle worker claims at once; the prefetch is
+        # topped up once half of it is gone (fewer, larger claims).
+        idle = self._idle()
+        extra = self._prefetch()
+        ready = self.book.ready_count
+        if idle or (extra and ready <= extra // 2):
+            want = idle + max(0, extra - ready)
+            if want > 0:
+                self._claiming = True
+                spawn(self._claim(want), "claim released jobs")
 
     async def _claim(self, want: int) -> None:
         """One claim; its jobs are dispatched, and dispatch asks again (hungry())
@@ -427,11 +439,12 @@ class Cluster:
 
     async def _renew(self) -> None:
         try:
-            left = await self.store.renew(self.lease, self._slots())
+            left, lapsed = await self.store.renew(self.lease, self._slots())
             if left is None:
                 self._fence()
                 return
-            await self._rescue()
+            if lapsed:
+                await self._rescue()
             if not self.leader:
                 self.leader = await self.store.try_lead()
                 if self.leader:
