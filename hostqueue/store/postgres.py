@@ -112,6 +112,7 @@ class PostgresStore(SharedStore):
         self.channel = ("hostqueue_" + schema)[:63]
         self._gone_here: list[int] = []
         self._batches = 0  # write transactions numbered (hosts.last_batch)
+        self._alone = False  # no other host alive: no NOTIFY (set_alone)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -329,7 +330,7 @@ class PostgresStore(SharedStore):
         if self._fenced_error is not None:
             raise self._fenced_error
         ops = batch.all_ops()
-        notice = _notice(ops, time.time(), self._host)
+        notice = None if self._alone else _notice(ops, time.time(), self._host)
         self._batches += 1
         number = self._batches
 
@@ -480,12 +481,17 @@ class PostgresStore(SharedStore):
         await self._on_cluster(lambda c: c.execute(
             "SELECT pg_notify($1, $2)", self.channel, orjson.dumps(body).decode()))
 
-    async def renew(self, lease: float, workers: int) -> tuple[float | None, bool]:
-        """Renew this host's lease: the seconds it had left (None: it had lapsed), and
-        whether another host's lease has lapsed (rescue() then takes its jobs)."""
+    async def renew(self, lease: float, workers: int) -> tuple[float | None, bool, int]:
+        """Renew this host's lease: the seconds it had left (None: it had lapsed),
+        whether another host's lease has lapsed (rescue() then takes its jobs), and
+        how many other hosts are alive."""
         row = await self._on_cluster(lambda c: c.fetchrow(
             CLUSTER["renew"], self._host, lease, workers))
-        return (None if row[0] is None else float(row[0])), bool(row[1])
+        return (None if row[0] is None else float(row[0])), bool(row[1]), int(row[2])
+
+    def set_alone(self, alone: bool) -> None:
+        """No other host is alive: nobody listens, so transactions send no NOTIFY."""
+        self._alone = alone
 
     async def try_lead(self) -> bool:
         """Whether this host does the schema's once-only work (schedules, retention):
@@ -576,12 +582,19 @@ class PostgresStore(SharedStore):
     async def release(self, ids: list[int]) -> int:
         """Jobs this host owns and will not run (not started): released, with a NOTIFY."""
         async def give(conn: Any) -> int:
+            now = time.time()
             async with conn.transaction():
-                n = _rows(await conn.execute(CLUSTER["release"], ids, self._host))
-                if n:
+                rows = await conn.fetch(CLUSTER["release"], ids, self._host)
+                later = [r[0] for r in rows if r[0] > now]
+                notice: dict[str, Any] = {"h": self._host}
+                if len(later) < len(rows):
+                    notice["r"] = 1
+                if later:
+                    notice["d"] = min(later)
+                if rows:
                     await conn.execute("SELECT pg_notify($1, $2)", self.channel,
-                                       orjson.dumps({"h": self._host, "r": 1}).decode())
-                return n
+                                       orjson.dumps(notice).decode())
+                return len(rows)
 
         return int(await self._on_cluster(give))
 

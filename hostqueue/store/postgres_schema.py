@@ -276,6 +276,7 @@ CLUSTER: dict[str, str] = {
         " lease_until = t.n + $2::float8, workers = $3::integer FROM t WHERE id = $1::bigint"
         " AND lease_until > t.n RETURNING lease_until - t.n AS remaining)"
         " SELECT (SELECT remaining FROM r), EXISTS (SELECT 1 FROM hosts, t WHERE lease_until < t.n"
+        " AND id <> $1::bigint), (SELECT COUNT(*) FROM hosts, t WHERE lease_until >= t.n"
         " AND id <> $1::bigint)"
     ),
     # First in every write transaction: this host still holds its lease, and keeps its
@@ -346,7 +347,7 @@ CLUSTER: dict[str, str] = {
     # Jobs this host will not run after all (a pause, a drain): released again.
     "release": (
         "UPDATE jobs SET owner = NULL, worker_pid = NULL WHERE id = ANY($1::bigint[])"
-        " AND status = 'pending' AND owner = $2::bigint"
+        " AND status = 'pending' AND owner = $2::bigint RETURNING run_at"
     ),
     # A queue with a concurrency cap across hosts: its jobs held or running anywhere
     # (counted under a lock of the queue's, so that two hosts cannot both see room).

@@ -167,6 +167,10 @@ class Actions:
         now = time.time()
         aborted = []
         elsewhere = []
+        owners: dict[int, tuple[int | None, str]] = {}
+        if sup.cluster is not None:  # several hosts: which of these jobs are another's
+            unknown = [i for i in ids if book.state(i) is None]
+            owners = await sup.shared_store.owners(unknown) if unknown else {}
         for job_id in ids:
             job = before.get(job_id)
             if job is None:
@@ -185,7 +189,8 @@ class Actions:
                     status = book.recent_final(job_id) or job["status"]
                     raise ProtocolError("invalid_state", f"job {job_id} has already ended ({status}); nothing to abort")
                 continue
-            elif sup.cluster is not None:
+            elif sup.cluster is not None and job_id in owners \
+                    and owners[job_id][0] != sup.cluster.host:
                 elsewhere.append(job_id)  # released, or another host's
             elif job["status"] == "pending":
                 status = book.cancel_waiting(job_id, Event.ABORTED, now, aborted_before_start(),

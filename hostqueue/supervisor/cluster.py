@@ -120,6 +120,7 @@ class Cluster:
         self._pace_at = time.monotonic()
         self._pace_count = 0
         self.leader = False
+        self.alone = False  # no other host alive (as of the last renewal)
         self._on_leader: Callable[[], None] | None = None
         self.rescued = 0
         self.claimed = 0
@@ -133,6 +134,12 @@ class Cluster:
         self.host = await store.join(self.name, os.getpid(), os.path.abspath(socket_path), workers,
                                      __version__, self.lease, pid_alive)
         await self._rescue(orphans=True)
+        _left, _lapsed, others = await store.renew(self.lease, self._slots())
+        self._others(others)
+        if not self.alone:
+            # Hosts alone until now send no NOTIFY until their next renewal: the ends
+            # of jobs waited on here are looked for once after it.
+            self.loop.call_later(2.5 * self.renew_every, self._ended_elsewhere, None)
         store.listen(self._notified if self.notify else None, self._reconnected)
         if self.notify:
             await store.start_listening()
@@ -250,8 +257,13 @@ class Cluster:
     def keep(self, count: int, ready: bool, queue: str) -> int:
         """Of a submit of count jobs here, how many this host keeps (the first ones);
         the rest are released for any host. Delayed jobs, and those of a paused
-        queue, are always released (all hosts take them in order when due)."""
-        if (not ready or self._fenced or queue in self._paused or "*" in self._paused
+        queue, are always released (all hosts take them in order when due); a host
+        alone keeps all (nobody else would run them)."""
+        if self._fenced:
+            return 0
+        if self.alone:
+            return count
+        if (not ready or queue in self._paused or "*" in self._paused
                 or queue in self._caps()):
             return 0
         return max(0, min(count, self.room()))
@@ -394,7 +406,7 @@ class Cluster:
     def progress(self, changed: list[Any]) -> None:
         """Progress sampled here (at most every 0.1 s): told to the other hosts, whose
         clients may watch these jobs, in one NOTIFY (at most ~7 KB of it)."""
-        if not self.notify or self._stopped:
+        if not self.notify or self._stopped or self.alone:
             return
         entries = []
         size = 0
@@ -426,7 +438,9 @@ class Cluster:
         self._ended_elsewhere(None)
 
     async def tell(self, notice: dict[str, Any]) -> None:
-        """A NOTIFY to the other hosts (an abort for a job's owner, the paused queues)."""
+        """A NOTIFY to the other hosts (an abort for a job's owner, the paused queues):
+        rare, so sent even by a host that believes it is alone (one may have joined
+        since its last renewal)."""
         if self.notify:
             await self.store.notify(notice)
 
@@ -439,10 +453,11 @@ class Cluster:
 
     async def _renew(self) -> None:
         try:
-            left, lapsed = await self.store.renew(self.lease, self._slots())
+            left, lapsed, others = await self.store.renew(self.lease, self._slots())
             if left is None:
                 self._fence()
                 return
+            self._others(others)
             if lapsed:
                 await self._rescue()
             if not self.leader:
@@ -463,6 +478,24 @@ class Cluster:
         finally:
             if not self._stopped:
                 self._renew_handle = self.loop.call_later(self.renew_every, self._renew_now)
+
+    def _others(self, others: int) -> None:
+        """How many other hosts are alive, as the last renewal saw. Alone, a host keeps
+        every job it is given and sends no NOTIFY (as on one host); when another
+        host appears, it releases what it cannot start soon."""
+        alone = others == 0
+        if alone == self.alone:
+            return
+        self.alone = alone
+        self.store.set_alone(alone)
+        if alone:
+            log.info("host %s is alone on %s: it keeps the jobs it is given", self.host,
+                     self.store.path)
+            return
+        log.info("host %s shares %s with %d other hosts", self.host, self.store.path, others)
+        ids = self.book.release_ready(keep=max(0, self._idle() + self._prefetch()))
+        if ids:
+            spawn(self._release(ids), "release jobs for the other hosts")
 
     def _fence(self) -> None:
         self.fenced()

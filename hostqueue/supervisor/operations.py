@@ -345,28 +345,30 @@ class Operations:
         job another host stored (found by a read, or by the unique index when both
         submit at once: then the other's job is the answer)."""
         sup = self.supervisor
-        await sup.committer.barrier(reads=True)
-        existing = await sup.shared_store.unfinished_with_key(key)
-        if existing is None and key_ttl is not None:
-            done = await sup.store.completed_with_key(key, time.time() - key_ttl)
-            if done is not None:
-                return {"job": done, "duplicate": True}
-        if existing is None:
-            existing = sup.book.key_owner(key)
-        if existing is not None:
-            return await self._duplicate(existing)
-        self._check_accepting()
-        try:
-            result: dict[str, Any] = await self._submit(spec, [args], opts, many=False)
-        except ProtocolError as exc:
-            if exc.code != "key_taken":
-                raise
+        for _ in range(5):
+            await sup.committer.barrier(reads=True)
             existing = await sup.shared_store.unfinished_with_key(key)
-            if existing is None:  # it ended meanwhile
-                raise ProtocolError("store_error", "nothing was stored: another host's job with"
-                                    f" the key {key!r} was stored at the same moment; submit again") from None
-            return await self._duplicate(existing)
-        return result
+            if existing is None and key_ttl is not None:
+                done = await sup.store.completed_with_key(key, time.time() - key_ttl)
+                if done is not None:
+                    return {"job": done, "duplicate": True}
+            if existing is None:
+                existing = sup.book.key_owner(key)  # a submit of ours on its way
+            if existing is not None:
+                job = await sup.actions.committed_job(existing)
+                if job is not None:
+                    return {"job": job, "duplicate": True}
+                continue  # that submit lost to another host's: look again
+            self._check_accepting()
+            try:
+                result: dict[str, Any] = await self._submit(spec, [args], opts, many=False)
+            except ProtocolError as exc:
+                if exc.code != "key_taken":
+                    raise
+                continue  # another host stored one at the same moment: it is the answer
+            return result
+        raise ProtocolError("store_error", f"nothing was stored: the key {key!r} was taken and"
+                            " freed again several times while this submit looked; submit again")
 
     async def _duplicate(self, job_id: int) -> dict[str, Any]:
         job = await self.supervisor.actions.committed_job(job_id)
