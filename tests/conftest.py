@@ -958,6 +958,21 @@ def hq(request: pytest.FixtureRequest) -> Iterator[HQEnv]:
 
 
 @pytest.fixture
+def pg(request: pytest.FixtureRequest) -> Iterator[HQEnv]:
+    """An HQEnv whose supervisors use PostgreSQL (skips where no server can be had)."""
+    env = HQEnv(postgres_dsn())
+    try:
+        yield env
+    finally:
+        env.cleanup()
+        env.drop_schemas()
+        if getattr(getattr(request.node, "rep_call", None), "failed", False):
+            for sup in env.supervisors:
+                print(f"==== log of supervisor {sup.name} ({env.dir})")
+                print(sup.log_text()[-6000:])
+
+
+@pytest.fixture
 def sup(hq: HQEnv) -> Supervisor:
     """A running supervisor with 2 workers and a 10 s grace."""
     return hq.supervisor(workers=2)

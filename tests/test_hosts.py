@@ -18,27 +18,13 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from conftest import TASKS, HQEnv, Supervisor, is_alive, ok, postgres_dsn, wait_for
+from conftest import TASKS, HQEnv, Supervisor, is_alive, ok, wait_for
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg(request: pytest.FixtureRequest) -> Iterator[HQEnv]:
-    env = HQEnv(postgres_dsn())
-    try:
-        yield env
-    finally:
-        env.cleanup()
-        env.drop_schemas()
-        if getattr(getattr(request.node, "rep_call", None), "failed", False):
-            for sup in env.supervisors:
-                print(f"==== log of supervisor {sup.name} ({env.dir})")
-                print(sup.log_text()[-6000:])
 
 
 def hosts(pg: HQEnv, n: int, workers: int = 2, extra: tuple[str, ...] = (),

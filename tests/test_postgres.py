@@ -12,28 +12,13 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from conftest import TASKS, HQEnv, is_alive, ok, pg_run, postgres_dsn, wait_for
+from conftest import TASKS, HQEnv, ok, pg_run, wait_for
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg(request: pytest.FixtureRequest) -> Iterator[HQEnv]:
-    """An HQEnv whose supervisors use PostgreSQL."""
-    env = HQEnv(postgres_dsn())
-    try:
-        yield env
-    finally:
-        env.cleanup()
-        env.drop_schemas()
-        if getattr(getattr(request.node, "rep_call", None), "failed", False):
-            for sup in env.supervisors:
-                print(f"==== log of supervisor {sup.name} ({env.dir})")
-                print(sup.log_text()[-6000:])
 
 
 @pytest.mark.timeout(60)

@@ -536,7 +536,8 @@ class PostgresStore(SharedStore):
                         requeued.append(job.id)
                         await conn.execute(CLUSTER["interrupted_again"], now, job.id)
                 await conn.execute("SELECT pg_notify($1, $2)", self.channel, orjson.dumps(
-                    {"h": None, "r": 1, "e": failed[:NOTICE_IDS]}).decode())
+                    {"h": None, "r": 1,
+                     "e": failed if len(failed) <= NOTICE_IDS else "*"}).decode())
                 return gone, len(requeued), len(failed), failed
 
         return await self._on_cluster(take)
@@ -554,7 +555,11 @@ class PostgresStore(SharedStore):
                                         count, strict)
             due = None
             if len(rows) < count:
-                due = await conn.fetchval(CLUSTER["next_due"], now)
+                try:  # the rows are this host's already: a failure here must not lose them
+                    due = await conn.fetchval(CLUSTER["next_due"], now)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("store %s: cannot read when the next released job is due: %s",
+                                self.path, exc)
             return [DispatchRow(*r) for r in rows], due
 
         return await self._on_cluster(take)
@@ -579,13 +584,16 @@ class PostgresStore(SharedStore):
 
         return await self._on_cluster(take)
 
-    async def release(self, ids: list[int]) -> int:
-        """Jobs this host owns and will not run (not started): released, with a NOTIFY."""
-        async def give(conn: Any) -> int:
+    async def release(self, ids: list[int]) -> tuple[bool, float | None, float | None]:
+        """Jobs this host owns and will not run (not started): released, with a NOTIFY.
+        Returns whether some are ready, when the first delayed one is due, and the
+        first deadline among them."""
+        async def give(conn: Any) -> tuple[bool, float | None, float | None]:
             now = time.time()
             async with conn.transaction():
                 rows = await conn.fetch(CLUSTER["release"], ids, self._host)
                 later = [r[0] for r in rows if r[0] > now]
+                deadlines = [r[1] for r in rows if r[1] is not None]
                 notice: dict[str, Any] = {"h": self._host}
                 if len(later) < len(rows):
                     notice["r"] = 1
@@ -594,9 +602,10 @@ class PostgresStore(SharedStore):
                 if rows:
                     await conn.execute("SELECT pg_notify($1, $2)", self.channel,
                                        orjson.dumps(notice).decode())
-                return len(rows)
+                return (len(later) < len(rows), min(later) if later else None,
+                        min(deadlines) if deadlines else None)
 
-        return int(await self._on_cluster(give))
+        return await self._on_cluster(give)  # type: ignore[no-any-return]
 
     async def expire_released(self, now: float, error: dict[str, Any]
                               ) -> tuple[list[int], float | None]:

@@ -347,7 +347,7 @@ CLUSTER: dict[str, str] = {
     # Jobs this host will not run after all (a pause, a drain): released again.
     "release": (
         "UPDATE jobs SET owner = NULL, worker_pid = NULL WHERE id = ANY($1::bigint[])"
-        " AND status = 'pending' AND owner = $2::bigint RETURNING run_at"
+        " AND status = 'pending' AND owner = $2::bigint RETURNING run_at, deadline"
     ),
     # A queue with a concurrency cap across hosts: its jobs held or running anywhere
     # (counted under a lock of the queue's, so that two hosts cannot both see room).

@@ -212,6 +212,8 @@ class Actions:
         for job_id in ids:
             if await sup.shared_store.cancel_released(job_id, now, aborted_before_start()):
                 sup._job_ended(job_id, "cancelled", now)
+            elif self.book.state(job_id) is not None:
+                await self.abort_jobs([job_id])  # this host claimed it meanwhile
             else:
                 told.append(job_id)
                 self.committer.add("request_abort", (job_id,))

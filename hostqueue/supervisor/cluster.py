@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import logging
 import os
 import socket
@@ -75,7 +76,8 @@ class Cluster:
                  strict: Callable[[], list[str] | None] = lambda: None,
                  caps: Callable[[], dict[str, int]] = dict,
                  progress_elsewhere: Callable[[list[Any]], None] = lambda _: None,
-                 after_commit: Callable[[Callable[[], None]], None] = lambda f: f()) -> None:
+                 after_commit: Callable[[Callable[[], None]], None] = lambda f: f(),
+                 inserted: Callable[[int], bool] = lambda job_id: True) -> None:
         self.loop = loop
         self.store = store
         self.book = book
@@ -94,6 +96,9 @@ class Cluster:
         self._caps = caps  # queues whose concurrency cap holds across hosts
         self._progress_elsewhere = progress_elsewhere  # watchers here of jobs elsewhere
         self._ended_seen = 0
+        self._to_release: set[int] = set()  # out of the book, not yet released in the store
+        self._inserted = inserted  # the committer's: a job's row is committed
+        self._aborts: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._after_commit = after_commit  # the committer's: once what is written is stored
         self.lease = lease
         self.renew_every = lease / 5
@@ -166,16 +171,29 @@ class Cluster:
     def drain(self) -> None:
         """This host drains: the ready jobs it kept go to the other hosts now, not
         when it exits."""
-        ids = self.book.release_ready()
+        ids = self.book.release_ready(self._inserted)
         if ids and not self._fenced:
             spawn(self._release(ids), "release kept jobs")
 
     async def _release(self, ids: list[int]) -> None:
+        """Jobs taken out of this host's book, released in the store (tried again at
+        each renewal until it takes them: meanwhile they are this host's in the
+        store and in no book)."""
+        self._to_release.update(ids)
         try:
-            await self.store.release(ids)
+            ready, due, deadline = await self.store.release(sorted(self._to_release))
         except StoreError as exc:
-            log.warning("could not give %d waiting jobs to the other hosts (%s); they go when"
-                        " this host stops", len(ids), exc)
+            log.warning("could not give %d waiting jobs to the other hosts (%s); tried again"
+                        " at the next renewal", len(self._to_release), exc)
+            return
+        self._to_release.clear()
+        # Its own NOTIFY does not come back to this host: its timers, as the others'.
+        if ready:
+            self._maybe_ready = True
+        if due is not None:
+            self._due_timer.arm(due)
+        if deadline is not None:
+            self._expiry_timer.arm(deadline)
 
     async def leave(self) -> None:
         """A clean stop: this host's row goes; its jobs not run were given back."""
@@ -259,7 +277,7 @@ class Cluster:
         the rest are released for any host. Delayed jobs, and those of a paused
         queue, are always released (all hosts take them in order when due); a host
         alone keeps all (nobody else would run them)."""
-        if self._fenced:
+        if self._fenced or queue in self._caps():  # a cap holds across hosts: claimed
             return 0
         if self.alone:
             return count
@@ -312,15 +330,24 @@ class Cluster:
             now = time.time()
             self._maybe_ready = False  # a NOTIFY during the claim sets it again
             caps = self._caps()
+            taken = 0
+            more = False
             try:
                 rows, due = await self.store.claim(want, now, sorted(self._paused | set(caps)),
                                                    self._strict())
-                more = len(rows) >= want
+                self._take(rows)  # in the book at once, whatever comes next
+                taken = len(rows)
+                more = taken >= want
+                if due is not None:
+                    self._due_timer.arm(due)
                 for queue, cap in caps.items():
-                    if len(rows) >= want or queue in self._paused:
+                    if taken >= want:
                         break
-                    capped, _full = await self.store.claim_capped(queue, cap, want - len(rows), now)
-                    rows += capped
+                    if queue in self._paused:
+                        continue
+                    capped, _full = await self.store.claim_capped(queue, cap, want - taken, now)
+                    self._take(capped)
+                    taken += len(capped)
             except StoreFenced:
                 return
             except StoreError as exc:
@@ -328,18 +355,29 @@ class Cluster:
                 self._maybe_ready = True
                 return
             self.claims += 1
-            if due is not None:
-                self._due_timer.arm(due)
-            if more or len(rows) >= want:
+            if more or taken >= want:
                 self._maybe_ready = True  # there may be more
-            if rows:
-                self.claimed += len(rows)
-                aborted = self.book.claimed(rows, time.time())
-                if aborted:
-                    self._abort_here(aborted)
         finally:
             self._claiming = False
         self._wake()  # dispatch, then hungry() again
+
+    def _take(self, rows: list[Any]) -> None:
+        if not rows:
+            return
+        self.claimed += len(rows)
+        aborted = self.book.claimed(rows, time.time())
+        aborted += [r.id for r in rows if r.id in self._aborts and r.id not in aborted]
+        for r in rows:
+            self._aborts.pop(r.id, None)
+        if aborted:
+            self._abort_here(aborted)
+
+    def abort_unknown(self, ids: list[int]) -> None:
+        """Aborts told for jobs in no book here: one may be in a claim on its way."""
+        for job_id in ids:
+            self._aborts[job_id] = None
+        while len(self._aborts) > 10_000:
+            self._aborts.popitem(last=False)
 
     def _expire_now(self) -> None:
         if not self._stopped:
@@ -458,6 +496,8 @@ class Cluster:
                 self._fence()
                 return
             self._others(others)
+            if self._to_release:
+                await self._release([])
             if lapsed:
                 await self._rescue()
             if not self.leader:
@@ -491,9 +531,11 @@ class Cluster:
         if alone:
             log.info("host %s is alone on %s: it keeps the jobs it is given", self.host,
                      self.store.path)
+            self._maybe_ready = True  # released jobs nobody else will claim now
+            self.hungry()
             return
         log.info("host %s shares %s with %d other hosts", self.host, self.store.path, others)
-        ids = self.book.release_ready(keep=max(0, self._idle() + self._prefetch()))
+        ids = self.book.release_ready(self._inserted, keep=max(0, self._idle() + self._prefetch()))
         if ids:
             spawn(self._release(ids), "release jobs for the other hosts")
 

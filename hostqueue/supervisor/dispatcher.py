@@ -395,7 +395,11 @@ class Dispatcher:
 
     def _send(self, worker: WorkerHandle, attempts: list[Attempt]) -> None:
         """Hand the jobs to their worker once their INSERTs are committed."""
-        newest = attempts[0].id if len(attempts) == 1 else max(a.id for a in attempts)
+        if len(attempts) == 1:
+            newest = attempts[0].id
+        else:  # the newest whose INSERT may still be on its way (claimed ones are stored)
+            inserted = self.committer.inserted
+            newest = max((a.id for a in attempts if not inserted(a.id)), default=attempts[0].id)
         if self.committer.inserted(newest):
             self._hand_over(worker, attempts)
         else:

@@ -312,28 +312,32 @@ class JobBook:
         self._on_wait(0.0, earliest)
         return aborted
 
-    def release_ready(self, keep: int = 0) -> list[int]:
-        """The waiting jobs (delayed ones, and the ready ones beyond the ``keep`` first
-        in dispatch order), out of this book: a host that drains, or that learns it
-        is no longer alone, gives them to the other hosts (its caller releases them
-        in the store)."""
+    def release_ready(self, committed: Callable[[int], bool], keep: int = 0) -> list[int]:
+        """The waiting jobs whose rows are committed (committed(id)): the delayed ones,
+        and the ready ones beyond the ``keep`` first in dispatch order, out of this
+        book. A host that drains, or that learns it is no longer alone, gives them
+        to the other hosts (its caller releases them in the store)."""
         ids = []
         for job_id in list(self._delayed.members):
-            self._delayed.discard(job_id)
-            ids.append(job_id)
+            if committed(job_id):
+                self._delayed.discard(job_id)
+                ids.append(job_id)
         popped: list[tuple[int, Lane]] = []
         for lane in list(self._ready.lanes):
             while self._ready.top(lane) is not None:
                 popped.append((self._ready.pop(lane), lane))
         popped.sort()
-        for packed, lane in popped[:keep]:
-            self._ready.push_back(lane, packed)
-        ids.extend(unpack_id(packed) for packed, _ in popped[keep:])
+        for i, (packed, lane) in enumerate(popped):
+            if i < keep or not committed(unpack_id(packed)):
+                self._ready.push_back(lane, packed)  # stays (its INSERT is on its way)
+            else:
+                ids.append(unpack_id(packed))
+        gone = set(ids)
         for job_id in ids:
-            p = self._payloads.pop(job_id, None)
+            self._payloads.pop(job_id, None)
             self._deadlines.discard(job_id)
-            if p is not None and p.key is not None and self._keys.get(p.key) == job_id:
-                del self._keys[p.key]
+        for key in [k for k, v in self._keys.items() if v in gone]:
+            del self._keys[key]
         return ids
 
     def withdraw(self, ids: range, lane: Lane, key: str | None) -> list[Attempt]:

@@ -178,7 +178,8 @@ class Supervisor:
                 self.announcer.ended_elsewhere, self._abort_here, self._paused_elsewhere,
                 self._ended_count, self._expired_released, conf.pg_lease,
                 conf.pg_notify == "on", conf.pg_poll, self.shaper.strict_queues,
-                self.shaper.queue_caps, self._progress_elsewhere, self.committer.after_commit)
+                self.shaper.queue_caps, self._progress_elsewhere, self.committer.after_commit,
+                self.committer.inserted)
             self.cluster.on_leader(self._became_leader)
             self.sampler.on_changed = self.cluster.progress
             self.committer.foreign = self.cluster.foreign
@@ -397,6 +398,8 @@ class Supervisor:
     def _abort_here(self, ids: list[int]) -> None:
         """Another host asked to abort jobs: those this host owns are aborted here."""
         mine = [i for i in ids if self.book.state(i) is not None]
+        if self.cluster is not None and len(mine) < len(ids):
+            self.cluster.abort_unknown([i for i in ids if i not in mine])
         if mine:
             spawn(self.actions.abort_jobs(mine), "abort asked by another host")
 

@@ -259,7 +259,7 @@ class Operations:
             raise ProtocolError("bad_request", "field 'key_ttl' needs a 'key' and must be > 0 seconds")
         reply: Awaitable[dict[str, Any]]
         existing = sup.book.key_owner(key) if key is not None else None
-        if key is not None and existing is None and sup.cluster is not None:
+        if key is not None and sup.cluster is not None:
             reply = self._submit_keyed_shared(spec, args, opts, key, key_ttl)
         elif existing is not None:
             reply = self._duplicate(existing)

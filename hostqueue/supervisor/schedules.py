@@ -217,6 +217,8 @@ class Scheduler:
         import time
 
         self._timer = None
+        if not self._running():  # draining, or another host took the schedules over
+            return
         now = time.time()
         for name, state in list(self.states.items()):
             if state.next_run <= now:
@@ -250,7 +252,10 @@ class Scheduler:
         job_id = self._next_id()
         row = (spec.name, new.next_run, new.last_run, job_id, spec.cron, spec.timezone)
         opts = {"queue": spec.queue, "priority": spec.priority}
-        self._submit(task, [dict(spec.args)], opts, done, extra=[("save_schedule", row)])
+        try:
+            self._submit(task, [dict(spec.args)], opts, done, extra=[("save_schedule", row)])
+        except Exception as exc:  # noqa: BLE001 - ids not ready (several hosts), a bad option
+            done(None, exc)
 
     def describe(self) -> list[dict[str, Any]]:
         out = []
