@@ -368,3 +368,33 @@ def test_a_watch_on_one_host_sees_the_progress_and_end_of_a_job_on_another(pg: H
     fractions = [e["progress"] for e in events if e["event"] == "progress"]
     assert len(set(fractions)) >= 3 and fractions == sorted(fractions), fractions
     assert events[-1]["job"]["worker_pid"] in b.worker_pids()
+
+
+@pytest.mark.timeout(60)
+def test_a_retry_on_two_hosts_at_once_revives_the_job_once(pg: HQEnv) -> None:
+    """A failed job retried through two hosts at the same moment: one retry wins (the
+    job runs once more, on some host), the other is refused with invalid_state."""
+    a, b = hosts(pg, 2)
+    job = a.submit("fail", {"message": "no"}, retries=0)
+    assert a.wait_job(job["id"])["status"] == "failed"
+    for _ in range(5):
+        replies: list[dict[str, Any]] = []
+        barrier = threading.Barrier(2)
+
+        def retry(host: Supervisor) -> None:
+            barrier.wait()
+            replies.append(host.request("retry", job=job["id"]))
+
+        threads = [threading.Thread(target=retry, args=(h,)) for h in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        oks = [r for r in replies if r.get("ok")]
+        assert len(oks) == 1, replies
+        refused = [r for r in replies if not r.get("ok")]
+        assert refused and refused[0]["error"]["code"] == "invalid_state", replies
+        done = b.wait_job(job["id"])
+        assert done["status"] == "failed" and done["attempts"] == 1, done
+    attempts = a.db_query("SELECT COUNT(*) FROM attempts WHERE job_id = ?", (job["id"],))
+    assert attempts[0][0] == 6  # the first run and one per round: never two at once

@@ -322,6 +322,9 @@ class SharedStore(Store):
     async def unfinished_with_key(self, key: str) -> int | None: ...
 
     @abc.abstractmethod
+    async def revive(self, job_id: int, status: str, now: float) -> bool: ...
+
+    @abc.abstractmethod
     async def owners(self, ids: list[int]) -> dict[int, tuple[int | None, str]]:
         """job id -> (the host that holds it, or None: released; its status)."""
 

@@ -445,11 +445,16 @@ class PostgresStore(SharedStore):
         """Join the store as a host: a new hosts row and lease; returns its id. Hosts
         gone from this machine and socket (their PID no longer lives) are left for
         the next rescue() at once instead of after their lease."""
+        try:
+            pidns: int | None = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            pidns = None
+
         async def insert(conn: Any) -> tuple[int, list[int]]:
-            gone = [r[0] for r in await conn.fetch(CLUSTER["same_place"], name, socket_path)
-                    if not alive(r[1])]
+            gone = [r[0] for r in await conn.fetch(CLUSTER["same_place"], name, socket_path, pidns)
+                    if not alive(r[1])] if pidns is not None else []
             host = await conn.fetchval(CLUSTER["join"], name, pid, socket_path, workers, version,
-                                       lease)
+                                       lease, pidns)
             await conn.execute("SELECT set_config('hostqueue.host', $1, false)", str(host))
             return int(host), gone
 
@@ -642,6 +647,17 @@ class PostgresStore(SharedStore):
     async def owners(self, ids: list[int]) -> dict[int, tuple[int | None, str]]:
         rows = await self._read(lambda c: c.fetch(CLUSTER["owners"], ids))
         return {r[0]: (r[1], r[2]) for r in rows}
+
+    async def revive(self, job_id: int, status: str, now: float) -> bool:
+        """An ended job back to pending, this host's (fenced, in a transaction of its
+        own): False if it was no longer in that state (another host revived it)."""
+        async def revive(conn: Any) -> bool:
+            async with conn.transaction():
+                if await conn.fetchval(CLUSTER["fence"]) is None:
+                    raise self.lease_lost()
+                return await conn.fetchval(CLUSTER["revive"], now, status, job_id) is not None
+
+        return bool(await self._write(revive))
 
     async def cancel_released(self, job_id: int, now: float, error: dict[str, Any]) -> bool:
         """A released job (no host's), aborted before it started."""

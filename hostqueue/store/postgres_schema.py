@@ -92,6 +92,9 @@ MIGRATIONS: list[tuple[str, str]] = [
             id          bigint  PRIMARY KEY,
             name        text    NOT NULL,
             pid         integer NOT NULL,
+            -- The PID namespace of pid (its inode): a PID is told alive or gone only
+            -- from the same namespace (containers on one machine share a name).
+            pidns       bigint,
             socket      text,
             workers     integer NOT NULL DEFAULT 0,
             version     text,
@@ -264,9 +267,10 @@ CLAIM = (
 # Times come from the database's clock: hosts' clocks may disagree.
 CLUSTER: dict[str, str] = {
     "join": (
-        "INSERT INTO hosts (id, name, pid, socket, workers, version, started_at, renewed_at,"
-        " lease_until) SELECT nextval('host_ids'), $1::text, $2::integer, $3::text, $4::integer,"
-        " $5::text, n, n, n + $6::float8 FROM (SELECT " + DB_NOW + " AS n) t RETURNING id"
+        "INSERT INTO hosts (id, name, pid, pidns, socket, workers, version, started_at,"
+        " renewed_at, lease_until) SELECT nextval('host_ids'), $1::text, $2::integer,"
+        " $7::bigint, $3::text, $4::integer, $5::text, n, n, n + $6::float8"
+        " FROM (SELECT " + DB_NOW + " AS n) t RETURNING id"
     ),
     # The lease, renewed; no row: it lapsed (and another host may have taken its jobs).
     # The lease, renewed (its seconds left; NULL: it had lapsed, and another host may
@@ -305,6 +309,7 @@ CLUSTER: dict[str, str] = {
     ),
     "same_place": (
         "SELECT id, pid FROM hosts WHERE name = $1::text AND socket = $2::text"
+        " AND pidns = $3::bigint"
     ),
     # Pending jobs of gone hosts (and of none, held by a worker: a store of before
     # several hosts): released, not held by anyone.
@@ -372,6 +377,8 @@ CLUSTER: dict[str, str] = {
     "ids": "UPDATE job_ids SET next = next + $1::bigint RETURNING next - $1::bigint",
     # A job another host owns: where it is (abort asks its owner).
     "owners": "SELECT id, owner, status FROM jobs WHERE id = ANY($1::bigint[])",
+    # An operator's retry of an ended job, by a host of several: this host's from now on.
+    "revive": WRITES["revive"] + " RETURNING 1",
     "cancel_released": (
         "UPDATE jobs SET status = 'cancelled', finished_at = $1::float8, error = $2::text"
         " WHERE id = $3::bigint AND status = 'pending' AND owner IS NULL"

@@ -18,6 +18,7 @@ from hostqueue.core import registry
 from hostqueue.core.errors import ProtocolError
 from hostqueue.core.outcome import aborted_before_start
 from hostqueue.store import display_name
+from hostqueue.store.base import StoreKeyTaken
 from hostqueue.core.states import FINAL_STATES, Event, State, SupervisorState, WorkerState
 from hostqueue.supervisor.background import spawn
 from hostqueue.supervisor.deferred import DeferredReply
@@ -229,6 +230,9 @@ class Actions:
         may have ended earlier: wait_job() then reads the store."""
         if not self.book.unfinished(job_id):
             recent = self.book.recent_job(job_id)
+            cluster = self.sup.cluster
+            if cluster is not None and not cluster.alone:
+                recent = None  # another host may have revived it since: read the store
             if recent is None:
                 return None
             # It just ended, and is known whole from memory: as soon as its end is
@@ -312,7 +316,20 @@ class Actions:
                 "invalid_state", f"job {owner} with the same key {job['key']!r} is unfinished"
             )
         now = time.time()
-        self.book.revive(job, now)
+        if self.sup.cluster is not None:
+            # Several hosts: the row changes first (one host wins a race of retries,
+            # and a key taken meanwhile on another host is an error, not a stuck write).
+            try:
+                revived = await self.sup.shared_store.revive(job_id, job["status"], now)
+            except StoreKeyTaken:
+                raise ProtocolError("invalid_state", f"another job with the same key {job['key']!r}"
+                                    " is unfinished") from None
+            if not revived:
+                raise ProtocolError("invalid_state", f"job {job_id} changed meanwhile (retried"
+                                    " on another host?); look at it again")
+            self.book.revive(job, now, written=True)
+        else:
+            self.book.revive(job, now)
         await self.committer.barrier()
         self.book.make_ready(job_id, (job["queue"], job["task"]), job["priority"])
         return await self.committed_job(job_id) or job

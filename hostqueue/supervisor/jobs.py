@@ -561,11 +561,13 @@ class JobBook:
             a.progress_dirty = False
             self._write("record_progress", (a.progress, a.progress_message, a.id))
 
-    def revive(self, job: dict[str, Any], now: float) -> None:
-        """An operator's retry of an ended job (failed, cancelled, expired -> pending)."""
+    def revive(self, job: dict[str, Any], now: float, written: bool = False) -> None:
+        """An operator's retry of an ended job (failed, cancelled, expired -> pending);
+        written: its store write was made already (several hosts: store.revive)."""
         transition(State(job["status"]), Event.REVIVED)
         job_id = job["id"]
-        self._write("revive", (now, job["status"], job_id))
+        if not written:
+            self._write("revive", (now, job["status"], job_id))
         self.recent_finals.pop(job_id, None)
         self.recent_jobs.pop(job_id, None)
         if job["key"] is not None:
