@@ -605,9 +605,10 @@ def test_top_throughput_counts_completions(hq: HQEnv) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        # Once the view has its two connections (status, and the watch), let the jobs run.
-        wait_for(lambda: len(connections(psutil.Process(proc.pid), "unix")) >= 2
-                 or proc.poll() is not None, 10, "ctl top to connect twice")
+        # Once the view watches (its watch is in place in the supervisor: status counts
+        # the streams open), let the jobs run.
+        wait_for(lambda: sup.status()["watchers"] >= 1 or proc.poll() is not None, 10,
+                 "ctl top to watch")
         ok(sup.request("resume", queue="default"))
         for job_id in ids:
             sup.wait_job(job_id)

@@ -392,6 +392,7 @@ class Actions:
             "shaping": sup.shaper.describe(),
             "waiting_by_queue": book.waiting_by_queue(),
             "store_error": self.committer.last_error,
+            "watchers": sup.events.watching(),
             "counters": dict(sup.counters),
         }
 

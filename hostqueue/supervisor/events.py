@@ -54,6 +54,10 @@ class EventHub:
             if not subs:
                 del self.by_job[sub.job_id]
 
+    def watching(self) -> int:
+        """Event streams open: of every job (or a queue's, a task's, a run's), and of one job."""
+        return len(self.everything) + sum(len(s) for s in self.by_job.values())
+
     def wants(self, job_id: int) -> bool:
         return bool(self.everything) or job_id in self.by_job
 
