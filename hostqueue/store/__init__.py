@@ -46,7 +46,8 @@ def open_store(location: str, durability: str = "normal", group: str | None = No
 
 
 class NoFileLock:
-    """The PostgreSQL store takes its own lock (an advisory lock, at open)."""
+    """A PostgreSQL store has no lock file: several hosts share it, each under a lease
+    (supervisor/cluster.py)."""
 
     def acquire(self) -> None:
         pass
@@ -56,5 +57,5 @@ class NoFileLock:
 
 
 def store_lock(location: str) -> "StoreLock | NoFileLock":
-    """One supervisor per store: a SQLite store's lock file."""
+    """One supervisor per SQLite store: its lock file (none for PostgreSQL)."""
     return NoFileLock() if is_postgres(location) else StoreLock(location)

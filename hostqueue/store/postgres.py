@@ -143,9 +143,8 @@ class PostgresStore(SharedStore):
 
     def _writer_lost(self, conn: Any) -> None:
         """The writer's connection ended (server restart, failover, a network cut seen):
-        its advisory lock went with it. Connect again and take the lock back at once,
-        rather than at the next write: should another supervisor hold it by then, this
-        one learns it now and stops its jobs."""
+        connect again at once rather than at the next write (whose fence then tells
+        whether this host still holds its lease)."""
         if conn is not self._writer or self._closed:
             return
         self._lost = True
@@ -294,7 +293,7 @@ class PostgresStore(SharedStore):
             self._reader = None
 
     def _writer_broke(self) -> None:
-        self._lost = True  # connected again, and the lock taken back, before the next write
+        self._lost = True  # connected again before the next write
 
     async def _on(self, connection: Callable[[], Any], fn: Callable[[Any], Any],
                   broke: Callable[[], None], what: str) -> Any:
@@ -527,19 +526,7 @@ class PostgresStore(SharedStore):
                     return [], 0, 0, []
                 await conn.execute(CLUSTER["release_pending"], owners)
                 rows = await conn.fetch(CLUSTER["interrupted"], owners)
-                requeued, failed = [], []
-                for row in rows:
-                    job = Interrupted(*row)
-                    status, err = decide(job)
-                    err_text = orjson.dumps(err).decode() if err is not None else None
-                    await conn.execute(CLUSTER["interrupted_attempt"], job.id, job.attempts,
-                                       err_text, job.worker_pid, job.started_at, now)
-                    if status == "failed":
-                        failed.append(job.id)
-                        await conn.execute(CLUSTER["interrupted_fail"], now, err_text, job.id)
-                    else:
-                        requeued.append(job.id)
-                        await conn.execute(CLUSTER["interrupted_again"], now, job.id)
+                requeued, failed = await _interrupt(conn, rows, decide, now)
                 await conn.execute("SELECT pg_notify($1, $2)", self.channel, orjson.dumps(
                     {"h": None, "r": 1,
                      "e": failed if len(failed) <= NOTICE_IDS else "*"}).decode())
@@ -710,7 +697,8 @@ class PostgresStore(SharedStore):
         self, now: float, decide: Callable[[Interrupted], tuple[str, Any]]
     ) -> tuple[int, int]:
         async def recover(conn: Any) -> tuple[int, int]:
-            requeued = failed = 0
+            """Not used while the supervisor joins as a host (rescue() at join does this
+            for the hosts gone from here); kept for the interface."""
             async with conn.transaction():
                 # Rows held by a worker of the dead supervisor wait again, uncharged.
                 await conn.execute("UPDATE jobs SET worker_pid = NULL WHERE status = 'pending'"
@@ -718,28 +706,8 @@ class PostgresStore(SharedStore):
                 rows = await conn.fetch(
                     "SELECT id, attempts, interruptions, worker_pid, started_at FROM jobs"
                     " WHERE status = 'running' FOR UPDATE")
-                for row in rows:
-                    job = Interrupted(*row)
-                    status, err = decide(job)
-                    err_text = orjson.dumps(err).decode() if err is not None else None
-                    await conn.execute(
-                        "INSERT INTO attempts (job_id, attempt, status, error, worker_pid,"
-                        " started_at, finished_at) VALUES ($1, $2, 'interrupted', $3, $4, $5, $6)",
-                        job.id, job.attempts, err_text, job.worker_pid, job.started_at, now)
-                    if status == "failed":
-                        failed += 1
-                        await conn.execute(
-                            "UPDATE jobs SET status = 'failed', finished_at = $1, error = $2,"
-                            " interruptions = interruptions + 1 WHERE status = 'running' AND id = $3",
-                            now, err_text, job.id)
-                    else:
-                        requeued += 1
-                        await conn.execute(
-                            "UPDATE jobs SET status = 'pending', attempts = GREATEST(attempts - 1, 0),"
-                            " interruptions = interruptions + 1, run_at = LEAST(run_at, $1),"
-                            " started_at = NULL, worker_pid = NULL"
-                            " WHERE status = 'running' AND id = $2", now, job.id)
-            return requeued, failed
+                requeued, failed = await _interrupt(conn, rows, decide, now)
+            return len(requeued), len(failed)
 
         return await self._write(recover)
 
@@ -965,6 +933,26 @@ def _notice(ops: list[Op], now: float, host: int | None) -> str | None:
     if ended:
         notice["e"] = ended if len(ended) <= NOTICE_IDS else "*"
     return orjson.dumps(notice).decode()
+
+
+async def _interrupt(conn: Any, rows: list[Any], decide: Callable[[Interrupted], tuple[str, Any]],
+                     now: float) -> tuple[list[int], list[int]]:
+    """Running jobs whose supervisor (host) died: each gets an interrupted attempt and
+    runs again, uncharged, or fails (decide() says which). Returns (requeued, failed)."""
+    requeued, failed = [], []
+    for row in rows:
+        job = Interrupted(*row)
+        status, err = decide(job)
+        err_text = orjson.dumps(err).decode() if err is not None else None
+        await conn.execute(CLUSTER["interrupted_attempt"], job.id, job.attempts, err_text,
+                           job.worker_pid, job.started_at, now)
+        if status == "failed":
+            failed.append(job.id)
+            await conn.execute(CLUSTER["interrupted_fail"], now, err_text, job.id)
+        else:
+            requeued.append(job.id)
+            await conn.execute(CLUSTER["interrupted_again"], now, job.id)
+    return requeued, failed
 
 
 def _dollar(text: str) -> str:

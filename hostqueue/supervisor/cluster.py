@@ -11,8 +11,10 @@ LOCKED``, many per statement) into its book, and dispatch goes on as on one host
 Lease: the host's row is renewed every ``lease / 5`` seconds (the one timer that
 runs while idle). Every write transaction of the host first checks that its
 lease is live and holds its row until COMMIT (``fence``), so a host whose lease
-lapsed stores nothing more: the supervisor stops its jobs and exits 1 (it is
-started again by its service manager, and rejoins as a new host). At each
+lapsed stores nothing more: the supervisor stops its jobs and starts again in
+place (run_supervisor), joining as a new host. A host alone (no other host
+alive at its last renewal) keeps every job it is given and sends no NOTIFY;
+when another appears, it releases what it cannot start soon. At each
 renewal the host also rescues lapsed hosts: their waiting jobs are released and
 their running ones run again (interrupted, uncharged), within one renewal of
 the lapse.
