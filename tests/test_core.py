@@ -425,6 +425,8 @@ def test_three_supervisor_deaths_in_a_row_fail_the_job(hq: HQEnv) -> None:
     job = sup.submit(f"{CORE}.work", {"i": 0, "log": log, "release": release, "slow": 60}, retries=5)
     for death in (1, 2, 3):
         wait_for(lambda: len(log_rows(log)) >= death, 10, f"run {death} of the job to start")
+        # Its start stored too: a kill before that commit interrupts nothing the store knows.
+        wait_for(lambda: sup.get(job["id"])["status"] == "running", 10, f"run {death} stored")
         kill9_with_workers(sup)
         restart(sup)
 
